@@ -1,0 +1,61 @@
+//! `moe convergence`: the convergence check of CONTRACT §11.
+
+use std::path::PathBuf;
+
+use rosetta_moe::Result;
+use rosetta_moe::train::{CONVERGENCE_STEPS, convergence_setup};
+
+/// Train the tiny model on one fixed batch (CONTRACT §11) and report the losses.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Number of steps.
+    #[arg(long, default_value_t = CONVERGENCE_STEPS)]
+    steps: usize,
+    /// Also write every step's losses as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let (mut trainer, batch) = convergence_setup()?;
+    let bar = super::progress(
+        args.steps as u64,
+        "{bar:40} {pos}/{len} steps  loss {msg}  [{elapsed_precise} < {eta}]",
+    );
+    let (mut losses, mut ce, mut aux) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..args.steps {
+        let stats = trainer.train_step(&batch)?;
+        losses.push(stats.loss);
+        ce.push(stats.ce);
+        aux.push(stats.aux);
+        bar.set_message(format!("{:.4}", stats.loss));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let (Some(first), Some(last)) = (losses.first(), losses.last()) else {
+        println!("0 steps: nothing to report");
+        return Ok(());
+    };
+    let n = losses.len() - 1;
+    println!(
+        "convergence check: tiny model, seed 42, batch 2×8, {} steps",
+        losses.len()
+    );
+    println!("            {:>10} {:>10} {:>10}", "total", "ce", "aux");
+    println!("initial     {first:>10.4} {:>10.4} {:>10.4}", ce[0], aux[0]);
+    println!("final       {last:>10.4} {:>10.4} {:>10.4}", ce[n], aux[n]);
+    if let Some(path) = args.json {
+        let report = serde_json::json!({
+            "steps": losses.len(),
+            "losses": losses,
+            "ce": ce,
+            "aux": aux,
+            "final_loss": last,
+            "final_ce": ce[n],
+            "final_aux": aux[n],
+        });
+        super::write_json(&path, &report)?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,66 @@
+//! Command-line parsing and one module per command.
+
+mod convergence;
+mod init;
+
+use std::path::{Path, PathBuf};
+
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use rosetta_moe::{MoeError, Result};
+
+/// rosetta-moe: a Mixture-of-Experts Transformer from first principles.
+#[derive(Debug, Parser)]
+#[command(name = "moe", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    Convergence(convergence::Args),
+    Init(init::Args),
+}
+
+/// Runs the parsed command.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Convergence(args) => convergence::run(args),
+        Command::Init(args) => init::run(args),
+    }
+}
+
+/// A progress bar on stderr (hidden when stderr is not a terminal).
+pub fn progress(len: u64, template: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template(template)
+            .expect("templates are literals")
+            .progress_chars("=> "),
+    );
+    bar
+}
+
+/// Writes `value` as pretty JSON to `path`, atomically.
+pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).expect("JSON values serialise");
+    rosetta_moe::checkpoint::write_atomic(path, text.as_bytes())
+}
+
+/// Refuses to write into `dir` when it already holds files, unless `force`.
+pub fn ensure_fresh_dir(dir: &PathBuf, force: bool) -> Result<()> {
+    let occupied = std::fs::read_dir(dir)
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false);
+    if occupied && !force {
+        return Err(MoeError::io(
+            dir,
+            std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "directory is not empty (pass --force to overwrite)",
+            ),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,348 @@
+//! Model configuration (CONTRACT §1) and training hyper-parameters (§6).
+//!
+//! Both are plain structs that load from and save to JSON with exactly the
+//! contract's keys; unknown keys are an error. `validate` turns every
+//! inconsistent combination into [`MoeError::InvalidConfig`].
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{MoeError, Result};
+
+/// The shape of a model: every size the parameters and activations depend on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Width of the residual stream, h.
+    pub hidden_dim: usize,
+    /// Number of transformer blocks.
+    pub n_layers: usize,
+    /// Query heads, H.
+    pub n_heads: usize,
+    /// Key/value heads, Hkv (1 = multi-query attention).
+    pub n_kv_heads: usize,
+    /// Size of one head, d (H·d must equal h; d must be even for RoPE pairs).
+    pub head_dim: usize,
+    /// Experts per MoE layer, E.
+    pub n_experts: usize,
+    /// Experts each token is routed to, k.
+    pub top_k: usize,
+    /// Hidden size of one SwiGLU expert, F.
+    pub ffn_dim: usize,
+    /// Vocabulary size, V.
+    pub vocab_size: usize,
+    /// Longest sequence (including any KV cache) the model accepts.
+    pub max_seq_len: usize,
+    /// RoPE base frequency.
+    pub rope_base: f64,
+    /// NTK-aware RoPE scaling factor (≤ 1 means no scaling).
+    pub rope_alpha: f64,
+}
+
+impl ModelConfig {
+    /// The `tiny` preset: h = 64, 2 layers, 4 experts (542,528 parameters).
+    pub fn tiny() -> Self {
+        ModelConfig {
+            hidden_dim: 64,
+            n_layers: 2,
+            n_heads: 4,
+            n_kv_heads: 1,
+            head_dim: 16,
+            n_experts: 4,
+            top_k: 2,
+            ffn_dim: 256,
+            vocab_size: 1000,
+            max_seq_len: 512,
+            rope_base: 10000.0,
+            rope_alpha: 1.0,
+        }
+    }
+
+    /// The `small` preset: h = 256, 2 layers, 4 experts (7,134,464 parameters).
+    pub fn small() -> Self {
+        ModelConfig {
+            hidden_dim: 256,
+            head_dim: 64,
+            ffn_dim: 1024,
+            ..Self::tiny()
+        }
+    }
+
+    /// The `default_6_9b` preset: h = 768, 30 layers, 16 experts
+    /// (6,882,678,528 parameters — about 27.5 GB in f32).
+    pub fn default_6_9b() -> Self {
+        ModelConfig {
+            hidden_dim: 768,
+            n_layers: 30,
+            n_heads: 12,
+            n_kv_heads: 1,
+            head_dim: 64,
+            n_experts: 16,
+            top_k: 4,
+            ffn_dim: 6144,
+            vocab_size: 32000,
+            max_seq_len: 32768,
+            rope_base: 10000.0,
+            rope_alpha: 8.0,
+        }
+    }
+
+    /// Names accepted by [`ModelConfig::preset`].
+    pub const PRESETS: [&'static str; 3] = ["tiny", "small", "default_6_9b"];
+
+    /// A preset by name.
+    pub fn preset(name: &str) -> Result<Self> {
+        match name {
+            "tiny" => Ok(Self::tiny()),
+            "small" => Ok(Self::small()),
+            "default_6_9b" => Ok(Self::default_6_9b()),
+            other => Err(MoeError::InvalidConfig(format!(
+                "unknown preset {other:?} (expected one of {:?} or a JSON file)",
+                Self::PRESETS
+            ))),
+        }
+    }
+
+    /// A preset name, or else the path of a JSON config file.
+    pub fn from_preset_or_file(spec: &str) -> Result<Self> {
+        if Self::PRESETS.contains(&spec) {
+            Self::preset(spec)
+        } else if Path::new(spec).exists() {
+            Self::load(Path::new(spec))
+        } else {
+            Self::preset(spec)
+        }
+    }
+
+    /// Parses and validates a config from JSON text.
+    pub fn from_json(text: &str) -> Result<Self> {
+        let config: ModelConfig = serde_json::from_str(text).map_err(|e| MoeError::Json {
+            path: "<config>".into(),
+            reason: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads and validates `config.json`-style file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| MoeError::io(path, e))?;
+        Self::from_json(&text).map_err(|e| match e {
+            MoeError::Json { reason, .. } => MoeError::Json {
+                path: path.into(),
+                reason,
+            },
+            other => other,
+        })
+    }
+
+    /// The config as pretty JSON with exactly the contract's keys.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("a config always serialises")
+    }
+
+    /// Checks every constraint of CONTRACT §1 (and what RoPE needs).
+    pub fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(MoeError::InvalidConfig(msg));
+        let sizes = [
+            ("hidden_dim", self.hidden_dim),
+            ("n_layers", self.n_layers),
+            ("n_heads", self.n_heads),
+            ("n_kv_heads", self.n_kv_heads),
+            ("head_dim", self.head_dim),
+            ("n_experts", self.n_experts),
+            ("top_k", self.top_k),
+            ("ffn_dim", self.ffn_dim),
+            ("vocab_size", self.vocab_size),
+            ("max_seq_len", self.max_seq_len),
+        ];
+        for (name, value) in sizes {
+            if value == 0 {
+                return bad(format!("{name} must be > 0"));
+            }
+        }
+        if self.n_heads.checked_mul(self.head_dim) != Some(self.hidden_dim) {
+            return bad(format!(
+                "n_heads·head_dim = {}·{} must equal hidden_dim = {}",
+                self.n_heads, self.head_dim, self.hidden_dim
+            ));
+        }
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
+            return bad(format!(
+                "n_heads = {} must be divisible by n_kv_heads = {}",
+                self.n_heads, self.n_kv_heads
+            ));
+        }
+        if self.top_k > self.n_experts {
+            return bad(format!(
+                "top_k = {} must be ≤ n_experts = {}",
+                self.top_k, self.n_experts
+            ));
+        }
+        if !self.head_dim.is_multiple_of(2) {
+            return bad(format!(
+                "head_dim = {} must be even (RoPE rotates pairs)",
+                self.head_dim
+            ));
+        }
+        if self.vocab_size > u32::MAX as usize {
+            return bad(format!("vocab_size = {} exceeds u32", self.vocab_size));
+        }
+        if !(self.rope_base.is_finite() && self.rope_base > 0.0) {
+            return bad(format!(
+                "rope_base = {} must be finite and > 0",
+                self.rope_base
+            ));
+        }
+        if !(self.rope_alpha.is_finite() && self.rope_alpha > 0.0) {
+            return bad(format!(
+                "rope_alpha = {} must be finite and > 0",
+                self.rope_alpha
+            ));
+        }
+        if self.rope_alpha > 1.0 && self.head_dim == 2 {
+            return bad("NTK RoPE scaling (rope_alpha > 1) needs head_dim > 2".into());
+        }
+        if self.checked_param_count().is_none() {
+            return bad("parameter count overflows usize".into());
+        }
+        Ok(())
+    }
+
+    /// Number of query heads sharing one key/value head, H / Hkv.
+    pub fn group_size(&self) -> usize {
+        self.n_heads / self.n_kv_heads
+    }
+
+    /// Width of the fused q|k|v projection output, (H + 2·Hkv)·d.
+    pub fn qkv_dim(&self) -> usize {
+        (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+    }
+
+    /// Total number of parameters (all experts).
+    pub fn param_count(&self) -> usize {
+        self.checked_param_count()
+            .expect("validated configs do not overflow")
+    }
+
+    /// Parameters touched per token (only k of E experts).
+    pub fn active_param_count(&self) -> usize {
+        let idle = self.n_experts - self.top_k;
+        self.param_count() - self.n_layers * idle * 3 * self.ffn_dim * self.hidden_dim
+    }
+
+    fn checked_param_count(&self) -> Option<usize> {
+        let h = self.hidden_dim;
+        let mul = |a: usize, b: usize| a.checked_mul(b);
+        let embed_and_head = mul(2, mul(self.vocab_size, h)?)?.checked_add(h)?;
+        let attn = mul(self.qkv_dim(), h)?.checked_add(mul(h, self.n_heads * self.head_dim)?)?;
+        let experts = mul(self.n_experts, mul(3, mul(self.ffn_dim, h)?)?)?;
+        let layer = (2 * h)
+            .checked_add(attn)?
+            .checked_add(mul(self.n_experts, h)?)?
+            .checked_add(experts)?;
+        mul(self.n_layers, layer)?.checked_add(embed_and_head)
+    }
+}
+
+/// Training hyper-parameters (CONTRACT §6), loadable from `train.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Linear warm-up length in steps.
+    pub warmup_steps: u64,
+    /// Length of the cosine schedule in steps.
+    pub total_steps: u64,
+    /// AdamW first-moment decay.
+    pub beta1: f64,
+    /// AdamW second-moment decay.
+    pub beta2: f64,
+    /// AdamW denominator epsilon.
+    pub eps: f64,
+    /// Decoupled weight decay (2-D weights only).
+    pub weight_decay: f64,
+    /// Global-norm clipping threshold (≤ 0 disables).
+    pub grad_clip: f64,
+    /// Weight α of the load-balancing loss.
+    pub aux_loss_alpha: f64,
+    /// Seed for initialisation and data sampling.
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            lr: 1e-3,
+            warmup_steps: 10,
+            total_steps: 1200,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            grad_clip: 1.0,
+            aux_loss_alpha: 0.01,
+            seed: 42,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Parses and validates training settings from JSON (missing keys take defaults).
+    pub fn from_json(text: &str) -> Result<Self> {
+        let config: TrainConfig = serde_json::from_str(text).map_err(|e| MoeError::Json {
+            path: "<train config>".into(),
+            reason: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads and validates a `train.json` file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| MoeError::io(path, e))?;
+        Self::from_json(&text).map_err(|e| match e {
+            MoeError::Json { reason, .. } => MoeError::Json {
+                path: path.into(),
+                reason,
+            },
+            other => other,
+        })
+    }
+
+    /// Checks that every value is finite and in range.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(MoeError::InvalidTraining(msg));
+        let finite = [
+            ("lr", self.lr),
+            ("beta1", self.beta1),
+            ("beta2", self.beta2),
+            ("eps", self.eps),
+            ("weight_decay", self.weight_decay),
+            ("grad_clip", self.grad_clip),
+            ("aux_loss_alpha", self.aux_loss_alpha),
+        ];
+        for (name, value) in finite {
+            if !value.is_finite() {
+                return bad(format!("{name} = {value} must be finite"));
+            }
+        }
+        if self.lr < 0.0 {
+            return bad(format!("lr = {} must be ≥ 0", self.lr));
+        }
+        for (name, beta) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&beta) {
+                return bad(format!("{name} = {beta} must be in [0, 1)"));
+            }
+        }
+        if self.eps <= 0.0 {
+            return bad(format!("eps = {} must be > 0", self.eps));
+        }
+        if self.weight_decay < 0.0 || self.aux_loss_alpha < 0.0 {
+            return bad("weight_decay and aux_loss_alpha must be ≥ 0".into());
+        }
+        Ok(())
+    }
+}

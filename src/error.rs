@@ -1,0 +1,126 @@
+//! The one error type of the crate: every public entry point returns
+//! `Result<T, MoeError>`, and nothing panics on user input (CONTRACT §8).
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong when building, running, training, saving or
+/// loading a model. Each variant names the problem precisely enough to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum MoeError {
+    /// A configuration value is out of range or inconsistent with another.
+    #[error("invalid config: {0}")]
+    InvalidConfig(String),
+
+    /// A batch, prompt or text with nothing in it.
+    #[error("empty input: {0}")]
+    EmptyInput(&'static str),
+
+    /// A token (or target) id that the vocabulary does not have.
+    #[error("{what} id {id} at position {position} is out of range for vocab_size {vocab_size}")]
+    TokenOutOfRange {
+        /// "token" or "target".
+        what: &'static str,
+        /// The offending id.
+        id: u32,
+        /// Flat index of the offending id in its input.
+        position: usize,
+        /// The model's vocabulary size.
+        vocab_size: usize,
+    },
+
+    /// A sequence (or a cache that would grow) beyond `max_seq_len`.
+    #[error("sequence of length {len} exceeds max_seq_len {max}")]
+    SequenceTooLong {
+        /// The length asked for.
+        len: usize,
+        /// The configured maximum.
+        max: usize,
+    },
+
+    /// Two inputs whose sizes must agree do not.
+    #[error("shape mismatch in {what}: expected {expected}, got {got}")]
+    ShapeMismatch {
+        /// Which input.
+        what: String,
+        /// What was expected, in words or numbers.
+        expected: String,
+        /// What was given.
+        got: String,
+    },
+
+    /// A sampling parameter out of its range (t < 0, p ∉ (0, 1], k > V).
+    #[error("invalid sampling parameter: {0}")]
+    InvalidSampling(String),
+
+    /// A training hyper-parameter out of its range.
+    #[error("invalid training setting: {0}")]
+    InvalidTraining(String),
+
+    /// The loss or a gradient was NaN or infinite; the step was refused and the
+    /// weights were left untouched.
+    #[error("non-finite {what} at step {step}: the step was refused, weights are unchanged")]
+    NonFinite {
+        /// "loss" or "gradient".
+        what: &'static str,
+        /// The step number that was refused.
+        step: u64,
+    },
+
+    /// A checkpoint that cannot be read, is truncated or corrupt, or does not
+    /// match the model it is loaded into.
+    #[error("checkpoint {path}: {reason}")]
+    Checkpoint {
+        /// The file or directory concerned.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A JSON document (config, batch, training settings) that does not parse.
+    #[error("{path}: {reason}")]
+    Json {
+        /// The file concerned (or "<string>").
+        path: PathBuf,
+        /// The parser's message.
+        reason: String,
+    },
+
+    /// Reading or writing a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file concerned.
+        path: PathBuf,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
+}
+
+/// Shorthand used throughout the crate.
+pub type Result<T> = std::result::Result<T, MoeError>;
+
+impl MoeError {
+    /// Wraps an I/O error with the path it concerns.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        MoeError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// A checkpoint error for `path` with a reason.
+    pub fn checkpoint(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+        MoeError::Checkpoint {
+            path: path.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// A shape mismatch with its three parts.
+    pub fn shape(what: impl Into<String>, expected: impl ToString, got: impl ToString) -> Self {
+        MoeError::ShapeMismatch {
+            what: what.into(),
+            expected: expected.to_string(),
+            got: got.to_string(),
+        }
+    }
+}

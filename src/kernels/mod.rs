@@ -1,0 +1,363 @@
+//! Low-level numeric kernels: the only module with `unsafe`.
+//!
+//! Everything the model does is built from these: a strided matrix multiply
+//! (through the `gemm` crate), and a handful of vector primitives. Each kernel
+//! states its formula; the model code above it never touches raw pointers.
+
+mod gemm;
+
+use std::sync::OnceLock;
+
+use gemm::Kernel;
+
+/// A read-only matrix view: element (i, j) is `data[i·row_stride + j·col_stride]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Mat<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<'a> Mat<'a> {
+    /// A contiguous row-major `[rows, cols]` matrix at the start of `data`.
+    pub fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Self::strided(data, rows, cols, cols)
+    }
+
+    /// A row-major `[rows, cols]` matrix whose rows are `row_stride` apart.
+    pub fn strided(data: &'a [f32], rows: usize, cols: usize, row_stride: usize) -> Self {
+        let m = Mat {
+            data,
+            rows,
+            cols,
+            row_stride,
+            col_stride: 1,
+        };
+        assert!(
+            m.fits(data.len()),
+            "matrix [{rows}, {cols}] with row stride {row_stride} exceeds a buffer of {}",
+            data.len()
+        );
+        m
+    }
+
+    /// The transposed view (no copy).
+    pub fn t(self) -> Self {
+        Mat {
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+            ..self
+        }
+    }
+
+    fn fits(&self, len: usize) -> bool {
+        self.rows == 0
+            || self.cols == 0
+            || (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride < len
+    }
+}
+
+/// A writable row-major matrix view whose rows do not overlap.
+#[derive(Debug)]
+pub struct MatMut<'a> {
+    data: &'a mut [f32],
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+}
+
+impl<'a> MatMut<'a> {
+    /// A contiguous row-major `[rows, cols]` matrix at the start of `data`.
+    pub fn new(data: &'a mut [f32], rows: usize, cols: usize) -> Self {
+        Self::strided(data, rows, cols, cols)
+    }
+
+    /// A row-major `[rows, cols]` matrix whose rows are `row_stride ≥ cols` apart.
+    pub fn strided(data: &'a mut [f32], rows: usize, cols: usize, row_stride: usize) -> Self {
+        assert!(row_stride >= cols, "rows of a MatMut must not overlap");
+        assert!(
+            rows == 0 || cols == 0 || (rows - 1) * row_stride + cols <= data.len(),
+            "matrix [{rows}, {cols}] with row stride {row_stride} exceeds a buffer of {}",
+            data.len()
+        );
+        MatMut {
+            data,
+            rows,
+            cols,
+            row_stride,
+        }
+    }
+}
+
+/// Whether a matrix multiply overwrites or adds to its output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Write {
+    /// C = A·B
+    Overwrite,
+    /// C += A·B
+    Accumulate,
+}
+
+/// C (=|+=) A·B for C [m, n], A [m, k], B [k, n]; any of them may be a
+/// transposed or strided view. Shapes must agree (a programming error if not).
+pub fn matmul(c: MatMut<'_>, a: Mat<'_>, b: Mat<'_>, write: Write) {
+    static BEST: OnceLock<Kernel> = OnceLock::new();
+    matmul_with(c, a, b, write, *BEST.get_or_init(Kernel::best));
+}
+
+/// [`matmul`] with an explicit micro-kernel (tests compare them).
+fn matmul_with(c: MatMut<'_>, a: Mat<'_>, b: Mat<'_>, write: Write, kernel: Kernel) {
+    assert!(
+        a.rows == c.rows && b.cols == c.cols && a.cols == b.rows,
+        "matmul shapes: C [{}, {}] = A [{}, {}] · B [{}, {}]",
+        c.rows,
+        c.cols,
+        a.rows,
+        a.cols,
+        b.rows,
+        b.cols
+    );
+    let (m, n, k) = (c.rows, c.cols, a.cols);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if write == Write::Overwrite {
+            for row in c.data.chunks_mut(c.row_stride).take(m) {
+                row[..n].fill(0.0);
+            }
+        }
+        return;
+    }
+    gemm::gemm(c, a, b, write == Write::Accumulate, kernel);
+}
+
+/// Σ_i a_i·b_i
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    // Eight independent partial sums let the compiler vectorise and pipeline.
+    let mut acc = [0.0f32; 8];
+    let (a8, a_rest) = a.split_at(a.len() / 8 * 8);
+    let (b8, b_rest) = b.split_at(a8.len());
+    for (x, y) in a8.chunks_exact(8).zip(b8.chunks_exact(8)) {
+        for i in 0..8 {
+            acc[i] = x[i].mul_add(y[i], acc[i]);
+        }
+    }
+    let mut sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, y) in a_rest.iter().zip(b_rest) {
+        sum = x.mul_add(*y, sum);
+    }
+    sum
+}
+
+/// y_i += alpha·x_i
+#[inline]
+pub fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
+    assert_eq!(x.len(), y.len());
+    for (y, x) in y.iter_mut().zip(x) {
+        *y = alpha.mul_add(*x, *y);
+    }
+}
+
+/// y_i += x_i
+#[inline]
+pub fn add_assign(y: &mut [f32], x: &[f32]) {
+    assert_eq!(x.len(), y.len());
+    for (y, x) in y.iter_mut().zip(x) {
+        *y += x;
+    }
+}
+
+/// x_i ← exp(x_i − max x) / Σ_j exp(x_j − max x), in place (max-subtracted softmax).
+#[inline]
+pub fn softmax_in_place(x: &mut [f32]) {
+    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let mut sum = 0.0f32;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// σ(z) = 1 / (1 + e^(−z))
+#[inline]
+pub fn sigmoid(z: f32) -> f32 {
+    1.0 / (1.0 + (-z).exp())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The textbook triple loop every optimised path is compared against.
+    fn naive(a: Mat, b: Mat) -> Vec<f32> {
+        let mut c = vec![0.0; a.rows * b.cols];
+        for i in 0..a.rows {
+            for j in 0..b.cols {
+                let mut s = 0.0f64;
+                for p in 0..a.cols {
+                    s += a.data[i * a.row_stride + p * a.col_stride] as f64
+                        * b.data[p * b.row_stride + j * b.col_stride] as f64;
+                }
+                c[i * b.cols + j] = s as f32;
+            }
+        }
+        c
+    }
+
+    fn data(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) % 1000) as f32 / 500.0
+                    - 1.0
+            })
+            .collect()
+    }
+
+    fn kernels() -> Vec<Kernel> {
+        let mut all = vec![Kernel::Portable];
+        if Kernel::best() != Kernel::Portable {
+            all.push(Kernel::best());
+        }
+        all
+    }
+
+    fn check_close(got: &[f32], want: &[f32], what: &str) {
+        for (i, (x, y)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
+                "{what}[{i}]: {x} vs {y}"
+            );
+        }
+    }
+
+    #[test]
+    fn matmul_matches_naive_for_all_transposes_and_edge_sizes() {
+        // Sizes straddle the tile (8 × 32) and block (KC 128, NC 512, MC 128) edges.
+        let shapes = [
+            (1, 5, 3),
+            (7, 13, 5),
+            (8, 64, 32),
+            (13, 129, 33),
+            (150, 70, 600),
+            (2, 300, 40),
+        ];
+        for kernel in kernels() {
+            for &(m, k, n) in &shapes {
+                let a = data(m * k, 1);
+                let b = data(k * n, 2);
+                let cases = [
+                    (Mat::new(&a, m, k), Mat::new(&b, k, n)),
+                    (Mat::new(&a, k, m).t(), Mat::new(&b, k, n)),
+                    (Mat::new(&a, m, k), Mat::new(&b, n, k).t()),
+                    (Mat::new(&a, k, m).t(), Mat::new(&b, n, k).t()),
+                ];
+                for (case, (am, bm)) in cases.into_iter().enumerate() {
+                    let what = format!("{kernel:?} {m}x{k}x{n} case {case}");
+                    let want = naive(am, bm);
+                    let mut c = vec![0.5; m * n];
+                    matmul_with(MatMut::new(&mut c, m, n), am, bm, Write::Overwrite, kernel);
+                    check_close(&c, &want, &what);
+                    matmul_with(MatMut::new(&mut c, m, n), am, bm, Write::Accumulate, kernel);
+                    let twice: Vec<f32> = want.iter().map(|w| 2.0 * w).collect();
+                    check_close(&c, &twice, &what);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_agrees_with_the_gemm_crate_on_model_shapes() {
+        // The `gemm` crate is a proven reference; shapes are the tiny and small
+        // models' (tokens × in × out), in the y = x·Wᵀ form the model uses.
+        for &(m, k, n) in &[(64, 64, 96), (32, 64, 512), (29, 256, 64), (64, 256, 1000)] {
+            let x = data(m * k, 7);
+            let w = data(n * k, 8);
+            let mut ours = vec![0.0; m * n];
+            matmul(
+                MatMut::new(&mut ours, m, n),
+                Mat::new(&x, m, k),
+                Mat::new(&w, n, k).t(),
+                Write::Overwrite,
+            );
+            let mut theirs = vec![0.0; m * n];
+            // SAFETY: all three buffers hold exactly the m×k, n×k and m×n elements addressed.
+            unsafe {
+                gemm_crate::gemm(
+                    m,
+                    n,
+                    k,
+                    theirs.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    k as isize,
+                    w.as_ptr(),
+                    k as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm_crate::Parallelism::None,
+                );
+            }
+            check_close(&ours, &theirs, &format!("{m}x{k}x{n}"));
+        }
+    }
+
+    #[test]
+    fn strided_views_address_the_right_elements() {
+        // A [3, 2] matrix living in the first two columns of a [3, 4] buffer.
+        let buf = [1.0, 2.0, 9.0, 9.0, 3.0, 4.0, 9.0, 9.0, 5.0, 6.0, 9.0, 9.0];
+        let a = Mat::strided(&buf, 3, 2, 4);
+        let id = [1.0, 0.0, 0.0, 1.0];
+        let mut c = [0.0; 12];
+        matmul(
+            MatMut::strided(&mut c, 3, 2, 4),
+            a,
+            Mat::new(&id, 2, 2),
+            Write::Overwrite,
+        );
+        assert_eq!(
+            c,
+            [1.0, 2.0, 0.0, 0.0, 3.0, 4.0, 0.0, 0.0, 5.0, 6.0, 0.0, 0.0]
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "exceeds a buffer")]
+    fn views_refuse_out_of_bounds_shapes() {
+        let buf = [0.0; 5];
+        let _ = Mat::new(&buf, 2, 3);
+    }
+
+    #[test]
+    fn vector_primitives() {
+        let a = data(37, 5);
+        let b = data(37, 6);
+        let want: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+        assert!((dot(&a, &b) as f64 - want).abs() < 1e-5);
+        let mut s = vec![1.0, 2.0, 3.0, 1000.0];
+        softmax_in_place(&mut s);
+        assert!((s.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert_eq!(s[3], 1.0);
+        let mut y = vec![1.0; 3];
+        axpy(&mut y, 2.0, &[1.0, 2.0, 3.0]);
+        assert_eq!(y, [3.0, 5.0, 7.0]);
+        assert!((sigmoid(0.0) - 0.5).abs() < 1e-7);
+    }
+}

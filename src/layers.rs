@@ -1,0 +1,240 @@
+//! The simple layers: embedding, RMSNorm, linear, RoPE.
+//!
+//! Each is a `*_forward` / `*_backward` pair over flat row-major slices, with
+//! shapes in its first comment. T is the number of tokens (B·S), h the width.
+//! Backward functions *overwrite* parameter gradients (each parameter is used
+//! once per step) and *add* input gradients into the residual stream.
+
+use crate::config::ModelConfig;
+use crate::kernels::{self, Mat, MatMut, Write};
+
+/// RMSNorm epsilon (CONTRACT §3).
+pub const RMS_EPS: f32 = 1e-6;
+
+/// Embedding lookup.
+/// x [T, h] ← table [V, h] rows `ids` [T]. Ids are validated by the caller.
+pub fn embedding_forward(x: &mut [f32], table: &[f32], ids: &[u32], h: usize) {
+    for (row, &id) in x.chunks_exact_mut(h).zip(ids) {
+        let id = id as usize;
+        row.copy_from_slice(&table[id * h..(id + 1) * h]);
+    }
+}
+
+/// Embedding backward: a scatter-add, dtable[id_t] += dx_t.
+/// dtable [V, h] (overwritten: zeroed first), dx [T, h], ids [T].
+pub fn embedding_backward(dtable: &mut [f32], dx: &[f32], ids: &[u32], h: usize) {
+    dtable.fill(0.0);
+    for (row, &id) in dx.chunks_exact(h).zip(ids) {
+        let id = id as usize;
+        kernels::add_assign(&mut dtable[id * h..(id + 1) * h], row);
+    }
+}
+
+/// RMSNorm forward, row by row.
+/// x [T, h], gamma [h] → y [T, h], inv_rms [T] (saved for backward).
+/// r_t = 1 / sqrt(mean_j x_tj² + ε);  y_tj = γ_j · x_tj · r_t
+pub fn rmsnorm_forward(y: &mut [f32], inv_rms: &mut [f32], x: &[f32], gamma: &[f32]) {
+    let h = gamma.len();
+    for ((y, x), r) in y.chunks_exact_mut(h).zip(x.chunks_exact(h)).zip(inv_rms) {
+        *r = 1.0 / (kernels::dot(x, x) / h as f32 + RMS_EPS).sqrt();
+        for ((y, &x), &g) in y.iter_mut().zip(x).zip(gamma) {
+            *y = g * (x * *r);
+        }
+    }
+}
+
+/// RMSNorm backward.
+/// dy [T, h], x [T, h], inv_rms [T], gamma [h] → dx [T, h] (added), dgamma [h] (overwritten).
+/// With x̂ = x·r and g = γ ⊙ dy:
+///   dγ_j = Σ_t dy_tj · x̂_tj
+///   dx_t += r_t · (g_t − x̂_t · (g_t · x̂_t) / h)
+pub fn rmsnorm_backward(
+    dx: &mut [f32],
+    dgamma: &mut [f32],
+    dy: &[f32],
+    x: &[f32],
+    inv_rms: &[f32],
+    gamma: &[f32],
+) {
+    let h = gamma.len();
+    dgamma.fill(0.0);
+    let rows = dx
+        .chunks_exact_mut(h)
+        .zip(dy.chunks_exact(h))
+        .zip(x.chunks_exact(h));
+    for (((dx, dy), x), &r) in rows.zip(inv_rms) {
+        // (g · x̂) = r · Σ_j γ_j dy_j x_j
+        let mut g_dot_xhat = 0.0f32;
+        for j in 0..h {
+            let xhat = x[j] * r;
+            dgamma[j] += dy[j] * xhat;
+            g_dot_xhat += gamma[j] * dy[j] * xhat;
+        }
+        let c = g_dot_xhat / h as f32;
+        for j in 0..h {
+            dx[j] += r * (gamma[j] * dy[j] - x[j] * r * c);
+        }
+    }
+}
+
+/// Linear forward (PyTorch convention, weight stored [out, in]).
+/// y [T, out] = x [T, in] · Wᵀ, with W [out, in].
+pub fn linear_forward(
+    y: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    tokens: usize,
+    d_in: usize,
+    d_out: usize,
+) {
+    kernels::matmul(
+        MatMut::new(y, tokens, d_out),
+        Mat::new(x, tokens, d_in),
+        Mat::new(w, d_out, d_in).t(),
+        Write::Overwrite,
+    );
+}
+
+/// Linear backward.
+/// dy [T, out], x [T, in], W [out, in] →
+///   dW [out, in] = dyᵀ · x (overwritten)
+///   dx [T, in]  = dy · W   (overwritten or added, as `dx_write` says)
+#[allow(clippy::too_many_arguments)]
+pub fn linear_backward(
+    dx: &mut [f32],
+    dw: &mut [f32],
+    dy: &[f32],
+    x: &[f32],
+    w: &[f32],
+    tokens: usize,
+    d_in: usize,
+    d_out: usize,
+    dx_write: Write,
+) {
+    kernels::matmul(
+        MatMut::new(dw, d_out, d_in),
+        Mat::new(dy, tokens, d_out).t(),
+        Mat::new(x, tokens, d_in),
+        Write::Overwrite,
+    );
+    kernels::matmul(
+        MatMut::new(dx, tokens, d_in),
+        Mat::new(dy, tokens, d_out),
+        Mat::new(w, d_out, d_in),
+        dx_write,
+    );
+}
+
+/// Precomputed rotary-embedding angles for every position up to max_seq_len.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    /// cos θ for [position, pair] as [max_seq_len, d/2].
+    cos: Vec<f32>,
+    /// sin θ, same layout.
+    sin: Vec<f32>,
+    /// d/2.
+    pairs: usize,
+}
+
+impl Rope {
+    /// Tables for `config` (CONTRACT §3):
+    /// b' = base if α ≤ 1 else base·α^(d/(d−2));  f_i = b'^(−2i/d);  θ = p·f_i.
+    /// Angles are computed in f64 and rounded once to f32.
+    pub fn new(config: &ModelConfig) -> Self {
+        let d = config.head_dim as f64;
+        let base = if config.rope_alpha <= 1.0 {
+            config.rope_base
+        } else {
+            config.rope_base * config.rope_alpha.powf(d / (d - 2.0))
+        };
+        let pairs = config.head_dim / 2;
+        let len = config.max_seq_len * pairs;
+        let (mut cos, mut sin) = (Vec::with_capacity(len), Vec::with_capacity(len));
+        for p in 0..config.max_seq_len {
+            for i in 0..pairs {
+                let theta = p as f64 * base.powf(-2.0 * i as f64 / d);
+                cos.push(theta.cos() as f32);
+                sin.push(theta.sin() as f32);
+            }
+        }
+        Rope { cos, sin, pairs }
+    }
+
+    /// Rotates every head vector of one token at `position`, in place.
+    /// heads [n_heads·d]. Interleaved pairs (2i, 2i+1):
+    ///   forward  (a, b) → (a·cosθ − b·sinθ, a·sinθ + b·cosθ)
+    ///   backward (a, b) → (a·cosθ + b·sinθ, −a·sinθ + b·cosθ)   (the inverse rotation, Rᵀ)
+    pub fn rotate(&self, heads: &mut [f32], position: usize, direction: RopeDirection) {
+        let start = position * self.pairs;
+        let cos = &self.cos[start..start + self.pairs];
+        let sin_sign = match direction {
+            RopeDirection::Forward => 1.0,
+            RopeDirection::Backward => -1.0,
+        };
+        let sin = &self.sin[start..start + self.pairs];
+        for head in heads.chunks_exact_mut(2 * self.pairs) {
+            for ((pair, &c), &s) in head.chunks_exact_mut(2).zip(cos).zip(sin) {
+                let (a, b) = (pair[0], pair[1]);
+                let s = sin_sign * s;
+                pair[0] = a * c - b * s;
+                pair[1] = a * s + b * c;
+            }
+        }
+    }
+}
+
+/// Which way [`Rope::rotate`] turns: the forward rotation or its inverse
+/// (which is also its gradient, since rotations are orthogonal).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeDirection {
+    /// Rotate by +θ.
+    Forward,
+    /// Rotate by −θ.
+    Backward,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rmsnorm_forward_normalises() {
+        let x = [3.0, 4.0];
+        let (mut y, mut r) = ([0.0; 2], [0.0; 1]);
+        rmsnorm_forward(&mut y, &mut r, &x, &[1.0, 2.0]);
+        let rms = (12.5f32 + RMS_EPS).sqrt();
+        assert!((y[0] - 3.0 / rms).abs() < 1e-6 && (y[1] - 8.0 / rms).abs() < 1e-6);
+    }
+
+    #[test]
+    fn rope_backward_inverts_forward_and_position_zero_is_identity() {
+        let config = ModelConfig {
+            rope_alpha: 2.0,
+            ..ModelConfig::tiny()
+        };
+        let rope = Rope::new(&config);
+        let orig: Vec<f32> = (0..32).map(|i| i as f32 * 0.1 - 1.0).collect();
+        let mut x = orig.clone();
+        rope.rotate(&mut x, 0, RopeDirection::Forward);
+        assert_eq!(x, orig);
+        rope.rotate(&mut x, 17, RopeDirection::Forward);
+        assert!(x.iter().zip(&orig).any(|(a, b)| (a - b).abs() > 1e-3));
+        rope.rotate(&mut x, 17, RopeDirection::Backward);
+        for (a, b) in x.iter().zip(&orig) {
+            assert!((a - b).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn ntk_scaling_lowers_the_frequencies() {
+        let plain = Rope::new(&ModelConfig::tiny());
+        let ntk = Rope::new(&ModelConfig {
+            rope_alpha: 8.0,
+            ..ModelConfig::tiny()
+        });
+        // Pair 0 always has frequency 1; higher pairs turn more slowly under NTK.
+        let p = 5 * plain.pairs;
+        assert_eq!(plain.cos[p], ntk.cos[p]);
+        assert!(ntk.cos[p + 3] > plain.cos[p + 3]);
+    }
+}

@@ -1,0 +1,239 @@
+//! Where every parameter lives.
+//!
+//! All parameters of a model sit in one flat `Vec<f32>`; gradients and the two
+//! AdamW moments use the same layout, so clipping and the optimizer are single
+//! passes over flat buffers (as in llm.c). [`ParamLayout`] maps each checkpoint
+//! name of CONTRACT §2 to its range in that buffer.
+//!
+//! Two layout choices make the forward pass cheaper without changing any name:
+//! `q_proj`, `k_proj`, `v_proj` are adjacent, so together they form one
+//! `[(H + 2·Hkv)·d, h]` matrix applied by a single matrix multiply; and each
+//! expert's `gate_proj` and `up_proj` are adjacent, forming one `[2F, h]` matrix.
+
+use std::ops::Range;
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal};
+
+use crate::config::ModelConfig;
+
+/// One named tensor inside the flat parameter buffer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorSpec {
+    /// Checkpoint name (CONTRACT §2).
+    pub name: String,
+    /// Shape, `[out, in]` for linear weights.
+    pub shape: Vec<usize>,
+    /// Position in the flat buffer.
+    pub range: Range<usize>,
+}
+
+impl TensorSpec {
+    /// RMSNorm gains are vectors and are neither decayed nor randomly initialised.
+    pub fn is_matrix(&self) -> bool {
+        self.shape.len() == 2
+    }
+}
+
+/// Ranges of one expert's weights.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExpertRanges {
+    /// `gate_proj` [F, h] followed by `up_proj` [F, h]: one [2F, h] matrix.
+    pub gate_up: Range<usize>,
+    /// `down_proj` [h, F].
+    pub down: Range<usize>,
+}
+
+/// Ranges of one transformer block's weights.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerRanges {
+    /// `attn_norm.weight` [h].
+    pub attn_norm: Range<usize>,
+    /// `q_proj`, `k_proj`, `v_proj` stacked: one [(H + 2·Hkv)·d, h] matrix.
+    pub qkv: Range<usize>,
+    /// `o_proj` [h, H·d].
+    pub o_proj: Range<usize>,
+    /// `moe_norm.weight` [h].
+    pub moe_norm: Range<usize>,
+    /// `moe.router.weight` [E, h].
+    pub router: Range<usize>,
+    /// One entry per expert.
+    pub experts: Vec<ExpertRanges>,
+}
+
+/// The complete map from names to ranges for one config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamLayout {
+    /// Every tensor in buffer order.
+    pub tensors: Vec<TensorSpec>,
+    /// `embed.weight` [V, h].
+    pub embed: Range<usize>,
+    /// One entry per layer.
+    pub layers: Vec<LayerRanges>,
+    /// `final_norm.weight` [h].
+    pub final_norm: Range<usize>,
+    /// `lm_head.weight` [V, h].
+    pub lm_head: Range<usize>,
+    /// Total number of parameters.
+    pub len: usize,
+}
+
+impl ParamLayout {
+    /// Lays out every tensor of `config` in the order of CONTRACT §2.
+    pub fn new(config: &ModelConfig) -> Self {
+        let h = config.hidden_dim;
+        let (hd, kvd) = (
+            config.n_heads * config.head_dim,
+            config.n_kv_heads * config.head_dim,
+        );
+        let f = config.ffn_dim;
+        let mut tensors = Vec::new();
+        let mut next = 0;
+        let mut push = |name: String, shape: Vec<usize>| {
+            let len: usize = shape.iter().product();
+            let range = next..next + len;
+            next += len;
+            tensors.push(TensorSpec {
+                name,
+                shape,
+                range: range.clone(),
+            });
+            range
+        };
+        let embed = push("embed.weight".into(), vec![config.vocab_size, h]);
+        let mut layers = Vec::with_capacity(config.n_layers);
+        for l in 0..config.n_layers {
+            let p = format!("layers.{l}");
+            let attn_norm = push(format!("{p}.attn_norm.weight"), vec![h]);
+            let q = push(format!("{p}.attn.q_proj.weight"), vec![hd, h]);
+            push(format!("{p}.attn.k_proj.weight"), vec![kvd, h]);
+            let v = push(format!("{p}.attn.v_proj.weight"), vec![kvd, h]);
+            let o_proj = push(format!("{p}.attn.o_proj.weight"), vec![h, hd]);
+            let moe_norm = push(format!("{p}.moe_norm.weight"), vec![h]);
+            let router = push(format!("{p}.moe.router.weight"), vec![config.n_experts, h]);
+            let experts = (0..config.n_experts)
+                .map(|e| {
+                    let x = format!("{p}.moe.experts.{e}");
+                    let gate = push(format!("{x}.gate_proj.weight"), vec![f, h]);
+                    let up = push(format!("{x}.up_proj.weight"), vec![f, h]);
+                    let down = push(format!("{x}.down_proj.weight"), vec![h, f]);
+                    ExpertRanges {
+                        gate_up: gate.start..up.end,
+                        down,
+                    }
+                })
+                .collect();
+            layers.push(LayerRanges {
+                attn_norm,
+                qkv: q.start..v.end,
+                o_proj,
+                moe_norm,
+                router,
+                experts,
+            });
+        }
+        let final_norm = push("final_norm.weight".into(), vec![h]);
+        let lm_head = push("lm_head.weight".into(), vec![config.vocab_size, h]);
+        ParamLayout {
+            tensors,
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+            len: next,
+        }
+    }
+
+    /// The tensor with this checkpoint name, if any.
+    pub fn find(&self, name: &str) -> Option<&TensorSpec> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+
+    /// Fresh parameters (CONTRACT §2 init): gains 1, every matrix drawn from
+    /// N(0, 2/fan_in) with its own random stream derived from (seed, name).
+    pub fn init(&self, seed: u64) -> Vec<f32> {
+        let mut params = vec![0.0f32; self.len];
+        for spec in &self.tensors {
+            let values = &mut params[spec.range.clone()];
+            if spec.is_matrix() {
+                // fan_in is the `in` size; for the embedding [V, h] that is h.
+                let fan_in = spec.shape[1] as f64;
+                let std = (2.0 / fan_in).sqrt() as f32;
+                let normal = Normal::new(0.0f32, std).expect("std is finite and > 0");
+                let mut rng = tensor_rng(seed, &spec.name);
+                for v in values.iter_mut() {
+                    *v = normal.sample(&mut rng);
+                }
+            } else {
+                values.fill(1.0);
+            }
+        }
+        params
+    }
+}
+
+/// The random stream of one tensor: ChaCha8 seeded by `seed`, on the stream
+/// numbered by the 64-bit FNV-1a hash of the tensor's name.
+fn tensor_rng(seed: u64, name: &str) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(fnv1a(name.as_bytes()));
+    rng
+}
+
+/// 64-bit FNV-1a: a stable hash (unlike `std`'s, which may change between releases).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
+        (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preset_param_counts_match_the_contract() {
+        for (config, total, active) in [
+            (ModelConfig::tiny(), 542_528, 345_920),
+            (ModelConfig::small(), 7_134_464, 3_988_736),
+            (ModelConfig::default_6_9b(), 6_882_678_528, 1_786_599_168),
+        ] {
+            assert_eq!(config.param_count(), total);
+            assert_eq!(config.active_param_count(), active);
+        }
+        assert_eq!(ParamLayout::new(&ModelConfig::tiny()).len, 542_528);
+    }
+
+    #[test]
+    fn tensors_tile_the_buffer_and_names_are_unique() {
+        let layout = ParamLayout::new(&ModelConfig::tiny());
+        let mut end = 0;
+        for t in &layout.tensors {
+            assert_eq!(t.range.start, end);
+            assert_eq!(t.range.len(), t.shape.iter().product::<usize>());
+            end = t.range.end;
+        }
+        assert_eq!(end, layout.len);
+        let mut names: Vec<_> = layout.tensors.iter().map(|t| &t.name).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), layout.tensors.len());
+    }
+
+    #[test]
+    fn init_is_seeded_per_tensor() {
+        let layout = ParamLayout::new(&ModelConfig::tiny());
+        let a = layout.init(42);
+        assert_eq!(a, layout.init(42));
+        assert_ne!(a, layout.init(43));
+        let q = layout.find("layers.0.attn.q_proj.weight").unwrap();
+        let o = layout.find("layers.0.attn.o_proj.weight").unwrap();
+        assert_ne!(a[q.range.clone()], a[o.range.clone()]);
+        let gain = layout.find("final_norm.weight").unwrap();
+        assert!(a[gain.range.clone()].iter().all(|&g| g == 1.0));
+        let embed = &a[layout.embed.clone()];
+        let var = embed.iter().map(|v| v * v).sum::<f32>() / embed.len() as f32;
+        assert!((var - 2.0 / 64.0).abs() < 0.002, "variance {var}");
+    }
+}

@@ -1,0 +1,177 @@
+//! One training step: forward → loss → backward → clip → AdamW (CONTRACT §6).
+
+use crate::config::TrainConfig;
+use crate::error::{MoeError, Result};
+use crate::model::{Batch, Losses, Model};
+use crate::optim::{self, AdamW};
+
+/// What one training step reports.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    /// Total loss before the update, L_ce + Σ L_aux.
+    pub loss: f32,
+    /// Cross-entropy part.
+    pub ce: f32,
+    /// Load-balancing part (all layers).
+    pub aux: f32,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f32,
+    /// Learning rate used for this step.
+    pub lr: f64,
+}
+
+/// A model with its gradient buffer, optimizer state and step counter.
+#[derive(Debug, Clone)]
+pub struct Trainer {
+    model: Model,
+    config: TrainConfig,
+    grads: Vec<f32>,
+    optimizer: AdamW,
+    step: u64,
+}
+
+impl Trainer {
+    /// A trainer at step 0 with zeroed optimizer moments.
+    pub fn new(model: Model, config: TrainConfig) -> Result<Self> {
+        let optimizer = AdamW::new(model.layout());
+        Self::resume(model, config, optimizer, 0)
+    }
+
+    /// A trainer continuing from saved optimizer state after `step` steps.
+    pub fn resume(model: Model, config: TrainConfig, optimizer: AdamW, step: u64) -> Result<Self> {
+        config.validate()?;
+        let n = model.params().len();
+        if optimizer.m.len() != n || optimizer.v.len() != n {
+            return Err(MoeError::shape("optimizer moments", n, optimizer.m.len()));
+        }
+        Ok(Trainer {
+            grads: vec![0.0; n],
+            model,
+            config,
+            optimizer,
+            step,
+        })
+    }
+
+    /// One step on `batch`. A non-finite loss or gradient refuses the step
+    /// with [`MoeError::NonFinite`]: weights, moments and the step counter stay
+    /// as they were.
+    pub fn train_step(&mut self, batch: &Batch) -> Result<StepStats> {
+        let t = self.step + 1;
+        let alpha = self.config.aux_loss_alpha as f32;
+        let losses = self
+            .model
+            .loss_and_grads(batch, alpha, &mut self.grads)
+            .map_err(|e| match e {
+                MoeError::NonFinite { what, .. } => MoeError::NonFinite { what, step: t },
+                other => other,
+            })?;
+        self.apply_gradients(losses)
+    }
+
+    /// Clips the gradients in `self.grads` and takes one AdamW step, unless
+    /// their norm is not finite.
+    fn apply_gradients(&mut self, losses: Losses) -> Result<StepStats> {
+        let t = self.step + 1;
+        let grad_norm = optim::global_norm(&self.grads);
+        if !grad_norm.is_finite() {
+            return Err(MoeError::NonFinite {
+                what: "gradient",
+                step: t,
+            });
+        }
+        let lr = optim::learning_rate(&self.config, t);
+        let scale = optim::clip_scale(grad_norm, self.config.grad_clip);
+        self.optimizer.update(
+            self.model.params_mut(),
+            &self.grads,
+            scale,
+            lr,
+            t,
+            &self.config,
+        );
+        self.step = t;
+        Ok(StepStats {
+            loss: losses.total(),
+            ce: losses.ce,
+            aux: losses.aux,
+            grad_norm,
+            lr,
+        })
+    }
+
+    /// Steps completed so far.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// The model being trained.
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// The model being trained, mutably (e.g. for evaluation forwards).
+    pub fn model_mut(&mut self) -> &mut Model {
+        &mut self.model
+    }
+
+    /// The training hyper-parameters.
+    pub fn config(&self) -> &TrainConfig {
+        &self.config
+    }
+
+    /// The optimizer state (moments).
+    pub fn optimizer(&self) -> &AdamW {
+        &self.optimizer
+    }
+
+    /// Gradients of the last step, before clipping (flat, parameter layout).
+    pub fn grads(&self) -> &[f32] {
+        &self.grads
+    }
+
+    /// Gives back the model.
+    pub fn into_model(self) -> Model {
+        self.model
+    }
+}
+
+/// The convergence check of CONTRACT §11: the tiny model (seed 42), default
+/// training settings, and the fixed batch B 2 × S 8 with ids 0..15 and
+/// targets 1..16. Returns the trainer and the batch to repeat.
+pub fn convergence_setup() -> Result<(Trainer, Batch)> {
+    let model = Model::new(crate::ModelConfig::tiny(), 42)?;
+    let trainer = Trainer::new(model, TrainConfig::default())?;
+    let batch = Batch::new((0..16).collect(), (1..17).collect(), 2)?;
+    Ok((trainer, batch))
+}
+
+/// Steps of the convergence check.
+pub const CONVERGENCE_STEPS: usize = 1000;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_non_finite_gradient_refuses_the_step_and_leaves_everything_untouched() {
+        let (mut trainer, batch) = convergence_setup().unwrap();
+        trainer.train_step(&batch).unwrap();
+        let before = trainer.clone();
+        let losses = trainer
+            .model
+            .loss_and_grads(&batch, 0.01, &mut trainer.grads)
+            .unwrap();
+        trainer.grads[123] = f32::NAN;
+        match trainer.apply_gradients(losses) {
+            Err(MoeError::NonFinite {
+                what: "gradient",
+                step: 2,
+            }) => {}
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(trainer.step(), 1);
+        assert_eq!(trainer.model().params(), before.model().params());
+        assert_eq!(trainer.optimizer(), before.optimizer());
+    }
+}

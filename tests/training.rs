@@ -1,0 +1,156 @@
+//! Convergence (CONTRACT §11), determinism and checkpoint resume.
+
+mod common;
+
+use common::random_batch;
+use rosetta_moe::checkpoint::{self, load_model, load_training, save_model, save_training};
+use rosetta_moe::train::{CONVERGENCE_STEPS, convergence_setup};
+use rosetta_moe::{Model, ModelConfig, TrainConfig, Trainer};
+
+#[test]
+fn convergence_check_reaches_the_contract_floor_and_trains_the_router() {
+    let (mut trainer, batch) = convergence_setup().unwrap();
+    let layout = trainer.model().layout().clone();
+    let routers: Vec<_> = layout.layers.iter().map(|l| l.router.clone()).collect();
+    let initial_routers: Vec<Vec<f32>> = routers
+        .iter()
+        .map(|r| trainer.model().params()[r.clone()].to_vec())
+        .collect();
+    let experts: Vec<_> = layout
+        .layers
+        .iter()
+        .flat_map(|l| l.experts.iter().map(|e| e.down.clone()))
+        .collect();
+    let mut expert_got_gradient = vec![false; experts.len()];
+    let mut first = None;
+    let mut last = None;
+    for _ in 0..CONVERGENCE_STEPS {
+        let stats = trainer.train_step(&batch).unwrap();
+        first.get_or_insert(stats);
+        last = Some(stats);
+        for (seen, range) in expert_got_gradient.iter_mut().zip(&experts) {
+            *seen |= trainer.grads()[range.clone()].iter().any(|&g| g != 0.0);
+        }
+    }
+    let (first, last) = (first.unwrap(), last.unwrap());
+    assert!(first.loss > 5.0, "initial loss {}", first.loss);
+    assert!(last.loss < 0.03, "final total loss {}", last.loss);
+    assert!(last.ce < 0.01, "final cross-entropy {}", last.ce);
+    for (range, before) in routers.iter().zip(&initial_routers) {
+        let after = &trainer.model().params()[range.clone()];
+        let moved: f32 = after.iter().zip(before).map(|(a, b)| (a - b).abs()).sum();
+        assert!(moved > 1e-2, "router moved by only {moved}");
+    }
+    assert!(
+        expert_got_gradient.iter().all(|&g| g),
+        "experts without gradient: {expert_got_gradient:?}"
+    );
+}
+
+#[test]
+fn same_seed_gives_bit_identical_logits_losses_and_weights() {
+    let run = || {
+        let config = common::gqa_config();
+        let mut model = Model::new(config.clone(), 5).unwrap();
+        let batch = random_batch(&config, 2, 7, 3);
+        let logits = model.forward(&batch.ids, 2).unwrap().to_vec();
+        let mut trainer = Trainer::new(model, TrainConfig::default()).unwrap();
+        let losses: Vec<f32> = (0..5)
+            .map(|_| trainer.train_step(&batch).unwrap().loss)
+            .collect();
+        (logits, losses, trainer.model().params().to_vec())
+    };
+    let (a, b) = (run(), run());
+    assert!(
+        a.0.iter()
+            .zip(&b.0)
+            .all(|(x, y)| x.to_bits() == y.to_bits())
+    );
+    assert!(
+        a.1.iter()
+            .zip(&b.1)
+            .all(|(x, y)| x.to_bits() == y.to_bits())
+    );
+    assert!(
+        a.2.iter()
+            .zip(&b.2)
+            .all(|(x, y)| x.to_bits() == y.to_bits())
+    );
+    let other = Model::new(common::gqa_config(), 6).unwrap();
+    assert_ne!(other.params(), &a.2[..]);
+}
+
+fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+#[test]
+fn model_checkpoint_round_trips_exactly() {
+    let dir = tempdir();
+    let config = common::gqa_config();
+    let mut model = Model::new(config.clone(), 1).unwrap();
+    save_model(&model, dir.path()).unwrap();
+    let mut loaded = load_model(dir.path()).unwrap();
+    assert_eq!(loaded.config(), &config);
+    assert_eq!(loaded.params(), model.params());
+    let batch = random_batch(&config, 1, 4, 2);
+    assert_eq!(
+        model.forward(&batch.ids, 1).unwrap(),
+        loaded.forward(&batch.ids, 1).unwrap()
+    );
+}
+
+#[test]
+fn resuming_from_a_checkpoint_is_bit_identical_to_never_stopping() {
+    let config = ModelConfig::tiny();
+    let batches: Vec<_> = (0..20).map(|i| random_batch(&config, 2, 8, i)).collect();
+    let fresh = || {
+        Trainer::new(
+            Model::new(config.clone(), 9).unwrap(),
+            TrainConfig::default(),
+        )
+        .unwrap()
+    };
+
+    let mut straight = fresh();
+    for b in &batches {
+        straight.train_step(b).unwrap();
+    }
+
+    let dir = tempdir();
+    let mut first_half = fresh();
+    for b in &batches[..10] {
+        first_half.train_step(b).unwrap();
+    }
+    save_training(&first_half, None, dir.path()).unwrap();
+    drop(first_half);
+    let (mut resumed, state) = load_training(dir.path()).unwrap();
+    assert_eq!(state.step, 10);
+    for b in &batches[10..] {
+        resumed.train_step(b).unwrap();
+    }
+    assert_eq!(resumed.step(), 20);
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(
+        bits(resumed.model().params()),
+        bits(straight.model().params())
+    );
+    assert_eq!(bits(&resumed.optimizer().m), bits(&straight.optimizer().m));
+    assert_eq!(bits(&resumed.optimizer().v), bits(&straight.optimizer().v));
+    assert!(dir.path().join(checkpoint::STATE_FILE).exists());
+}
+
+#[test]
+#[ignore = "allocates about 1.1 GB of weights; run with `cargo test --release -- --ignored`"]
+fn default_6_9b_dimensions_with_one_layer_run_a_forward() {
+    let config = ModelConfig {
+        n_layers: 1,
+        ..ModelConfig::default_6_9b()
+    };
+    let mut model = Model::new(config.clone(), 1).unwrap();
+    assert_eq!(model.params().len(), config.param_count());
+    let ids: Vec<u32> = (0..16).map(|i| i * 1999 % 32000).collect();
+    let logits = model.forward(&ids, 2).unwrap();
+    assert_eq!(logits.len(), 16 * 32000);
+    assert!(logits.iter().all(|v| v.is_finite()));
+}
