@@ -6,7 +6,7 @@
 //! fused projection output) and cached generation (k, v in the cache).
 
 use crate::config::ModelConfig;
-use crate::kernels;
+use crate::kernels::{self, Mat, MatMut, Write};
 
 /// The sizes attention needs.
 #[derive(Debug, Clone, Copy)]
@@ -47,46 +47,52 @@ pub struct Qkv<'a> {
     pub kv_stride: usize,
 }
 
+impl<'a> Qkv<'a> {
+    /// Query head i as a [S, d] matrix.
+    fn query(&self, i: usize, seq: usize, d: usize) -> Mat<'a> {
+        Mat::strided(&self.q[i * d..], seq, d, self.q_stride)
+    }
+
+    /// Key head g as a [L, d] matrix.
+    fn key(&self, g: usize, keys: usize, d: usize) -> Mat<'a> {
+        Mat::strided(&self.k[g * d..], keys, d, self.kv_stride)
+    }
+
+    /// Value head g as a [L, d] matrix.
+    fn value(&self, g: usize, keys: usize, d: usize) -> Mat<'a> {
+        Mat::strided(&self.v[g * d..], keys, d, self.kv_stride)
+    }
+}
+
 /// Attention forward for S queries at absolute positions offset..offset+S over
 /// L = offset + S keys/values (offset > 0 only with a KV cache).
 /// qkv: see [`Qkv`] → probs [H, S, L] (softmax weights; zero where masked),
-/// out [S, H·d] (heads side by side).
-///   score_i(s, t) = q_{s,i} · k_{t,g(i)} / sqrt(d)   for t ≤ offset + s, g(i) = ⌊i / group⌋
-///   P_i(s, ·) = softmax(score_i(s, ·))
-///   out_{s,i} = Σ_t P_i(s, t) · v_{t,g(i)}
-pub fn attention_forward(
-    out: &mut [f32],
-    probs: &mut [f32],
-    qkv: Qkv<'_>,
-    seq: usize,
-    offset: usize,
-    dims: AttnDims,
-) {
+/// out [S, H·d] (heads side by side). For each head i, reading KV head g = ⌊i / group⌋:
+///   scores_i = Q_i · K_gᵀ / sqrt(d)                  [S, L]
+///   P_i(s, ·) = softmax(scores_i(s, t ≤ offset + s))  (causal)
+///   out_i = P_i · V_g                                 [S, d]
+pub fn attention_forward(out: &mut [f32], probs: &mut [f32], qkv: Qkv<'_>, seq: usize, offset: usize, dims: AttnDims) {
     let d = dims.head_dim;
     let keys = offset + seq;
     let scale = 1.0 / (d as f32).sqrt();
-    out[..seq * dims.n_heads * d].fill(0.0);
-    for i in 0..dims.n_heads {
+    let out_stride = dims.n_heads * d;
+    for (i, p) in probs.chunks_exact_mut(seq * keys).take(dims.n_heads).enumerate() {
         let g = i / dims.group;
-        for s in 0..seq {
+        let (k, v) = (qkv.key(g, keys, d), qkv.value(g, keys, d));
+        kernels::matmul(MatMut::new(p, seq, keys), qkv.query(i, seq, d), k.t(), Write::Overwrite);
+        for (s, row) in p.chunks_exact_mut(keys).enumerate() {
             let visible = offset + s + 1;
-            let q = &qkv.q[s * qkv.q_stride + i * d..][..d];
-            let row = &mut probs[(i * seq + s) * keys..][..keys];
-            for (t, p) in row[..visible].iter_mut().enumerate() {
-                *p = kernels::dot(q, &qkv.k[t * qkv.kv_stride + g * d..][..d]) * scale;
-            }
-            kernels::softmax_in_place(&mut row[..visible]);
+            kernels::scaled_softmax_in_place(&mut row[..visible], scale);
             row[visible..].fill(0.0);
-            let o = &mut out[(s * dims.n_heads + i) * d..][..d];
-            for (t, &p) in row[..visible].iter().enumerate() {
-                kernels::axpy(o, p, &qkv.v[t * qkv.kv_stride + g * d..][..d]);
-            }
         }
+        let o = MatMut::strided(&mut out[i * d..], seq, d, out_stride);
+        kernels::matmul(o, Mat::new(p, seq, keys), v, Write::Overwrite);
     }
 }
 
 /// Gradients of one sequence's queries, keys and values, written in the same
-/// strided layout as [`Qkv`] (`dq` rows of `q_stride`, `dk`/`dv` rows of `kv_stride`).
+/// strided layout as [`Qkv`] (`dq` at column 0, `dk` at `k_col`, `dv` at
+/// `v_col`, every row `stride` apart).
 pub struct QkvGrad<'a> {
     /// The buffer holding dq, dk and dv.
     pub buf: &'a mut [f32],
@@ -98,16 +104,21 @@ pub struct QkvGrad<'a> {
     pub v_col: usize,
 }
 
+impl QkvGrad<'_> {
+    /// Columns col..col+d of every row, as a [S, d] matrix.
+    fn head(&mut self, col: usize, seq: usize, d: usize) -> MatMut<'_> {
+        MatMut::strided(&mut self.buf[col..], seq, d, self.stride)
+    }
+}
+
 /// Attention backward for a fresh sequence (offset 0, L = S).
 /// dout [S, H·d], probs [H, S, S], qkv as in forward → dq, dk, dv (overwritten).
-/// With dP_i(s, t) = dout_{s,i} · v_{t,g}:
-///   dS_i(s, t) = P_i(s, t) · (dP_i(s, t) − Σ_u P_i(s, u) dP_i(s, u))   (softmax backward)
-///   dq_{s,i}  = Σ_t dS_i(s, t) · k_{t,g} / sqrt(d)
-///   dk_{t,g} += Σ_{i∈g} Σ_s dS_i(s, t) · q_{s,i} / sqrt(d)
-///   dv_{t,g} += Σ_{i∈g} Σ_s P_i(s, t) · dout_{s,i}
-/// `dp` is scratch of at least S values.
+/// `dp` is scratch of S·S values. For each head i reading KV head g:
+///   dP_i = dout_i · V_gᵀ                                   [S, S]
+///   dS_i = P_i ⊙ (dP_i − rowsum(P_i ⊙ dP_i)) / sqrt(d)     (softmax backward, scale folded in)
+///   dq_i = dS_i · K_g;   dk_g += dS_iᵀ · Q_i;   dv_g += P_iᵀ · dout_i
 pub fn attention_backward(
-    grad: QkvGrad<'_>,
+    mut grad: QkvGrad<'_>,
     dp: &mut [f32],
     dout: &[f32],
     probs: &[f32],
@@ -116,37 +127,28 @@ pub fn attention_backward(
     dims: AttnDims,
 ) {
     let d = dims.head_dim;
-    let kv_heads = dims.n_heads / dims.group;
     let scale = 1.0 / (d as f32).sqrt();
-    for t in 0..seq {
-        let row = &mut grad.buf[t * grad.stride..];
-        row[..dims.n_heads * d].fill(0.0);
-        row[grad.k_col..grad.k_col + kv_heads * d].fill(0.0);
-        row[grad.v_col..grad.v_col + kv_heads * d].fill(0.0);
-    }
-    for i in 0..dims.n_heads {
+    let dout_stride = dims.n_heads * d;
+    let dp = &mut dp[..seq * seq];
+    for (i, p) in probs.chunks_exact(seq * seq).take(dims.n_heads).enumerate() {
         let g = i / dims.group;
-        for s in 0..seq {
-            let visible = s + 1;
-            let p = &probs[(i * seq + s) * seq..][..visible];
-            let dout_si = &dout[(s * dims.n_heads + i) * d..][..d];
-            let dp = &mut dp[..visible];
-            for (t, dp) in dp.iter_mut().enumerate() {
-                *dp = kernels::dot(dout_si, &qkv.v[t * qkv.kv_stride + g * d..][..d]);
-            }
-            let p_dot_dp = kernels::dot(p, dp);
-            let q_si = &qkv.q[s * qkv.q_stride + i * d..][..d];
-            for t in 0..visible {
-                // dS(s, t), pre-scaled by 1/sqrt(d) for dq and dk.
-                let ds = p[t] * (dp[t] - p_dot_dp) * scale;
-                let k_t = &qkv.k[t * qkv.kv_stride + g * d..][..d];
-                kernels::axpy(&mut grad.buf[s * grad.stride + i * d..][..d], ds, k_t);
-                let dk = &mut grad.buf[t * grad.stride + grad.k_col + g * d..][..d];
-                kernels::axpy(dk, ds, q_si);
-                let dv = &mut grad.buf[t * grad.stride + grad.v_col + g * d..][..d];
-                kernels::axpy(dv, p[t], dout_si);
+        // The first query head of a group overwrites dk_g and dv_g; the others add.
+        let kv_write = if i % dims.group == 0 { Write::Overwrite } else { Write::Accumulate };
+        let (k, v) = (qkv.key(g, seq, d), qkv.value(g, seq, d));
+        let p = Mat::new(p, seq, seq);
+        let dout_i = Mat::strided(&dout[i * d..], seq, d, dout_stride);
+        kernels::matmul(MatMut::new(dp, seq, seq), dout_i, v.t(), Write::Overwrite);
+        for (dp_row, p_row) in dp.chunks_exact_mut(seq).zip(probs[i * seq * seq..].chunks_exact(seq)) {
+            let p_dot_dp = kernels::dot(p_row, dp_row);
+            for (ds, &p) in dp_row.iter_mut().zip(p_row) {
+                *ds = p * (*ds - p_dot_dp) * scale;
             }
         }
+        let ds = Mat::new(dp, seq, seq);
+        kernels::matmul(grad.head(i * d, seq, d), ds, k, Write::Overwrite);
+        let (k_col, v_col) = (grad.k_col + g * d, grad.v_col + g * d);
+        kernels::matmul(grad.head(k_col, seq, d), ds.t(), qkv.query(i, seq, d), kv_write);
+        kernels::matmul(grad.head(v_col, seq, d), p.t(), dout_i, kv_write);
     }
 }
 

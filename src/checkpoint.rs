@@ -177,7 +177,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| MoeError::io(dir, e))?;
+    let mut tmp = tempfile::Builder::new()
+        .permissions(readable_by_all())
+        .tempfile_in(dir)
+        .map_err(|e| MoeError::io(dir, e))?;
     tmp.write_all(bytes)
         .map_err(|e| MoeError::io(tmp.path(), e))?;
     tmp.as_file()
@@ -208,8 +211,17 @@ fn write_tensors(
         ("format".to_string(), "rosetta-moe".to_string()),
         ("step".to_string(), step.to_string()),
     ]);
+    // serialize_to_file writes a temporary file in the same directory and
+    // renames it into place; it creates that file owner-only, so widen it after.
     safetensors::serialize_to_file(views, Some(metadata), path)
-        .map_err(|e| MoeError::checkpoint(path, format!("cannot write: {e}")))
+        .map_err(|e| MoeError::checkpoint(path, format!("cannot write: {e}")))?;
+    std::fs::set_permissions(path, readable_by_all()).map_err(|e| MoeError::io(path, e))
+}
+
+/// rw-r--r--: checkpoints are data to share, like any file `cp` would write.
+fn readable_by_all() -> std::fs::Permissions {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::Permissions::from_mode(0o644)
 }
 
 /// Reads a safetensors file that must hold exactly `<name><suffix>` for every

@@ -132,7 +132,7 @@ struct BackwardScratch {
     dattn: Vec<f32>,
     /// dL/d(q|k|v) [T, (H + 2·Hkv)·d].
     dqkv: Vec<f32>,
-    /// One row of dL/dP [S].
+    /// dL/dP of one head [S, S].
     dp: Vec<f32>,
     /// The MoE backward's scratch.
     moe: MoeScratch,
@@ -200,7 +200,7 @@ impl Workspace {
         b.dxn.resize(tokens * h, 0.0);
         b.dattn.resize(tokens * h, 0.0);
         b.dqkv.resize(tokens * config.qkv_dim(), 0.0);
-        b.dp.resize(self.seq, 0.0);
+        b.dp.resize(self.seq * self.seq, 0.0);
         b.moe.plan(tokens, MoeDims::new(config));
     }
 }

@@ -16,6 +16,18 @@ pub struct Args {
     json: Option<PathBuf>,
 }
 
+/// The `--json` report: every step's losses and the final ones.
+#[derive(serde::Serialize)]
+struct Report<'a> {
+    steps: usize,
+    losses: &'a [f32],
+    ce: &'a [f32],
+    aux: &'a [f32],
+    final_loss: f32,
+    final_ce: f32,
+    final_aux: f32,
+}
+
 pub fn run(args: Args) -> Result<()> {
     let (mut trainer, batch) = convergence_setup()?;
     let bar = super::progress(
@@ -45,15 +57,15 @@ pub fn run(args: Args) -> Result<()> {
     println!("initial     {first:>10.4} {:>10.4} {:>10.4}", ce[0], aux[0]);
     println!("final       {last:>10.4} {:>10.4} {:>10.4}", ce[n], aux[n]);
     if let Some(path) = args.json {
-        let report = serde_json::json!({
-            "steps": losses.len(),
-            "losses": losses,
-            "ce": ce,
-            "aux": aux,
-            "final_loss": last,
-            "final_ce": ce[n],
-            "final_aux": aux[n],
-        });
+        let report = Report {
+            steps: losses.len(),
+            final_loss: *last,
+            final_ce: ce[n],
+            final_aux: aux[n],
+            losses: &losses,
+            ce: &ce,
+            aux: &aux,
+        };
         super::write_json(&path, &report)?;
         println!("wrote {}", path.display());
     }

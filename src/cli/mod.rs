@@ -43,8 +43,8 @@ pub fn progress(len: u64, template: &str) -> ProgressBar {
 }
 
 /// Writes `value` as pretty JSON to `path`, atomically.
-pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(value).expect("JSON values serialise");
+pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).expect("reports serialise");
     rosetta_moe::checkpoint::write_atomic(path, text.as_bytes())
 }
 

@@ -302,7 +302,7 @@ fn tile_portable(
         for (r, acc_row) in acc.iter_mut().enumerate().take(tile.rows) {
             let a_r = a.data[(tile.row + r) * a.row_stride + col];
             for (acc, &b_j) in acc_row.iter_mut().zip(b) {
-                *acc = a_r.mul_add(b_j, *acc);
+                *acc += a_r * b_j;
             }
         }
     }

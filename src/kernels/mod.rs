@@ -146,12 +146,12 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let (b8, b_rest) = b.split_at(a8.len());
     for (x, y) in a8.chunks_exact(8).zip(b8.chunks_exact(8)) {
         for i in 0..8 {
-            acc[i] = x[i].mul_add(y[i], acc[i]);
+            acc[i] += x[i] * y[i];
         }
     }
     let mut sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
     for (x, y) in a_rest.iter().zip(b_rest) {
-        sum = x.mul_add(*y, sum);
+        sum += x * y;
     }
     sum
 }
@@ -161,7 +161,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 pub fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
     assert_eq!(x.len(), y.len());
     for (y, x) in y.iter_mut().zip(x) {
-        *y = alpha.mul_add(*x, *y);
+        *y += alpha * x;
     }
 }
 
@@ -177,10 +177,16 @@ pub fn add_assign(y: &mut [f32], x: &[f32]) {
 /// x_i ← exp(x_i − max x) / Σ_j exp(x_j − max x), in place (max-subtracted softmax).
 #[inline]
 pub fn softmax_in_place(x: &mut [f32]) {
+    scaled_softmax_in_place(x, 1.0);
+}
+
+/// x_i ← softmax(c·x)_i, in place: exp(c·(x_i − max x)) / Σ_j exp(c·(x_j − max x)), c > 0.
+#[inline]
+pub fn scaled_softmax_in_place(x: &mut [f32], c: f32) {
     let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
     let mut sum = 0.0f32;
     for v in x.iter_mut() {
-        *v = (*v - max).exp();
+        *v = ((*v - max) * c).exp();
         sum += *v;
     }
     let inv = 1.0 / sum;
