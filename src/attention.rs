@@ -71,15 +71,31 @@ impl<'a> Qkv<'a> {
 ///   scores_i = Q_i · K_gᵀ / sqrt(d)                  [S, L]
 ///   P_i(s, ·) = softmax(scores_i(s, t ≤ offset + s))  (causal)
 ///   out_i = P_i · V_g                                 [S, d]
-pub fn attention_forward(out: &mut [f32], probs: &mut [f32], qkv: Qkv<'_>, seq: usize, offset: usize, dims: AttnDims) {
+pub fn attention_forward(
+    out: &mut [f32],
+    probs: &mut [f32],
+    qkv: Qkv<'_>,
+    seq: usize,
+    offset: usize,
+    dims: AttnDims,
+) {
     let d = dims.head_dim;
     let keys = offset + seq;
     let scale = 1.0 / (d as f32).sqrt();
     let out_stride = dims.n_heads * d;
-    for (i, p) in probs.chunks_exact_mut(seq * keys).take(dims.n_heads).enumerate() {
+    for (i, p) in probs
+        .chunks_exact_mut(seq * keys)
+        .take(dims.n_heads)
+        .enumerate()
+    {
         let g = i / dims.group;
         let (k, v) = (qkv.key(g, keys, d), qkv.value(g, keys, d));
-        kernels::matmul(MatMut::new(p, seq, keys), qkv.query(i, seq, d), k.t(), Write::Overwrite);
+        kernels::matmul(
+            MatMut::new(p, seq, keys),
+            qkv.query(i, seq, d),
+            k.t(),
+            Write::Overwrite,
+        );
         for (s, row) in p.chunks_exact_mut(keys).enumerate() {
             let visible = offset + s + 1;
             kernels::scaled_softmax_in_place(&mut row[..visible], scale);
@@ -133,12 +149,19 @@ pub fn attention_backward(
     for (i, p) in probs.chunks_exact(seq * seq).take(dims.n_heads).enumerate() {
         let g = i / dims.group;
         // The first query head of a group overwrites dk_g and dv_g; the others add.
-        let kv_write = if i % dims.group == 0 { Write::Overwrite } else { Write::Accumulate };
+        let kv_write = if i % dims.group == 0 {
+            Write::Overwrite
+        } else {
+            Write::Accumulate
+        };
         let (k, v) = (qkv.key(g, seq, d), qkv.value(g, seq, d));
         let p = Mat::new(p, seq, seq);
         let dout_i = Mat::strided(&dout[i * d..], seq, d, dout_stride);
         kernels::matmul(MatMut::new(dp, seq, seq), dout_i, v.t(), Write::Overwrite);
-        for (dp_row, p_row) in dp.chunks_exact_mut(seq).zip(probs[i * seq * seq..].chunks_exact(seq)) {
+        for (dp_row, p_row) in dp
+            .chunks_exact_mut(seq)
+            .zip(probs[i * seq * seq..].chunks_exact(seq))
+        {
             let p_dot_dp = kernels::dot(p_row, dp_row);
             for (ds, &p) in dp_row.iter_mut().zip(p_row) {
                 *ds = p * (*ds - p_dot_dp) * scale;
@@ -147,7 +170,12 @@ pub fn attention_backward(
         let ds = Mat::new(dp, seq, seq);
         kernels::matmul(grad.head(i * d, seq, d), ds, k, Write::Overwrite);
         let (k_col, v_col) = (grad.k_col + g * d, grad.v_col + g * d);
-        kernels::matmul(grad.head(k_col, seq, d), ds.t(), qkv.query(i, seq, d), kv_write);
+        kernels::matmul(
+            grad.head(k_col, seq, d),
+            ds.t(),
+            qkv.query(i, seq, d),
+            kv_write,
+        );
         kernels::matmul(grad.head(v_col, seq, d), p.t(), dout_i, kv_write);
     }
 }

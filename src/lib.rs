@@ -20,6 +20,8 @@
 //! multiply and vector primitives) → [`layers`], [`attention`], [`moe`] →
 //! [`model`] → [`loss`], [`optim`] → [`train`] → [`checkpoint`].
 
+#![deny(missing_docs)]
+
 pub mod attention;
 pub mod checkpoint;
 pub mod config;

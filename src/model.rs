@@ -76,6 +76,33 @@ impl Batch {
     pub fn tokens(&self) -> usize {
         self.ids.len()
     }
+
+    /// A batch from JSON `{"ids": [[...]], "targets": [[...]]}` (rows of equal length).
+    pub fn from_json(text: &str) -> Result<Self> {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Rows {
+            ids: Vec<Vec<u32>>,
+            targets: Vec<Vec<u32>>,
+        }
+        let rows: Rows = serde_json::from_str(text).map_err(|e| MoeError::Json {
+            path: "<batch>".into(),
+            reason: e.to_string(),
+        })?;
+        Batch::from_rows(&rows.ids, &rows.targets)
+    }
+
+    /// A batch from a JSON file (see [`Batch::from_json`]).
+    pub fn load(path: &std::path::Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| MoeError::io(path, e))?;
+        Batch::from_json(&text).map_err(|e| match e {
+            MoeError::Json { reason, .. } => MoeError::Json {
+                path: path.into(),
+                reason,
+            },
+            other => other,
+        })
+    }
 }
 
 /// The two parts of the training loss of one forward pass.

@@ -1,6 +1,7 @@
 //! Command-line parsing and one module per command.
 
 mod convergence;
+mod dump;
 mod init;
 
 use std::path::{Path, PathBuf};
@@ -20,6 +21,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     Convergence(convergence::Args),
+    Dump(dump::Args),
     Init(init::Args),
 }
 
@@ -27,6 +29,7 @@ enum Command {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Convergence(args) => convergence::run(args),
+        Command::Dump(args) => dump::run(args),
         Command::Init(args) => init::run(args),
     }
 }
