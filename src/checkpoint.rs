@@ -3,7 +3,7 @@
 //! - `config.json`: the model config (§1 keys);
 //! - `model.safetensors`: every parameter under its §2 name, f32;
 //! - for training, `optimizer.safetensors` (AdamW moments as `<name>.m` and
-//!   `<name>.v`) and `state.json` (step, training settings, data RNG state).
+//!   `<name>.v`) and `state.json` (step, training settings, data and sampler state).
 //!
 //! Every file is written to a temporary file in the same directory and renamed
 //! into place, `state.json` last; both safetensors files record the step in
@@ -19,6 +19,7 @@ use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{ModelConfig, TrainConfig};
+use crate::data::DataState;
 use crate::error::{MoeError, Result};
 use crate::model::Model;
 use crate::optim::AdamW;
@@ -71,8 +72,8 @@ pub struct TrainState {
     pub step: u64,
     /// Training hyper-parameters (schedule included).
     pub train: TrainConfig,
-    /// State of the data sampler's random stream, if the run samples data.
-    pub data_rng: Option<RngState>,
+    /// The run's data and sampler position, if it samples data.
+    pub data: Option<DataState>,
 }
 
 /// Writes `config.json` and `model.safetensors` for `model` into `dir`
@@ -97,7 +98,7 @@ pub fn load_model(dir: &Path) -> Result<Model> {
 }
 
 /// Writes a full training checkpoint: model, optimizer moments and state.
-pub fn save_training(trainer: &Trainer, data_rng: Option<RngState>, dir: &Path) -> Result<()> {
+pub fn save_training(trainer: &Trainer, data: Option<&DataState>, dir: &Path) -> Result<()> {
     let model = trainer.model();
     let step = trainer.step();
     std::fs::create_dir_all(dir).map_err(|e| MoeError::io(dir, e))?;
@@ -114,7 +115,7 @@ pub fn save_training(trainer: &Trainer, data_rng: Option<RngState>, dir: &Path) 
     let state = TrainState {
         step,
         train: trainer.config().clone(),
-        data_rng,
+        data: data.cloned(),
     };
     let json = serde_json::to_string_pretty(&state).expect("state always serialises");
     write_atomic(&dir.join(STATE_FILE), json.as_bytes())
@@ -207,10 +208,9 @@ fn write_tensors(
             views.push((format!("{}{suffix}", spec.name), view));
         }
     }
-    let metadata = HashMap::from([
-        ("format".to_string(), "rosetta-moe".to_string()),
-        ("step".to_string(), step.to_string()),
-    ]);
+    // One metadata key only: safetensors writes the metadata map in HashMap
+    // order, so two keys would make identical checkpoints differ byte-wise.
+    let metadata = HashMap::from([("step".to_string(), step.to_string())]);
     // serialize_to_file writes a temporary file in the same directory and
     // renames it into place; it creates that file owner-only, so widen it after.
     safetensors::serialize_to_file(views, Some(metadata), path)

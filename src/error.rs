@@ -48,6 +48,19 @@ pub enum MoeError {
         got: String,
     },
 
+    /// Text too short to cut even one training window from.
+    #[error(
+        "{what} has {tokens} tokens; one window needs {needed} (use more text or a smaller --seq)"
+    )]
+    DataTooSmall {
+        /// Which part of the data.
+        what: &'static str,
+        /// Tokens it has.
+        tokens: usize,
+        /// Tokens one window needs (S + 1).
+        needed: usize,
+    },
+
     /// A sampling parameter out of its range (t < 0, p ∉ (0, 1], k > V).
     #[error("invalid sampling parameter: {0}")]
     InvalidSampling(String),

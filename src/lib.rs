@@ -25,6 +25,7 @@
 pub mod attention;
 pub mod checkpoint;
 pub mod config;
+pub mod data;
 pub mod error;
 pub mod kernels;
 pub mod layers;
@@ -33,6 +34,8 @@ pub mod model;
 pub mod moe;
 pub mod optim;
 pub mod params;
+pub mod sampling;
+pub mod tokenizer;
 pub mod train;
 
 pub use attention::KvCache;
@@ -40,4 +43,6 @@ pub use config::{ModelConfig, TrainConfig};
 pub use error::{MoeError, Result};
 pub use model::{Batch, Losses, Model};
 pub use params::ParamLayout;
+pub use sampling::SamplingStrategy;
+pub use tokenizer::Tokenizer;
 pub use train::{StepStats, Trainer};

@@ -182,7 +182,7 @@ fn tensor_rng(seed: u64, name: &str) -> ChaCha8Rng {
 }
 
 /// 64-bit FNV-1a: a stable hash (unlike `std`'s, which may change between releases).
-fn fnv1a(bytes: &[u8]) -> u64 {
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
         (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
     })

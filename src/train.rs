@@ -120,6 +120,14 @@ impl Trainer {
         &self.config
     }
 
+    /// Replaces the training hyper-parameters (e.g. a longer schedule when a
+    /// resumed run is extended); the step counter and moments are kept.
+    pub fn set_config(&mut self, config: TrainConfig) -> Result<()> {
+        config.validate()?;
+        self.config = config;
+        Ok(())
+    }
+
     /// The optimizer state (moments).
     pub fn optimizer(&self) -> &AdamW {
         &self.optimizer

@@ -2,7 +2,9 @@
 
 mod convergence;
 mod dump;
+mod generate;
 mod init;
+mod train;
 
 use std::path::{Path, PathBuf};
 
@@ -22,7 +24,9 @@ pub struct Cli {
 enum Command {
     Convergence(convergence::Args),
     Dump(dump::Args),
+    Generate(generate::Args),
     Init(init::Args),
+    Train(train::Args),
 }
 
 /// Runs the parsed command.
@@ -30,7 +34,9 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Convergence(args) => convergence::run(args),
         Command::Dump(args) => dump::run(args),
+        Command::Generate(args) => generate::run(args),
         Command::Init(args) => init::run(args),
+        Command::Train(args) => train::run(args),
     }
 }
 

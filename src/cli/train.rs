@@ -1,0 +1,469 @@
+//! `moe train`: train on a text file (or the built-in corpus) with progress,
+//! validation, checkpoints, a metrics log and a loss curve.
+
+use std::fs;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use rosetta_moe::checkpoint::{self, STATE_FILE};
+use rosetta_moe::data::{
+    BUILTIN_CORPUS, DataState, TextData, WindowSampler, evenly_spaced_batches,
+};
+use rosetta_moe::{Batch, Model, ModelConfig, MoeError, Result, Tokenizer, TrainConfig, Trainer};
+use serde::Serialize;
+
+/// File names a training run writes next to its checkpoint.
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+const METRICS_FILE: &str = "metrics.jsonl";
+const PLOT_FILE: &str = "loss.svg";
+const SUMMARY_FILE: &str = "summary.json";
+
+/// Train the model on text: tokenizer, 90/10 split, random windows, AdamW.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Text file to train on [default: the built-in corpus — this project's
+    /// own documentation and source, compiled into the binary].
+    #[arg(long, value_name = "FILE")]
+    data: Option<PathBuf>,
+    /// Preset (tiny, small) or path to a config JSON file [default: tiny].
+    #[arg(long)]
+    config: Option<String>,
+    /// Train until this step number.
+    #[arg(long, default_value_t = 1000)]
+    steps: u64,
+    /// Length of the warm-up + cosine schedule [default: --steps of a new run;
+    /// a resumed run keeps its own].
+    #[arg(long)]
+    schedule_steps: Option<u64>,
+    /// Sequences per step, B [default: 8, or the resumed run's].
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Tokens per sequence, S [default: 64, or the resumed run's].
+    #[arg(long)]
+    seq: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// Linear warm-up steps [default: a tenth of the steps, at most 100].
+    #[arg(long)]
+    warmup: Option<u64>,
+    /// Output directory for checkpoints, metrics and the loss curve.
+    #[arg(long, default_value = "run", conflicts_with = "resume")]
+    out: PathBuf,
+    /// Continue the run saved in this directory (bit-identical to never stopping).
+    #[arg(long, value_name = "DIR")]
+    resume: Option<PathBuf>,
+    /// Seed of the initialisation and of the window sampler.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Evaluate validation loss every N steps.
+    #[arg(long, default_value_t = 100)]
+    eval_every: u64,
+    /// Batches in one evaluation.
+    #[arg(long, default_value_t = 8)]
+    eval_batches: usize,
+    /// Write a checkpoint every N steps (and always at the end).
+    #[arg(long, default_value_t = 500)]
+    save_every: u64,
+    /// Overwrite an output directory that holds another run.
+    #[arg(long)]
+    force: bool,
+    /// Print the final summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Serialize, serde::Deserialize)]
+struct Metrics {
+    step: u64,
+    loss: f32,
+    ce: f32,
+    aux: f32,
+    grad_norm: f32,
+    lr: f64,
+    tokens_per_sec: f64,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    train_eval: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    val_loss: Option<f32>,
+}
+
+/// The end-of-run report (`summary.json`).
+#[derive(Serialize)]
+struct Summary {
+    steps: u64,
+    seconds: f64,
+    tokens_per_sec: f64,
+    train_loss: f32,
+    val_loss: f32,
+    val_bits_per_byte: f64,
+    checkpoint: PathBuf,
+}
+
+/// Everything a run needs, fresh or resumed.
+struct Run {
+    trainer: Trainer,
+    data: TextData,
+    sampler: WindowSampler,
+    source: String,
+    batch: usize,
+    seq: usize,
+    dir: PathBuf,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let (source, text) = read_text(args.data.as_deref())?;
+    let mut run = match &args.resume {
+        Some(dir) => resume(&args, dir, source, &text)?,
+        None => start(&args, source, &text)?,
+    };
+    if args.steps <= run.trainer.step() {
+        return Err(MoeError::InvalidTraining(format!(
+            "--steps {} but the run is already at step {}",
+            args.steps,
+            run.trainer.step()
+        )));
+    }
+    if let Some(total) = args.schedule_steps {
+        let mut schedule = run.trainer.config().clone();
+        schedule.total_steps = total;
+        run.trainer.set_config(schedule)?;
+    }
+    train(&args, &mut run)
+}
+
+/// The training text and a name for it.
+fn read_text(path: Option<&Path>) -> Result<(String, Vec<u8>)> {
+    match path {
+        None => Ok(("built-in".into(), BUILTIN_CORPUS.as_bytes().to_vec())),
+        Some(path) => {
+            let text = fs::read(path).map_err(|e| MoeError::io(path, e))?;
+            if text.is_empty() {
+                return Err(MoeError::EmptyInput("data file"));
+            }
+            Ok((path.display().to_string(), text))
+        }
+    }
+}
+
+fn start(args: &Args, source: String, text: &[u8]) -> Result<Run> {
+    let config = ModelConfig::from_preset_or_file(args.config.as_deref().unwrap_or("tiny"))?;
+    let (batch, seq) = (args.batch.unwrap_or(8), args.seq.unwrap_or(64));
+    check_shape(&config, batch, seq)?;
+    super::ensure_fresh_dir(&args.out, args.force)?;
+    let spinner = super::progress(0, "{spinner} training a {msg}-token BPE tokenizer…");
+    spinner.set_message(config.vocab_size.to_string());
+    spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+    let tokenizer = Tokenizer::train(text, config.vocab_size)?;
+    spinner.finish_and_clear();
+    let data = TextData::new(text, &tokenizer, seq)?;
+    let train = TrainConfig {
+        lr: args.lr,
+        warmup_steps: args.warmup.unwrap_or((args.steps / 10).clamp(1, 100)),
+        total_steps: args.schedule_steps.unwrap_or(args.steps),
+        seed: args.seed,
+        ..TrainConfig::default()
+    };
+    let trainer = Trainer::new(Model::new(config, args.seed)?, train)?;
+    fs::create_dir_all(&args.out).map_err(|e| MoeError::io(&args.out, e))?;
+    tokenizer.save(&args.out.join(TOKENIZER_FILE))?;
+    fs::write(args.out.join(METRICS_FILE), "").map_err(|e| MoeError::io(&args.out, e))?;
+    Ok(Run {
+        trainer,
+        data,
+        sampler: WindowSampler::new(args.seed),
+        source,
+        batch,
+        seq,
+        dir: args.out.clone(),
+    })
+}
+
+fn resume(args: &Args, dir: &Path, source: String, text: &[u8]) -> Result<Run> {
+    let (trainer, state) = checkpoint::load_training(dir)?;
+    let config = trainer.model().config().clone();
+    let not_a_run =
+        || MoeError::checkpoint(dir.join(STATE_FILE), "no data state: not a `moe train` run");
+    let data_state = state.data.ok_or_else(not_a_run)?;
+    if let Some(spec) = &args.config {
+        let wanted = ModelConfig::from_preset_or_file(spec)?;
+        if wanted != config {
+            return Err(MoeError::checkpoint(
+                dir,
+                format!("the run's config differs from --config {spec}"),
+            ));
+        }
+    }
+    for (flag, given, saved) in [
+        ("--batch", args.batch, data_state.batch_size),
+        ("--seq", args.seq, data_state.seq_len),
+    ] {
+        if given.is_some_and(|g| g != saved) {
+            return Err(MoeError::checkpoint(
+                dir,
+                format!("the run used {flag} {saved}; it cannot change on resume"),
+            ));
+        }
+    }
+    let tokenizer = Tokenizer::load(&dir.join(TOKENIZER_FILE))?;
+    if tokenizer.vocab_size() > config.vocab_size {
+        return Err(MoeError::checkpoint(
+            dir.join(TOKENIZER_FILE),
+            format!(
+                "{} tokens do not fit the model's vocab_size {}",
+                tokenizer.vocab_size(),
+                config.vocab_size
+            ),
+        ));
+    }
+    let data = TextData::new(text, &tokenizer, data_state.seq_len)?;
+    if data.fingerprint != data_state.fingerprint {
+        return Err(MoeError::checkpoint(
+            dir,
+            format!(
+                "the run trained on {} (another text than {source}); pass the same --data",
+                data_state.source
+            ),
+        ));
+    }
+    truncate_metrics(&dir.join(METRICS_FILE), state.step)?;
+    Ok(Run {
+        trainer,
+        data,
+        sampler: WindowSampler::resume(data_state.rng),
+        source,
+        batch: data_state.batch_size,
+        seq: data_state.seq_len,
+        dir: dir.to_path_buf(),
+    })
+}
+
+/// B, S and the vocabulary must suit the model.
+fn check_shape(config: &ModelConfig, batch: usize, seq: usize) -> Result<()> {
+    if batch == 0 || seq == 0 {
+        return Err(MoeError::EmptyInput("--batch and --seq must be > 0"));
+    }
+    if seq > config.max_seq_len {
+        return Err(MoeError::SequenceTooLong {
+            len: seq,
+            max: config.max_seq_len,
+        });
+    }
+    Ok(())
+}
+
+/// Keeps the metrics of steps ≤ `step` (later ones were not checkpointed).
+fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let kept: String = text
+        .lines()
+        .filter(|line| serde_json::from_str::<Metrics>(line).is_ok_and(|m| m.step <= step))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    checkpoint::write_atomic(path, kept.as_bytes())
+}
+
+/// Mean cross-entropy over `batches` (nats/token).
+fn evaluate(model: &mut Model, batches: &[Batch]) -> Result<f32> {
+    let mut sum = 0.0;
+    for batch in batches {
+        sum += model.losses(batch, 0.0)?.ce;
+    }
+    Ok(sum / batches.len() as f32)
+}
+
+fn save(run: &Run) -> Result<()> {
+    let state = DataState {
+        source: run.source.clone(),
+        fingerprint: run.data.fingerprint.clone(),
+        batch_size: run.batch,
+        seq_len: run.seq,
+        rng: run.sampler.state(),
+    };
+    checkpoint::save_training(&run.trainer, Some(&state), &run.dir)
+}
+
+fn train(args: &Args, run: &mut Run) -> Result<()> {
+    let interrupted = Arc::new(AtomicBool::new(false));
+    let flag = interrupted.clone();
+    // Best effort: without a handler Ctrl-C still stops the run, just unsaved.
+    let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
+
+    let (b, s) = (run.batch, run.seq);
+    let val_batches = evenly_spaced_batches(&run.data.val, b, s, args.eval_batches)?;
+    let train_eval_batches = evenly_spaced_batches(&run.data.train, b, s, args.eval_batches)?;
+    let mut batch = Batch::new(vec![0; b * s], vec![0; b * s], b)?;
+    let first = run.trainer.step() + 1;
+    let bar = super::progress(
+        args.steps - run.trainer.step(),
+        "{bar:30} step {msg} [{elapsed_precise} < {eta_precise}]",
+    );
+    let mut metrics = fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(run.dir.join(METRICS_FILE))
+        .map_err(|e| MoeError::io(run.dir.join(METRICS_FILE), e))?;
+    let start = Instant::now();
+    let mut window = Instant::now();
+    let (mut smoothed, mut last_val, mut last_train_eval) = (None::<f32>, None::<f32>, None::<f32>);
+    for step in first..=args.steps {
+        if interrupted.load(Ordering::SeqCst) {
+            bar.abandon();
+            save(run)?;
+            eprintln!(
+                "interrupted: checkpoint at step {} saved in {}; continue with `moe train --resume {} --steps {}`",
+                run.trainer.step(),
+                run.dir.display(),
+                run.dir.display(),
+                args.steps
+            );
+            std::process::exit(130);
+        }
+        run.sampler.fill(&mut batch, &run.data.train);
+        let stats = match run.trainer.train_step(&batch) {
+            Ok(stats) => stats,
+            Err(e) => {
+                bar.abandon();
+                save(run)?;
+                return Err(e);
+            }
+        };
+        let tokens_per_sec = (b * s) as f64 / window.elapsed().as_secs_f64();
+        window = Instant::now();
+        let (mut val_loss, mut train_eval) = (None, None);
+        if step % args.eval_every == 0 || step == args.steps {
+            val_loss = Some(evaluate(run.trainer.model_mut(), &val_batches)?);
+            train_eval = Some(evaluate(run.trainer.model_mut(), &train_eval_batches)?);
+            (last_val, last_train_eval) = (val_loss, train_eval);
+        }
+        let line = Metrics {
+            step,
+            loss: stats.loss,
+            ce: stats.ce,
+            aux: stats.aux,
+            grad_norm: stats.grad_norm,
+            lr: stats.lr,
+            tokens_per_sec,
+            train_eval,
+            val_loss,
+        };
+        let json = serde_json::to_string(&line).expect("metrics serialise");
+        writeln!(metrics, "{json}").map_err(|e| MoeError::io(run.dir.join(METRICS_FILE), e))?;
+        let ema = smoothed.map_or(stats.loss, |m| 0.95 * m + 0.05 * stats.loss);
+        smoothed = Some(ema);
+        let val = last_val.map_or("-".into(), |v| format!("{v:.3}"));
+        bar.set_message(format!(
+            "{step}/{}  loss {ema:.3}  val {val}  {tokens_per_sec:.0} tok/s",
+            args.steps
+        ));
+        bar.inc(1);
+        if step % args.save_every == 0 && step != args.steps {
+            save(run)?;
+        }
+    }
+    bar.finish_and_clear();
+    save(run)?;
+    let seconds = start.elapsed().as_secs_f64();
+    let (train_loss, val_loss) = (
+        last_train_eval.unwrap_or(f32::NAN),
+        last_val.unwrap_or(f32::NAN),
+    );
+    let bytes_per_token = run.data.val_bytes as f64 / run.data.val.len() as f64;
+    let summary = Summary {
+        steps: args.steps,
+        seconds,
+        tokens_per_sec: ((args.steps + 1 - first) as usize * b * s) as f64 / seconds,
+        train_loss,
+        val_loss,
+        val_bits_per_byte: f64::from(val_loss) / std::f64::consts::LN_2 / bytes_per_token,
+        checkpoint: run.dir.clone(),
+    };
+    super::write_json(&run.dir.join(SUMMARY_FILE), &summary)?;
+    plot(&run.dir.join(METRICS_FILE), &run.dir.join(PLOT_FILE))?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string(&summary).expect("summary serialises")
+        );
+    } else {
+        println!(
+            "trained steps {first}–{} on {} ({} train / {} val tokens) in {:.1} s, {:.0} tokens/s",
+            args.steps,
+            run.source,
+            run.data.train.len(),
+            run.data.val.len(),
+            seconds,
+            summary.tokens_per_sec
+        );
+        println!(
+            "train loss {train_loss:.3} nats/token   val loss {val_loss:.3} nats/token = {:.3} bits/byte",
+            summary.val_bits_per_byte
+        );
+        println!(
+            "checkpoint, metrics.jsonl and loss.svg in {d}/ — sample with: moe generate --checkpoint {d} --prompt \"...\"",
+            d = run.dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Draws the training and validation loss curves of `metrics.jsonl` as an SVG.
+fn plot(metrics: &Path, out: &Path) -> Result<()> {
+    use plotters::prelude::*;
+    let text = fs::read_to_string(metrics).map_err(|e| MoeError::io(metrics, e))?;
+    let lines: Vec<Metrics> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let train: Vec<(f64, f64)> = lines
+        .iter()
+        .map(|m| (m.step as f64, f64::from(m.ce)))
+        .collect();
+    let val: Vec<(f64, f64)> = lines
+        .iter()
+        .filter_map(|m| m.val_loss.map(|v| (m.step as f64, f64::from(v))))
+        .collect();
+    let max_step = train.last().map_or(1.0, |p| p.0.max(1.0));
+    let max_loss = train.iter().chain(&val).map(|p| p.1).fold(0.0, f64::max) * 1.05;
+    let tmp = out.with_extension("svg.tmp");
+    {
+        let root = SVGBackend::new(&tmp, (800, 480)).into_drawing_area();
+        let draw = |e: String| MoeError::io(out, std::io::Error::other(e));
+        root.fill(&WHITE).map_err(|e| draw(e.to_string()))?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption("rosetta-moe training loss", ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(48)
+            .build_cartesian_2d(0.0..max_step, 0.0..max_loss.max(1e-3))
+            .map_err(|e| draw(e.to_string()))?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .y_desc("cross-entropy (nats/token)")
+            .draw()
+            .map_err(|e| draw(e.to_string()))?;
+        chart
+            .draw_series(LineSeries::new(train, &BLUE.mix(0.6)))
+            .map_err(|e| draw(e.to_string()))?
+            .label("train (per step)")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLUE));
+        chart
+            .draw_series(LineSeries::new(val, RED.stroke_width(2)))
+            .map_err(|e| draw(e.to_string()))?
+            .label("validation")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], RED));
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| draw(e.to_string()))?;
+        root.present().map_err(|e| draw(e.to_string()))?;
+    }
+    fs::rename(&tmp, out).map_err(|e| MoeError::io(out, e))
+}

@@ -1,0 +1,176 @@
+//! Byte-level BPE tokenizer, trained with the HF `tokenizers` crate.
+//!
+//! Text is split and merged by a standard GPT-2-style byte-level BPE, so every
+//! token is a sequence of bytes. Encoding accepts any bytes: valid UTF-8 runs
+//! go through the BPE, and each byte of an invalid run becomes its single-byte
+//! token (all 256 are in the vocabulary). Decoding concatenates the tokens'
+//! bytes, so encode → decode returns the original bytes exactly.
+
+use std::path::Path;
+
+use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::{NormalizerWrapper, TokenizerBuilder};
+
+use crate::error::{MoeError, Result};
+
+/// A trained byte-level BPE vocabulary.
+#[derive(Clone)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    /// Bytes of every token id.
+    token_bytes: Vec<Vec<u8>>,
+    /// Id of each single-byte token.
+    byte_token: [u32; 256],
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tokenizer {{ vocab_size: {} }}", self.vocab_size())
+    }
+}
+
+/// The fewest tokens a byte-level vocabulary can have: one per byte value.
+pub const MIN_VOCAB: usize = 256;
+
+impl Tokenizer {
+    /// Trains a vocabulary of at most `vocab_size` tokens (≥ 256) on `text`.
+    /// Bytes that are not UTF-8 are replaced by U+FFFD for training only.
+    pub fn train(text: &[u8], vocab_size: usize) -> Result<Self> {
+        if vocab_size < MIN_VOCAB {
+            return Err(MoeError::InvalidConfig(format!(
+                "vocab_size {vocab_size} is too small for a byte-level tokenizer (needs ≥ {MIN_VOCAB})"
+            )));
+        }
+        let mut trainer = BpeTrainerBuilder::new()
+            .vocab_size(vocab_size)
+            .min_frequency(2)
+            .show_progress(false)
+            .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+            .build();
+        let mut builder =
+            TokenizerBuilder::<BPE, NormalizerWrapper, ByteLevel, ByteLevel, ByteLevel>::new()
+                .with_model(BPE::default())
+                .with_pre_tokenizer(Some(ByteLevel::new(false, false, true)))
+                .with_decoder(Some(ByteLevel::default()))
+                .build()
+                .map_err(|e| MoeError::InvalidConfig(format!("tokenizer: {e}")))?;
+        let text = String::from_utf8_lossy(text);
+        builder
+            .train(&mut trainer, text.split_inclusive('\n'))
+            .map_err(|e| MoeError::InvalidConfig(format!("tokenizer training failed: {e}")))?;
+        Self::from_inner(builder.into())
+    }
+
+    /// Reads a `tokenizer.json` written by [`Tokenizer::save`].
+    pub fn load(path: &Path) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| MoeError::checkpoint(path, format!("unreadable tokenizer: {e}")))?;
+        Self::from_inner(inner).map_err(|e| MoeError::checkpoint(path, e.to_string()))
+    }
+
+    /// Writes `tokenizer.json` (the HF format), atomically.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let json = self
+            .inner
+            .to_string(true)
+            .map_err(|e| MoeError::checkpoint(path, format!("cannot serialise tokenizer: {e}")))?;
+        crate::checkpoint::write_atomic(path, json.as_bytes())
+    }
+
+    fn from_inner(inner: tokenizers::Tokenizer) -> Result<Self> {
+        let to_byte = unicode_to_byte();
+        let vocab = inner.get_vocab(false);
+        let mut token_bytes = vec![Vec::new(); vocab.len()];
+        for (token, &id) in &vocab {
+            let slot = token_bytes.get_mut(id as usize).ok_or_else(|| {
+                MoeError::InvalidConfig(format!("token id {id} beyond the vocabulary"))
+            })?;
+            *slot = token
+                .chars()
+                .map(|c| {
+                    to_byte(c).ok_or_else(|| {
+                        MoeError::InvalidConfig(format!("token {token:?} is not byte-level"))
+                    })
+                })
+                .collect::<Result<_>>()?;
+        }
+        let mut byte_token = [0u32; 256];
+        for (b, slot) in byte_token.iter_mut().enumerate() {
+            let c = byte_to_unicode(b as u8).to_string();
+            *slot = inner
+                .token_to_id(&c)
+                .ok_or_else(|| MoeError::InvalidConfig(format!("byte {b:#04x} has no token")))?;
+        }
+        Ok(Tokenizer {
+            inner,
+            token_bytes,
+            byte_token,
+        })
+    }
+
+    /// Number of tokens in the vocabulary.
+    pub fn vocab_size(&self) -> usize {
+        self.token_bytes.len()
+    }
+
+    /// Token ids of any byte sequence.
+    pub fn encode(&self, bytes: &[u8]) -> Result<Vec<u32>> {
+        let mut ids = Vec::with_capacity(bytes.len() / 3);
+        for chunk in bytes.utf8_chunks() {
+            if !chunk.valid().is_empty() {
+                let encoding = self
+                    .inner
+                    .encode(chunk.valid(), false)
+                    .map_err(|e| MoeError::InvalidConfig(format!("tokenizer: {e}")))?;
+                ids.extend_from_slice(encoding.get_ids());
+            }
+            ids.extend(chunk.invalid().iter().map(|&b| self.byte_token[b as usize]));
+        }
+        Ok(ids)
+    }
+
+    /// The bytes of a token sequence (ids beyond the vocabulary decode to nothing).
+    pub fn decode(&self, ids: &[u32]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for &id in ids {
+            out.extend_from_slice(self.token_bytes(id));
+        }
+        out
+    }
+
+    /// The bytes of one token (empty for ids beyond the vocabulary).
+    pub fn token_bytes(&self, id: u32) -> &[u8] {
+        self.token_bytes.get(id as usize).map_or(&[], Vec::as_slice)
+    }
+}
+
+/// GPT-2's byte → printable-character map used by byte-level BPE: printable
+/// Latin-1 bytes map to themselves, the other 68 to U+0100 onwards.
+fn byte_to_unicode(b: u8) -> char {
+    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+    if printable(b) {
+        return char::from(b);
+    }
+    let rank = (0..b).filter(|&x| !printable(x)).count() as u32;
+    char::from_u32(256 + rank).expect("below U+0144")
+}
+
+/// The inverse of [`byte_to_unicode`].
+fn unicode_to_byte() -> impl Fn(char) -> Option<u8> {
+    let table: Vec<(char, u8)> = (0..=255u8).map(|b| (byte_to_unicode(b), b)).collect();
+    move |c| table.iter().find(|(u, _)| *u == c).map(|&(_, b)| b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_map_is_a_bijection_onto_the_bpe_alphabet() {
+        let chars: std::collections::HashSet<char> = (0..=255u8).map(byte_to_unicode).collect();
+        assert_eq!(chars.len(), 256);
+        let alphabet: std::collections::HashSet<char> = ByteLevel::alphabet().into_iter().collect();
+        assert_eq!(chars, alphabet);
+    }
+}
