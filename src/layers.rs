@@ -36,10 +36,7 @@ pub fn embedding_backward(dtable: &mut [f32], dx: &[f32], ids: &[u32], h: usize)
 pub fn rmsnorm_forward(y: &mut [f32], inv_rms: &mut [f32], x: &[f32], gamma: &[f32]) {
     let h = gamma.len();
     for ((y, x), r) in y.chunks_exact_mut(h).zip(x.chunks_exact(h)).zip(inv_rms) {
-        *r = 1.0 / (kernels::dot(x, x) / h as f32 + RMS_EPS).sqrt();
-        for ((y, &x), &g) in y.iter_mut().zip(x).zip(gamma) {
-            *y = g * (x * *r);
-        }
+        *r = kernels::rmsnorm_row(y, x, gamma, RMS_EPS);
     }
 }
 
@@ -58,22 +55,9 @@ pub fn rmsnorm_backward(
 ) {
     let h = gamma.len();
     dgamma.fill(0.0);
-    let rows = dx
-        .chunks_exact_mut(h)
-        .zip(dy.chunks_exact(h))
-        .zip(x.chunks_exact(h));
+    let rows = dx.chunks_exact_mut(h).zip(dy.chunks_exact(h)).zip(x.chunks_exact(h));
     for (((dx, dy), x), &r) in rows.zip(inv_rms) {
-        // (g · x̂) = r · Σ_j γ_j dy_j x_j
-        let mut g_dot_xhat = 0.0f32;
-        for j in 0..h {
-            let xhat = x[j] * r;
-            dgamma[j] += dy[j] * xhat;
-            g_dot_xhat += gamma[j] * dy[j] * xhat;
-        }
-        let c = g_dot_xhat / h as f32;
-        for j in 0..h {
-            dx[j] += r * (gamma[j] * dy[j] - x[j] * r * c);
-        }
+        kernels::rmsnorm_row_backward(dx, dgamma, dy, x, gamma, r);
     }
 }
 

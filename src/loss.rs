@@ -1,33 +1,20 @@
 //! Cross-entropy, fused with its gradient (CONTRACT §4).
 
+use crate::kernels;
+
 /// Cross-entropy over T positions, and its gradient in the same pass.
 /// logits [T, V], targets [T] → dlogits [T, V] (overwritten); returns L_ce.
 ///   lse_t = log Σ_v exp(z_tv)   (max-subtracted)
 ///   L_ce = (1/T) Σ_t (lse_t − z_{t,y_t})
 ///   dL/dz_tv = (softmax(z_t)_v − [v = y_t]) / T
 pub fn cross_entropy(dlogits: &mut [f32], logits: &[f32], targets: &[u32], vocab: usize) -> f32 {
-    let tokens = targets.len();
-    let inv_t = 1.0 / tokens as f32;
-    let mut total = 0.0f64;
-    let rows = dlogits
-        .chunks_exact_mut(vocab)
-        .zip(logits.chunks_exact(vocab));
-    for ((dz, z), &y) in rows.zip(targets) {
-        let max = z.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-        let mut sum = 0.0f32;
-        for (d, &v) in dz.iter_mut().zip(z) {
-            *d = (v - max).exp();
-            sum += *d;
-        }
-        let lse = max + sum.ln();
-        total += f64::from(lse - z[y as usize]);
-        let scale = inv_t / sum;
-        for d in dz.iter_mut() {
-            *d *= scale;
-        }
-        dz[y as usize] -= inv_t;
-    }
-    (total / tokens as f64) as f32
+    let inv_t = 1.0 / targets.len() as f32;
+    let rows = dlogits.chunks_exact_mut(vocab).zip(logits.chunks_exact(vocab));
+    let total: f64 = rows
+        .zip(targets)
+        .map(|((dz, z), &y)| f64::from(kernels::cross_entropy_row(dz, z, y as usize, inv_t)))
+        .sum();
+    (total / targets.len() as f64) as f32
 }
 
 #[cfg(test)]

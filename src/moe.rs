@@ -168,7 +168,7 @@ pub fn moe_forward(
         let xe = &acts.xe[rows.start * h..rows.end * h];
         layers::linear_forward(gate_up, xe, &params[expert.gate_up.clone()], n, h, 2 * f);
         let act = &mut acts.act[rows.start * f..rows.end * f];
-        swiglu_forward(act, gate_up, f);
+        kernels::swiglu_forward(act, gate_up, f);
         let ye = &mut acts.ye[rows.start * h..rows.end * h];
         layers::linear_forward(ye, act, &params[expert.down.clone()], n, f, h);
     }
@@ -234,33 +234,6 @@ fn route(acts: &mut MoeActs, tokens: usize, dims: MoeDims) {
     }
 }
 
-/// SwiGLU forward, row by row.
-/// gate_up [n, 2F] → act [n, F]:  act = silu(g) ⊙ u,  silu(g) = g·σ(g)
-fn swiglu_forward(act: &mut [f32], gate_up: &[f32], f: usize) {
-    for (a, gu) in act.chunks_exact_mut(f).zip(gate_up.chunks_exact(2 * f)) {
-        let (g, u) = gu.split_at(f);
-        for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
-            *a = g * kernels::sigmoid(g) * u;
-        }
-    }
-}
-
-/// SwiGLU backward, row by row.
-/// dact [n, F], gate_up [n, 2F] → dgate_up [n, 2F] (overwritten):
-///   du = dact · silu(g);   dg = dact · u · σ(g)·(1 + g·(1 − σ(g)))
-fn swiglu_backward(dgate_up: &mut [f32], dact: &[f32], gate_up: &[f32], f: usize) {
-    let rows = dgate_up.chunks_exact_mut(2 * f).zip(dact.chunks_exact(f));
-    for ((dgu, da), gu) in rows.zip(gate_up.chunks_exact(2 * f)) {
-        let (dg, du) = dgu.split_at_mut(f);
-        let (g, u) = gu.split_at(f);
-        for j in 0..f {
-            let s = kernels::sigmoid(g[j]);
-            du[j] = da[j] * g[j] * s;
-            dg[j] = da[j] * u[j] * s * (1.0 + g[j] * (1.0 - s));
-        }
-    }
-}
-
 /// MoE backward for T tokens.
 /// dout [T, h] (gradient of the sublayer's output), xn [T, h], acts → dxn [T, h]
 /// (overwritten), and the router's and every expert's weight gradients in `grads`
@@ -316,7 +289,7 @@ pub fn moe_backward(
             Write::Overwrite,
         );
         let dgate_up = &mut scratch.dgate_up[rows.start * 2 * f..rows.end * 2 * f];
-        swiglu_backward(
+        kernels::swiglu_backward(
             dgate_up,
             dact,
             &acts.gate_up[rows.start * 2 * f..rows.end * 2 * f],

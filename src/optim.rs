@@ -5,6 +5,7 @@
 use std::ops::Range;
 
 use crate::config::TrainConfig;
+use crate::kernels::{self, AdamWStep};
 use crate::params::ParamLayout;
 
 /// Learning rate at step `t` (1-based):
@@ -27,16 +28,7 @@ pub fn learning_rate(config: &TrainConfig, t: u64) -> f64 {
 
 /// Global L2 norm over all gradients, sqrt(Σ g²), accumulated in f64.
 pub fn global_norm(grads: &[f32]) -> f32 {
-    let mut acc = [0.0f64; 4];
-    let chunks = grads.chunks_exact(4);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for i in 0..4 {
-            acc[i] += f64::from(c[i]) * f64::from(c[i]);
-        }
-    }
-    let tail: f64 = rest.iter().map(|&g| f64::from(g) * f64::from(g)).sum();
-    ((acc[0] + acc[1]) + (acc[2] + acc[3]) + tail).sqrt() as f32
+    kernels::sum_of_squares(grads).sqrt() as f32
 }
 
 /// The factor that clipping multiplies every gradient by:
@@ -89,25 +81,24 @@ impl AdamW {
         config: &TrainConfig,
     ) {
         let t = i32::try_from(t).unwrap_or(i32::MAX);
-        let (b1, b2) = (config.beta1 as f32, config.beta2 as f32);
-        let bc1 = (1.0 - config.beta1.powi(t)) as f32;
-        let bc2 = (1.0 - config.beta2.powi(t)) as f32;
-        let (lr32, eps) = (lr as f32, config.eps as f32);
+        let step = AdamWStep {
+            grad_scale,
+            beta1: config.beta1 as f32,
+            beta2: config.beta2 as f32,
+            bias1: (1.0 - config.beta1.powi(t)) as f32,
+            bias2: (1.0 - config.beta2.powi(t)) as f32,
+            lr: lr as f32,
+            eps: config.eps as f32,
+            decay: 0.0,
+        };
         let decay = (lr * config.weight_decay) as f32;
         for (range, decayed) in &self.segments {
-            let p = &mut params[range.clone()];
-            let g = &grads[range.clone()];
-            let m = &mut self.m[range.clone()];
-            let v = &mut self.v[range.clone()];
-            let decay = if *decayed { decay } else { 0.0 };
-            for i in 0..p.len() {
-                let g = g[i] * grad_scale;
-                m[i] = b1 * m[i] + (1.0 - b1) * g;
-                v[i] = b2 * v[i] + (1.0 - b2) * g * g;
-                let mut w = p[i] - decay * p[i];
-                w -= lr32 * (m[i] / bc1) / ((v[i] / bc2).sqrt() + eps);
-                p[i] = w;
-            }
+            let step = AdamWStep {
+                decay: if *decayed { decay } else { 0.0 },
+                ..step
+            };
+            let (m, v) = (&mut self.m[range.clone()], &mut self.v[range.clone()]);
+            kernels::adamw(&mut params[range.clone()], &grads[range.clone()], m, v, step);
         }
     }
 }

@@ -1,10 +1,18 @@
 //! Low-level numeric kernels: the only module with `unsafe`.
 //!
 //! Everything the model does is built from these: a strided matrix multiply
-//! (through the `gemm` crate), and a handful of vector primitives. Each kernel
-//! states its formula; the model code above it never touches raw pointers.
+//! ([`matmul`], our own blocked AVX-512 GEMM) and the fused vector kernels of
+//! [`vector`] (softmax, cross-entropy, SwiGLU, RMSNorm, AdamW, …). Each kernel
+//! states its formula and has a scalar reference version the tests compare
+//! against; the model code above never touches raw pointers or intrinsics.
 
 mod gemm;
+pub mod vector;
+
+pub use vector::{
+    AdamWStep, add_assign, adamw, axpy, cross_entropy_row, dot, rmsnorm_row, rmsnorm_row_backward, scaled_softmax_in_place,
+    sigmoid, softmax_in_place, sum_of_squares, swiglu_backward, swiglu_forward,
+};
 
 use std::sync::OnceLock;
 
@@ -134,71 +142,6 @@ fn matmul_with(c: MatMut<'_>, a: Mat<'_>, b: Mat<'_>, write: Write, kernel: Kern
         return;
     }
     gemm::gemm(c, a, b, write == Write::Accumulate, kernel);
-}
-
-/// Σ_i a_i·b_i
-#[inline]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    // Eight independent partial sums let the compiler vectorise and pipeline.
-    let mut acc = [0.0f32; 8];
-    let (a8, a_rest) = a.split_at(a.len() / 8 * 8);
-    let (b8, b_rest) = b.split_at(a8.len());
-    for (x, y) in a8.chunks_exact(8).zip(b8.chunks_exact(8)) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let mut sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (x, y) in a_rest.iter().zip(b_rest) {
-        sum += x * y;
-    }
-    sum
-}
-
-/// y_i += alpha·x_i
-#[inline]
-pub fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
-    assert_eq!(x.len(), y.len());
-    for (y, x) in y.iter_mut().zip(x) {
-        *y += alpha * x;
-    }
-}
-
-/// y_i += x_i
-#[inline]
-pub fn add_assign(y: &mut [f32], x: &[f32]) {
-    assert_eq!(x.len(), y.len());
-    for (y, x) in y.iter_mut().zip(x) {
-        *y += x;
-    }
-}
-
-/// x_i ← exp(x_i − max x) / Σ_j exp(x_j − max x), in place (max-subtracted softmax).
-#[inline]
-pub fn softmax_in_place(x: &mut [f32]) {
-    scaled_softmax_in_place(x, 1.0);
-}
-
-/// x_i ← softmax(c·x)_i, in place: exp(c·(x_i − max x)) / Σ_j exp(c·(x_j − max x)), c > 0.
-#[inline]
-pub fn scaled_softmax_in_place(x: &mut [f32], c: f32) {
-    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let mut sum = 0.0f32;
-    for v in x.iter_mut() {
-        *v = ((*v - max) * c).exp();
-        sum += *v;
-    }
-    let inv = 1.0 / sum;
-    for v in x.iter_mut() {
-        *v *= inv;
-    }
-}
-
-/// σ(z) = 1 / (1 + e^(−z))
-#[inline]
-pub fn sigmoid(z: f32) -> f32 {
-    1.0 / (1.0 + (-z).exp())
 }
 
 #[cfg(test)]
@@ -351,19 +294,4 @@ mod tests {
         let _ = Mat::new(&buf, 2, 3);
     }
 
-    #[test]
-    fn vector_primitives() {
-        let a = data(37, 5);
-        let b = data(37, 6);
-        let want: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
-        assert!((dot(&a, &b) as f64 - want).abs() < 1e-5);
-        let mut s = vec![1.0, 2.0, 3.0, 1000.0];
-        softmax_in_place(&mut s);
-        assert!((s.iter().sum::<f32>() - 1.0).abs() < 1e-6);
-        assert_eq!(s[3], 1.0);
-        let mut y = vec![1.0; 3];
-        axpy(&mut y, 2.0, &[1.0, 2.0, 3.0]);
-        assert_eq!(y, [3.0, 5.0, 7.0]);
-        assert!((sigmoid(0.0) - 0.5).abs() < 1e-7);
-    }
 }
