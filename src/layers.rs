@@ -6,7 +6,9 @@
 //! once per step) and *add* input gradients into the residual stream.
 
 use crate::config::ModelConfig;
-use crate::kernels::{self, Mat, MatMut, Write};
+use std::ops::Range;
+
+use crate::kernels::{self, Mat, MatMut, PackedWeight, Write};
 
 /// RMSNorm epsilon (CONTRACT §3).
 pub const RMS_EPS: f32 = 1e-6;
@@ -55,28 +57,121 @@ pub fn rmsnorm_backward(
 ) {
     let h = gamma.len();
     dgamma.fill(0.0);
-    let rows = dx.chunks_exact_mut(h).zip(dy.chunks_exact(h)).zip(x.chunks_exact(h));
+    let rows = dx
+        .chunks_exact_mut(h)
+        .zip(dy.chunks_exact(h))
+        .zip(x.chunks_exact(h));
     for (((dx, dy), x), &r) in rows.zip(inv_rms) {
         kernels::rmsnorm_row_backward(dx, dgamma, dy, x, gamma, r);
     }
 }
 
+/// Where a linear layer reads its weight W [out, in]: the flat parameters,
+/// or a copy packed once for products x·Wᵀ (see [`PackedWeights`]).
+#[derive(Debug, Clone, Copy)]
+pub enum Weight<'a> {
+    /// W row-major, straight from the parameters.
+    Plain(&'a [f32]),
+    /// W packed by `kernels::pack_weight`.
+    Packed(PackedWeight<'a>),
+}
+
 /// Linear forward (PyTorch convention, weight stored [out, in]).
-/// y [T, out] = x [T, in] · Wᵀ, with W [out, in].
+/// y [T, out] (=|+=) x [T, in] · Wᵀ, with W [out, in].
 pub fn linear_forward(
     y: &mut [f32],
     x: &[f32],
-    w: &[f32],
+    w: Weight<'_>,
     tokens: usize,
     d_in: usize,
     d_out: usize,
+    write: Write,
 ) {
-    kernels::matmul(
-        MatMut::new(y, tokens, d_out),
-        Mat::new(x, tokens, d_in),
-        Mat::new(w, d_out, d_in).t(),
-        Write::Overwrite,
-    );
+    let (y, x) = (MatMut::new(y, tokens, d_out), Mat::new(x, tokens, d_in));
+    match w {
+        Weight::Plain(w) => kernels::matmul(y, x, Mat::new(w, d_out, d_in).t(), write),
+        Weight::Packed(w) => kernels::matmul_packed(y, x, w, write),
+    }
+}
+
+/// Packed copies of a model's linear weights, for models that run many
+/// forwards between weight changes (inference, evaluation, generation):
+/// packing is then paid once instead of in every product. The products are
+/// the same to the bit either way.
+#[derive(Debug, Clone, Default)]
+pub struct PackedWeights {
+    data: Vec<f32>,
+    /// (first parameter index, packed offset, out, in), sorted by parameter index.
+    index: Vec<(usize, usize, usize, usize)>,
+    /// True when `data` matches the current parameters.
+    valid: bool,
+}
+
+impl PackedWeights {
+    /// Packs every weight in `weights` (parameter range, out, in) from `params`.
+    /// Reuses its memory when the set of weights is unchanged.
+    pub fn build(&mut self, params: &[f32], weights: &[(Range<usize>, usize, usize)]) {
+        let mut offset = 0;
+        self.index.clear();
+        for (range, out, inp) in weights {
+            self.index.push((range.start, offset, *out, *inp));
+            offset += kernels::packed_weight_len(*out, *inp);
+        }
+        self.index.sort_unstable();
+        self.data.resize(offset, 0.0);
+        for &(start, at, out, inp) in &self.index {
+            let len = kernels::packed_weight_len(out, inp);
+            kernels::pack_weight(
+                &mut self.data[at..at + len],
+                &params[start..start + out * inp],
+                out,
+                inp,
+            );
+        }
+        self.valid = true;
+    }
+
+    /// True when the packed copies match the parameters.
+    pub fn is_valid(&self) -> bool {
+        self.valid
+    }
+
+    /// Marks the copies stale (the parameters changed).
+    pub fn invalidate(&mut self) {
+        self.valid = false;
+    }
+
+    /// The packed copy of the weight starting at parameter index `start`.
+    fn get(&self, start: usize) -> Option<PackedWeight<'_>> {
+        let i = self.index.binary_search_by_key(&start, |e| e.0).ok()?;
+        let (_, at, out, inp) = self.index[i];
+        let len = kernels::packed_weight_len(out, inp);
+        Some(PackedWeight::new(&self.data[at..at + len], out, inp))
+    }
+}
+
+/// The parameters a forward pass reads, with packed weights when available.
+#[derive(Debug, Clone, Copy)]
+pub struct Weights<'a> {
+    /// All parameters, flat.
+    pub params: &'a [f32],
+    /// Valid packed copies, if the caller wants them used.
+    pub packed: Option<&'a PackedWeights>,
+}
+
+impl<'a> Weights<'a> {
+    /// The weight occupying `range` of the parameters.
+    pub fn linear(&self, range: Range<usize>) -> Weight<'a> {
+        match self.packed.and_then(|p| p.get(range.start)) {
+            Some(packed) => Weight::Packed(packed),
+            None => Weight::Plain(&self.params[range]),
+        }
+    }
+
+    /// A parameter slice (norm gains and weights read as they are).
+    pub fn raw(&self, range: Range<usize>) -> &'a [f32] {
+        &self.params[range]
+    }
 }
 
 /// Linear backward.

@@ -9,7 +9,9 @@ use crate::kernels;
 ///   dL/dz_tv = (softmax(z_t)_v − [v = y_t]) / T
 pub fn cross_entropy(dlogits: &mut [f32], logits: &[f32], targets: &[u32], vocab: usize) -> f32 {
     let inv_t = 1.0 / targets.len() as f32;
-    let rows = dlogits.chunks_exact_mut(vocab).zip(logits.chunks_exact(vocab));
+    let rows = dlogits
+        .chunks_exact_mut(vocab)
+        .zip(logits.chunks_exact(vocab));
     let total: f64 = rows
         .zip(targets)
         .map(|((dz, z), &y)| f64::from(kernels::cross_entropy_row(dz, z, y as usize, inv_t)))

@@ -6,11 +6,13 @@
 //! activations live in a [`Workspace`] planned on the first call with a given
 //! shape, so later calls with the same shape allocate nothing.
 
+use std::ops::Range;
+
 use crate::attention::{self, AttnDims, KvCache, Qkv, QkvGrad};
 use crate::config::ModelConfig;
 use crate::error::{MoeError, Result};
-use crate::kernels::{self, Mat, MatMut, Write};
-use crate::layers::{self, Rope, RopeDirection};
+use crate::kernels::{self, Write};
+use crate::layers::{self, PackedWeights, Rope, RopeDirection, Weights};
 use crate::loss;
 use crate::moe::{self, MoeActs, MoeDims, MoeScratch};
 use crate::params::{LayerRanges, ParamLayout};
@@ -236,7 +238,7 @@ impl Workspace {
 #[derive(Clone, Copy)]
 struct Ctx<'a> {
     config: &'a ModelConfig,
-    params: &'a [f32],
+    weights: Weights<'a>,
     rope: &'a Rope,
 }
 
@@ -268,6 +270,10 @@ pub struct Model {
     config: ModelConfig,
     layout: ParamLayout,
     params: Vec<f32>,
+    /// Every linear weight's (range, out, in), in the order they are packed.
+    linears: Vec<(Range<usize>, usize, usize)>,
+    /// Packed copies of the linear weights for inference (stale after any change).
+    packed: PackedWeights,
     rope: Rope,
     ws: Workspace,
 }
@@ -293,10 +299,24 @@ impl Model {
 
     fn assemble(config: ModelConfig, layout: ParamLayout, params: Vec<f32>) -> Self {
         let rope = Rope::new(&config);
+        let (h, f) = (config.hidden_dim, config.ffn_dim);
+        let heads_dim = config.n_heads * config.head_dim;
+        let mut linears = vec![(layout.lm_head.clone(), config.vocab_size, h)];
+        for l in &layout.layers {
+            linears.push((l.qkv.clone(), config.qkv_dim(), h));
+            linears.push((l.o_proj.clone(), h, heads_dim));
+            linears.push((l.router.clone(), config.n_experts, h));
+            for e in &l.experts {
+                linears.push((e.gate_up.clone(), 2 * f, h));
+                linears.push((e.down.clone(), h, f));
+            }
+        }
         Model {
             config,
             layout,
             params,
+            linears,
+            packed: PackedWeights::default(),
             rope,
             ws: Workspace::default(),
         }
@@ -319,13 +339,23 @@ impl Model {
 
     /// All parameters, flat and writable (for optimizers and experiments).
     pub fn params_mut(&mut self) -> &mut [f32] {
+        self.packed.invalidate();
         &mut self.params
+    }
+
+    /// Packs every linear weight for inference, unless already packed for the
+    /// current parameters (allocates on the first call only).
+    fn ensure_packed(&mut self) {
+        if !self.packed.is_valid() {
+            self.packed.build(&self.params, &self.linears);
+        }
     }
 
     /// Logits [B, S, V] for token ids [B, S] (flat, `ids.len() = B·S`), without
     /// keeping what backward needs.
     pub fn forward(&mut self, ids: &[u32], batch: usize) -> Result<&[f32]> {
         let seq = self.check_ids(ids, batch)?;
+        self.ensure_packed();
         self.run_forward(ids, batch, seq, false);
         Ok(&self.ws.logits[..ids.len() * self.config.vocab_size])
     }
@@ -351,19 +381,25 @@ impl Model {
                 max: cache.capacity,
             });
         }
+        self.ensure_packed();
         let config = &self.config;
         self.ws.plan(config, 1, seq, offset + seq, 1);
         let h = config.hidden_dim;
         let Model {
             layout,
             params,
+            packed,
             rope,
             ws,
             ..
         } = self;
+        let weights = Weights {
+            params,
+            packed: Some(packed),
+        };
         let ctx = Ctx {
             config,
-            params,
+            weights,
             rope,
         };
         let x = &mut ws.x[..seq * h];
@@ -386,21 +422,24 @@ impl Model {
             &x[last],
             gamma,
         );
-        let w = &params[layout.lm_head.clone()];
-        layers::linear_forward(&mut ws.logits[..vocab], &ws.xn_final[..h], w, 1, h, vocab);
+        let w = weights.linear(layout.lm_head.clone());
+        let (logits, xn) = (&mut ws.logits[..vocab], &ws.xn_final[..h]);
+        layers::linear_forward(logits, xn, w, 1, h, vocab, Write::Overwrite);
         Ok(&ws.logits[..vocab])
     }
 
     /// Forward with activations kept, cross-entropy + aux loss, and the exact
     /// gradient of the total loss for every parameter, written into `grads`
-    /// (flat, [`ParamLayout`] order). Returns the losses; refuses (without
-    /// touching `grads`) when the loss is not finite.
+    /// (flat, [`ParamLayout`] order). Returns the losses and the gradients'
+    /// global L2 norm (summed tensor by tensor as each is written, while it is
+    /// still in cache); refuses (without touching `grads`) when the loss is
+    /// not finite.
     pub fn loss_and_grads(
         &mut self,
         batch: &Batch,
         aux_alpha: f32,
         grads: &mut [f32],
-    ) -> Result<Losses> {
+    ) -> Result<(Losses, f32)> {
         if grads.len() != self.params.len() {
             return Err(MoeError::shape(
                 "gradient buffer",
@@ -415,8 +454,8 @@ impl Model {
                 step: 0,
             });
         }
-        self.backward(aux_alpha, grads);
-        Ok(losses)
+        let sum_sq = self.backward(aux_alpha, grads);
+        Ok((losses, sum_sq.sqrt() as f32))
     }
 
     /// The losses of `batch` (a forward that keeps activations; `dL/dlogits`
@@ -497,6 +536,7 @@ impl Model {
         let Model {
             layout,
             params,
+            packed,
             rope,
             ws,
             ..
@@ -505,9 +545,15 @@ impl Model {
             ws.ids.clear();
             ws.ids.extend_from_slice(ids);
         }
+        // Training changes the weights every step, so it packs as it goes;
+        // inference reads the packed copies.
+        let weights = Weights {
+            params,
+            packed: (!train && packed.is_valid()).then_some(&*packed),
+        };
         let ctx = Ctx {
             config,
-            params,
+            weights,
             rope,
         };
         let x = &mut ws.x[..tokens * h];
@@ -520,18 +566,13 @@ impl Model {
         let gamma = &params[layout.final_norm.clone()];
         layers::rmsnorm_forward(xn, &mut ws.final_rms[..tokens], x, gamma);
         let logits = &mut ws.logits[..tokens * vocab];
-        layers::linear_forward(
-            logits,
-            xn,
-            &params[layout.lm_head.clone()],
-            tokens,
-            h,
-            vocab,
-        );
+        let w = weights.linear(layout.lm_head.clone());
+        layers::linear_forward(logits, xn, w, tokens, h, vocab, Write::Overwrite);
     }
 
-    /// Backward through the whole model from `dlogits` in the workspace.
-    fn backward(&mut self, aux_alpha: f32, grads: &mut [f32]) {
+    /// Backward through the whole model from `dlogits` in the workspace;
+    /// returns Σ g² over every gradient written.
+    fn backward(&mut self, aux_alpha: f32, grads: &mut [f32]) -> f64 {
         let config = &self.config;
         let (h, vocab) = (config.hidden_dim, config.vocab_size);
         let Model {
@@ -543,9 +584,13 @@ impl Model {
         } = self;
         let (batch, seq) = (ws.batch, ws.seq);
         let tokens = batch * seq;
+        let weights = Weights {
+            params,
+            packed: None,
+        };
         let ctx = Ctx {
             config,
-            params,
+            weights,
             rope,
         };
         let back = &mut ws.back;
@@ -563,6 +608,7 @@ impl Model {
             vocab,
             Write::Overwrite,
         );
+        let mut sum_sq = kernels::sum_of_squares(&grads[layout.lm_head.clone()]);
         dx.fill(0.0);
         layers::rmsnorm_backward(
             dx,
@@ -572,15 +618,14 @@ impl Model {
             &ws.final_rms[..tokens],
             &params[layout.final_norm.clone()],
         );
+        sum_sq += kernels::sum_of_squares(&grads[layout.final_norm.clone()]);
         for (ranges, acts) in layout.layers.iter().zip(&ws.layers).rev() {
-            block_backward(ctx, ranges, acts, back, grads, batch, seq, aux_alpha);
+            let (b, s) = (batch, seq);
+            sum_sq += block_backward(ctx, ranges, acts, back, grads, b, s, aux_alpha);
         }
-        layers::embedding_backward(
-            &mut grads[layout.embed.clone()],
-            &back.dx[..tokens * h],
-            &ws.ids,
-            h,
-        );
+        let dembed = &mut grads[layout.embed.clone()];
+        layers::embedding_backward(dembed, &back.dx[..tokens * h], &ws.ids, h);
+        sum_sq + kernels::sum_of_squares(dembed)
     }
 }
 
@@ -612,17 +657,14 @@ fn block_forward(
     let (h, d) = (config.hidden_dim, config.head_dim);
     let (heads_dim, kv_dim, width) = (config.n_heads * d, config.n_kv_heads * d, config.qkv_dim());
     let tokens = batch * seq;
-    let params = ctx.params;
+    let weights = ctx.weights;
     acts.x_in[..tokens * h].copy_from_slice(x);
     let xn = &mut acts.xn_attn[..tokens * h];
-    layers::rmsnorm_forward(
-        xn,
-        &mut acts.attn_rms[..tokens],
-        x,
-        &params[ranges.attn_norm.clone()],
-    );
+    let gamma = weights.raw(ranges.attn_norm.clone());
+    layers::rmsnorm_forward(xn, &mut acts.attn_rms[..tokens], x, gamma);
     let qkv = &mut acts.qkv[..tokens * width];
-    layers::linear_forward(qkv, xn, &params[ranges.qkv.clone()], tokens, h, width);
+    let w = weights.linear(ranges.qkv.clone());
+    layers::linear_forward(qkv, xn, w, tokens, h, width, Write::Overwrite);
     let offset = kv.offset();
     // RoPE on q and k (the first H + Hkv heads of each row), not v.
     for (t, row) in qkv.chunks_exact_mut(width).enumerate() {
@@ -674,34 +716,20 @@ fn block_forward(
         }
     }
     // x_mid = x + attn_out · W_oᵀ
-    kernels::matmul(
-        MatMut::new(x, tokens, h),
-        Mat::new(&acts.attn_out[..tokens * heads_dim], tokens, heads_dim),
-        Mat::new(&params[ranges.o_proj.clone()], h, heads_dim).t(),
-        Write::Accumulate,
-    );
+    let attn_out = &acts.attn_out[..tokens * heads_dim];
+    let w = weights.linear(ranges.o_proj.clone());
+    layers::linear_forward(x, attn_out, w, tokens, heads_dim, h, Write::Accumulate);
     acts.x_mid[..tokens * h].copy_from_slice(x);
     let xn = &mut acts.xn_moe[..tokens * h];
-    layers::rmsnorm_forward(
-        xn,
-        &mut acts.moe_rms[..tokens],
-        x,
-        &params[ranges.moe_norm.clone()],
-    );
-    moe::moe_forward(
-        x,
-        &mut acts.moe,
-        xn,
-        params,
-        ranges,
-        tokens,
-        MoeDims::new(config),
-    );
+    let gamma = weights.raw(ranges.moe_norm.clone());
+    layers::rmsnorm_forward(xn, &mut acts.moe_rms[..tokens], x, gamma);
+    let dims = MoeDims::new(config);
+    moe::moe_forward(x, &mut acts.moe, xn, weights, ranges, tokens, dims);
 }
 
 /// One transformer block, backward. `back.dx` [T, h] holds dL/d(block output)
 /// on entry and dL/d(block input) on exit; the block's parameter gradients are
-/// written into `grads`.
+/// written into `grads`. Returns Σ g² over them.
 #[allow(clippy::too_many_arguments)]
 fn block_backward(
     ctx: Ctx<'_>,
@@ -712,16 +740,16 @@ fn block_backward(
     batch: usize,
     seq: usize,
     aux_alpha: f32,
-) {
+) -> f64 {
     let config = ctx.config;
     let (h, d) = (config.hidden_dim, config.head_dim);
     let (heads_dim, kv_dim, width) = (config.n_heads * d, config.n_kv_heads * d, config.qkv_dim());
     let tokens = batch * seq;
-    let params = ctx.params;
+    let params = ctx.weights.params;
     let dx = &mut back.dx[..tokens * h];
     let dxn = &mut back.dxn[..tokens * h];
     // MoE sublayer: x_out = x_mid + MoE(RMSNorm_moe(x_mid)).
-    moe::moe_backward(
+    let mut sum_sq = moe::moe_backward(
         dxn,
         grads,
         &mut back.moe,
@@ -742,6 +770,7 @@ fn block_backward(
         &acts.moe_rms[..tokens],
         &params[ranges.moe_norm.clone()],
     );
+    sum_sq += kernels::sum_of_squares(&grads[ranges.moe_norm.clone()]);
     // Attention sublayer: x_mid = x_in + Attn(RMSNorm_attn(x_in)).
     let dattn = &mut back.dattn[..tokens * heads_dim];
     layers::linear_backward(
@@ -755,6 +784,7 @@ fn block_backward(
         h,
         Write::Overwrite,
     );
+    sum_sq += kernels::sum_of_squares(&grads[ranges.o_proj.clone()]);
     let dims = AttnDims::new(config);
     let dqkv = &mut back.dqkv[..tokens * width];
     for b in 0..batch {
@@ -794,6 +824,7 @@ fn block_backward(
         width,
         Write::Overwrite,
     );
+    sum_sq += kernels::sum_of_squares(&grads[ranges.qkv.clone()]);
     layers::rmsnorm_backward(
         dx,
         &mut grads[ranges.attn_norm.clone()],
@@ -802,4 +833,5 @@ fn block_backward(
         &acts.attn_rms[..tokens],
         &params[ranges.attn_norm.clone()],
     );
+    sum_sq + kernels::sum_of_squares(&grads[ranges.attn_norm.clone()])
 }

@@ -7,7 +7,7 @@
 
 use crate::config::ModelConfig;
 use crate::kernels::{self, Write};
-use crate::layers;
+use crate::layers::{self, Weights};
 use crate::params::LayerRanges;
 
 /// The sizes the MoE sublayer needs.
@@ -136,20 +136,22 @@ pub fn moe_forward(
     out: &mut [f32],
     acts: &mut MoeActs,
     xn: &[f32],
-    params: &[f32],
+    weights: Weights<'_>,
     ranges: &LayerRanges,
     tokens: usize,
     dims: MoeDims,
 ) {
     let (h, f) = (dims.hidden, dims.ffn);
     let probs = &mut acts.probs[..tokens * dims.n_experts];
+    let router = weights.linear(ranges.router.clone());
     layers::linear_forward(
         probs,
         xn,
-        &params[ranges.router.clone()],
+        router,
         tokens,
         h,
         dims.n_experts,
+        Write::Overwrite,
     );
     for row in probs.chunks_exact_mut(dims.n_experts) {
         kernels::softmax_in_place(row);
@@ -166,11 +168,13 @@ pub fn moe_forward(
         }
         let gate_up = &mut acts.gate_up[rows.start * 2 * f..rows.end * 2 * f];
         let xe = &acts.xe[rows.start * h..rows.end * h];
-        layers::linear_forward(gate_up, xe, &params[expert.gate_up.clone()], n, h, 2 * f);
+        let w = weights.linear(expert.gate_up.clone());
+        layers::linear_forward(gate_up, xe, w, n, h, 2 * f, Write::Overwrite);
         let act = &mut acts.act[rows.start * f..rows.end * f];
         kernels::swiglu_forward(act, gate_up, f);
         let ye = &mut acts.ye[rows.start * h..rows.end * h];
-        layers::linear_forward(ye, act, &params[expert.down.clone()], n, f, h);
+        let w = weights.linear(expert.down.clone());
+        layers::linear_forward(ye, act, w, n, f, h, Write::Overwrite);
     }
     for t in 0..tokens {
         let out_t = &mut out[t * h..(t + 1) * h];
@@ -237,7 +241,8 @@ fn route(acts: &mut MoeActs, tokens: usize, dims: MoeDims) {
 /// MoE backward for T tokens.
 /// dout [T, h] (gradient of the sublayer's output), xn [T, h], acts → dxn [T, h]
 /// (overwritten), and the router's and every expert's weight gradients in `grads`
-/// (overwritten; an expert with no token gets exactly zero).
+/// (overwritten; an expert with no token gets exactly zero). Returns Σ g² over
+/// those gradients, each summed right after it is written.
 ///   dw_{t,j} = dout_t · E_{e_j}(xn_t);   dE_{e_j}(xn_t) = w_{t,j} · dout_t
 ///   through the gates, for i in top-k:  dp_i = (dw_i − Σ_j w_j dw_j) / Σ_j p_{e_j}
 ///   through the aux loss (α·E·Σ_e f_e P_e, f constant):  dp_{t,e} += α·E·f_e / T
@@ -255,8 +260,9 @@ pub fn moe_backward(
     tokens: usize,
     aux_alpha: f32,
     dims: MoeDims,
-) {
+) -> f64 {
     let (h, f, k, n_experts) = (dims.hidden, dims.ffn, dims.top_k, dims.n_experts);
+    let mut sum_sq = 0.0;
     for slot in 0..tokens * k {
         let (t, row) = (slot / k, acts.slot_row[slot]);
         let dout_t = &dout[t * h..(t + 1) * h];
@@ -306,6 +312,8 @@ pub fn moe_backward(
             2 * f,
             Write::Overwrite,
         );
+        sum_sq += kernels::sum_of_squares(&grads[expert.gate_up.clone()]);
+        sum_sq += kernels::sum_of_squares(&grads[expert.down.clone()]);
     }
     // dxn_t = Σ_j dxe[row(t, j)]   (the expert path)
     for t in 0..tokens {
@@ -350,6 +358,7 @@ pub fn moe_backward(
         n_experts,
         Write::Accumulate,
     );
+    sum_sq + kernels::sum_of_squares(&grads[ranges.router.clone()])
 }
 
 #[cfg(test)]

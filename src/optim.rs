@@ -85,8 +85,8 @@ impl AdamW {
             grad_scale,
             beta1: config.beta1 as f32,
             beta2: config.beta2 as f32,
-            bias1: (1.0 - config.beta1.powi(t)) as f32,
-            bias2: (1.0 - config.beta2.powi(t)) as f32,
+            inv_bias1: (1.0 / (1.0 - config.beta1.powi(t))) as f32,
+            inv_bias2: (1.0 / (1.0 - config.beta2.powi(t))) as f32,
             lr: lr as f32,
             eps: config.eps as f32,
             decay: 0.0,
@@ -98,7 +98,13 @@ impl AdamW {
                 ..step
             };
             let (m, v) = (&mut self.m[range.clone()], &mut self.v[range.clone()]);
-            kernels::adamw(&mut params[range.clone()], &grads[range.clone()], m, v, step);
+            kernels::adamw(
+                &mut params[range.clone()],
+                &grads[range.clone()],
+                m,
+                v,
+                step,
+            );
         }
     }
 }

@@ -59,21 +59,20 @@ impl Trainer {
     pub fn train_step(&mut self, batch: &Batch) -> Result<StepStats> {
         let t = self.step + 1;
         let alpha = self.config.aux_loss_alpha as f32;
-        let losses = self
+        let (losses, grad_norm) = self
             .model
             .loss_and_grads(batch, alpha, &mut self.grads)
             .map_err(|e| match e {
                 MoeError::NonFinite { what, .. } => MoeError::NonFinite { what, step: t },
                 other => other,
             })?;
-        self.apply_gradients(losses)
+        self.apply_gradients(losses, grad_norm)
     }
 
-    /// Clips the gradients in `self.grads` and takes one AdamW step, unless
-    /// their norm is not finite.
-    fn apply_gradients(&mut self, losses: Losses) -> Result<StepStats> {
+    /// Clips the gradients in `self.grads` (whose global norm is `grad_norm`)
+    /// and takes one AdamW step, unless the norm is not finite.
+    fn apply_gradients(&mut self, losses: Losses, grad_norm: f32) -> Result<StepStats> {
         let t = self.step + 1;
-        let grad_norm = optim::global_norm(&self.grads);
         if !grad_norm.is_finite() {
             return Err(MoeError::NonFinite {
                 what: "gradient",
@@ -166,12 +165,14 @@ mod tests {
         let (mut trainer, batch) = convergence_setup().unwrap();
         trainer.train_step(&batch).unwrap();
         let before = trainer.clone();
-        let losses = trainer
+        let (losses, _) = trainer
             .model
             .loss_and_grads(&batch, 0.01, &mut trainer.grads)
             .unwrap();
         trainer.grads[123] = f32::NAN;
-        match trainer.apply_gradients(losses) {
+        let norm = optim::global_norm(&trainer.grads);
+        assert!(norm.is_nan());
+        match trainer.apply_gradients(losses, norm) {
             Err(MoeError::NonFinite {
                 what: "gradient",
                 step: 2,

@@ -61,9 +61,14 @@ fn forward_losses_gradients_and_routes_match_the_reference() {
     let batch = Batch::load(&Path::new(DIR).join("batch.json")).unwrap();
     let train = TrainConfig::load(&Path::new(DIR).join("train.json")).unwrap();
     let mut grads = vec![0.0; model.params().len()];
-    let losses = model
+    let (losses, grad_norm) = model
         .loss_and_grads(&batch, train.aux_loss_alpha as f32, &mut grads)
         .unwrap();
+    let exact_norm = rosetta_moe::optim::global_norm(&grads);
+    assert!(
+        (grad_norm - exact_norm).abs() <= 1e-6 * exact_norm,
+        "{grad_norm} vs {exact_norm}"
+    );
 
     assert!(rel(model.logits(), &reference.get("logits")) <= 1e-5);
     for (name, ours) in [

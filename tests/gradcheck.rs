@@ -49,6 +49,7 @@ fn check(model: &mut Model, batch: &Batch, alpha: f32, seed: u64) -> Vec<(String
     let base = model
         .loss_and_grads(batch, alpha, &mut grads)
         .unwrap()
+        .0
         .total();
     let routes = all_routes(model);
     let ulp = f64::from(f32::from_bits(base.to_bits() + 1) - base);

@@ -154,3 +154,33 @@ fn default_6_9b_dimensions_with_one_layer_run_a_forward() {
     assert_eq!(logits.len(), 16 * 32000);
     assert!(logits.iter().all(|v| v.is_finite()));
 }
+
+#[test]
+fn packed_inference_weights_give_the_training_forward_logits_to_the_bit() {
+    let config = common::gqa_config();
+    let mut model = Model::new(config.clone(), 2).unwrap();
+    for (batch, seq) in [(2, 7), (1, 1), (3, 16)] {
+        let b = random_batch(&config, batch, seq, 5);
+        let inference = model.forward(&b.ids, batch).unwrap().to_vec();
+        model.losses(&b, 0.01).unwrap();
+        let training = model.logits();
+        assert!(
+            inference
+                .iter()
+                .zip(training)
+                .all(|(a, t)| a.to_bits() == t.to_bits())
+        );
+    }
+    // Changing a weight through params_mut is seen by the next forward.
+    let b = random_batch(&config, 1, 4, 6);
+    let before = model.forward(&b.ids, 1).unwrap().to_vec();
+    let head = model.layout().lm_head.clone();
+    model.params_mut()[head].iter_mut().for_each(|w| *w *= 2.0);
+    let after = model.forward(&b.ids, 1).unwrap();
+    assert!(
+        after
+            .iter()
+            .zip(&before)
+            .all(|(a, b)| (a - 2.0 * b).abs() <= 1e-4 * b.abs().max(1.0))
+    );
+}

@@ -65,7 +65,7 @@ pub fn run(args: Args) -> Result<()> {
     );
 
     let mut grads = vec![0.0; layout.len];
-    let losses = model.loss_and_grads(&batch, train.aux_loss_alpha as f32, &mut grads)?;
+    let (losses, _) = model.loss_and_grads(&batch, train.aux_loss_alpha as f32, &mut grads)?;
     let mut entries = vec![
         Entry::f32("logits".into(), vec![b, s, v], model.logits()),
         Entry::f32("loss.ce".into(), vec![1], &[losses.ce]),

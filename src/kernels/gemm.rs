@@ -17,11 +17,14 @@
 //! size, on a thread's first multiply; afterwards no call allocates.
 //!
 //! Two micro-kernels compute the same tile: an AVX-512 one with explicit
-//! intrinsics (used when the CPU has AVX-512F), and a portable one in plain
-//! Rust (the fallback, and the reference the tests compare against). When a
-//! product has a single row (generation, one token at a time) and B is a
-//! transposed row-major matrix, packing would cost as much as the product, so
-//! each output is computed as one dot product instead.
+//! intrinsics (used when the CPU has AVX-512F; specialised for tiles of 1 to
+//! 8 real rows), and a portable one in plain Rust (the fallback, and the
+//! reference the tests compare against).
+//!
+//! The weights of a model that is only being run (not trained) are packed
+//! once ([`pack_weight`]) and multiplied from their panels
+//! ([`gemm_prepacked`]): the same tiles in the same order, so the same result
+//! to the bit, without re-packing on every product.
 
 use std::cell::RefCell;
 
@@ -31,8 +34,8 @@ use super::{Mat, MatMut};
 pub(super) const MR: usize = 8;
 /// Columns of C per micro-kernel tile (two 16-lane AVX-512 registers).
 pub(super) const NR: usize = 32;
-/// Depth of one packed block: a `KC × NR` B panel (16 KB) stays in L1.
-const KC: usize = 128;
+/// Depth of one packed block: a `KC × NR` B panel is 32 KB.
+const KC: usize = 256;
 /// Columns of one packed B block (`KC × NC` floats = 256 KB, in L2).
 const NC: usize = 512;
 
@@ -62,11 +65,8 @@ impl Kernel {
 }
 
 /// C (+)= A·B with shapes already checked by the caller (m, n, k > 0).
-pub(super) fn gemm(c: MatMut<'_>, a: Mat<'_>, b: Mat<'_>, accumulate: bool, kernel: Kernel) {
-    if c.rows == 1 && a.col_stride == 1 && b.row_stride == 1 {
-        return gemv_rows(c, a, b, accumulate);
-    }
-    let (m, n, k) = (c.rows, c.cols, a.cols);
+pub(super) fn gemm(mut c: MatMut<'_>, a: Mat<'_>, b: Mat<'_>, accumulate: bool, kernel: Kernel) {
+    let (n, k) = (c.cols, a.cols);
     PACKED_B.with_borrow_mut(|packed_b| {
         if packed_b.is_empty() {
             packed_b.resize(NC * KC, 0.0);
@@ -76,43 +76,119 @@ pub(super) fn gemm(c: MatMut<'_>, a: Mat<'_>, b: Mat<'_>, accumulate: bool, kern
             for pc in (0..k).step_by(KC) {
                 let kc = KC.min(k - pc);
                 pack_b(packed_b, b, pc, kc, jc, nc, kernel);
-                // Only the first depth block may overwrite; later ones add.
-                let add = accumulate || pc > 0;
-                for jr in (0..nc).step_by(NR) {
-                    let pb = &packed_b[jr * kc..(jr + NR) * kc];
-                    for ir in (0..m).step_by(MR) {
-                        let tile = Tile {
-                            row: ir,
-                            col: jc + jr,
-                            rows: MR.min(m - ir),
-                            cols: NR.min(nc - jr),
-                            depth: pc,
-                        };
-                        match kernel {
-                            Kernel::Portable => {
-                                tile_portable(c.data, c.row_stride, tile, kc, a, pb, add)
-                            }
-                            #[cfg(target_arch = "x86_64")]
-                            Kernel::Avx512 => {
-                                assert!(tile.fits(c.rows, c.cols, a, kc));
-                                // SAFETY: the CPU has AVX-512F (Kernel::best checked it);
-                                // `pb` holds kc·NR floats; the tile's rows and columns lie
-                                // inside C and its rows and depth inside A (asserted just
-                                // above; both views were bounds-checked on construction),
-                                // and only those elements are read or written.
-                                unsafe {
-                                    let c_ptr = c.data.as_mut_ptr();
-                                    tile_avx512(c_ptr, c.row_stride, tile, kc, a, pb, add)
-                                }
-                            }
-                            #[cfg(not(target_arch = "x86_64"))]
-                            Kernel::Avx512 => unreachable!("AVX-512 exists only on x86_64"),
-                        }
-                    }
-                }
+                let block = Block { jc, nc, pc, kc };
+                multiply_block(&mut c, a, packed_b, block, accumulate, kernel);
             }
         }
     });
+}
+
+/// Length of B = Wᵀ (W [n, k] row-major) packed by [`pack_weight`]:
+/// every depth block holds all ⌈n/NR⌉ panels.
+pub(super) fn packed_len(n: usize, k: usize) -> usize {
+    n.div_ceil(NR) * NR * k
+}
+
+/// Packs B = Wᵀ once, in the exact panels [`gemm`] would build on every call:
+/// for each depth block pc, panel q holds kc rows of NR values.
+pub(super) fn pack_weight(packed: &mut [f32], b: Mat<'_>, kernel: Kernel) {
+    let (k, n) = (b.rows, b.cols);
+    let n_pad = n.div_ceil(NR) * NR;
+    for pc in (0..k).step_by(KC) {
+        let kc = KC.min(k - pc);
+        pack_b(
+            &mut packed[pc * n_pad..pc * n_pad + kc * n_pad],
+            b,
+            pc,
+            kc,
+            0,
+            n,
+            kernel,
+        );
+    }
+}
+
+/// C (+)= A·B with B already packed by [`pack_weight`]: the same tiles, in
+/// the same order, as [`gemm`] — so the same result to the bit.
+pub(super) fn gemm_prepacked(
+    mut c: MatMut<'_>,
+    a: Mat<'_>,
+    packed: &[f32],
+    accumulate: bool,
+    kernel: Kernel,
+) {
+    let (n, k) = (c.cols, a.cols);
+    let n_pad = n.div_ceil(NR) * NR;
+    for jc in (0..n).step_by(NC) {
+        let nc = NC.min(n - jc);
+        for pc in (0..k).step_by(KC) {
+            let kc = KC.min(k - pc);
+            let start = pc * n_pad + jc * kc;
+            let panels = &packed[start..start + nc.div_ceil(NR) * NR * kc];
+            multiply_block(
+                &mut c,
+                a,
+                panels,
+                Block { jc, nc, pc, kc },
+                accumulate,
+                kernel,
+            );
+        }
+    }
+}
+
+/// A block of the product: columns jc..jc+nc of C, depth pc..pc+kc.
+#[derive(Debug, Clone, Copy)]
+struct Block {
+    jc: usize,
+    nc: usize,
+    pc: usize,
+    kc: usize,
+}
+
+/// Every tile of one block: C[:, jc..jc+nc] (+)= A[:, pc..pc+kc] · panels.
+fn multiply_block(
+    c: &mut MatMut<'_>,
+    a: Mat<'_>,
+    panels: &[f32],
+    block: Block,
+    accumulate: bool,
+    kernel: Kernel,
+) {
+    let Block { jc, nc, pc, kc } = block;
+    let m = c.rows;
+    // Only the first depth block may overwrite; later ones add.
+    let add = accumulate || pc > 0;
+    for jr in (0..nc).step_by(NR) {
+        let pb = &panels[jr * kc..(jr + NR) * kc];
+        for ir in (0..m).step_by(MR) {
+            let tile = Tile {
+                row: ir,
+                col: jc + jr,
+                rows: MR.min(m - ir),
+                cols: NR.min(nc - jr),
+                depth: pc,
+            };
+            match kernel {
+                Kernel::Portable => tile_portable(c.data, c.row_stride, tile, kc, a, pb, add),
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Avx512 => {
+                    assert!(tile.fits(c.rows, c.cols, a, kc));
+                    // SAFETY: the CPU has AVX-512F (Kernel::best checked it);
+                    // `pb` holds kc·NR floats; the tile's rows and columns lie
+                    // inside C and its rows and depth inside A (asserted just
+                    // above; both views were bounds-checked on construction),
+                    // and only those elements are read or written.
+                    unsafe {
+                        let c_ptr = c.data.as_mut_ptr();
+                        tile_avx512(c_ptr, c.row_stride, tile, kc, a, pb, add)
+                    }
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                Kernel::Avx512 => unreachable!("AVX-512 exists only on x86_64"),
+            }
+        }
+    }
 }
 
 /// One `MR × NR` tile of C: its top-left corner and how much of it is real.
@@ -319,13 +395,13 @@ fn tile_portable(
     }
 }
 
-/// The AVX-512 micro-kernel: the same tile as [`tile_portable`], with its
-/// 8 × 32 accumulator held in 16 ZMM registers.
+/// The AVX-512 micro-kernel for a tile of any height: dispatches to the
+/// version specialised for its number of real rows, so a short tile (a
+/// single token while generating, an expert with few tokens) costs only the
+/// rows it has.
 ///
 /// # Safety
-/// The CPU must support AVX-512F; `pb` must hold `kc·NR` floats; `tile` must
-/// satisfy [`Tile::fits`] for C (row stride `ldc`, at `c`, valid for reads and
-/// writes) and for `a` over `kc` depth.
+/// As [`tile_avx512_rows`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn tile_avx512(
@@ -337,15 +413,45 @@ unsafe fn tile_avx512(
     pb: &[f32],
     add: bool,
 ) {
+    // SAFETY: the caller's contract, passed on unchanged.
+    unsafe {
+        match tile.rows {
+            1 => tile_avx512_rows::<1>(c, ldc, tile, kc, a, pb, add),
+            2 => tile_avx512_rows::<2>(c, ldc, tile, kc, a, pb, add),
+            3 => tile_avx512_rows::<3>(c, ldc, tile, kc, a, pb, add),
+            4 => tile_avx512_rows::<4>(c, ldc, tile, kc, a, pb, add),
+            5 => tile_avx512_rows::<5>(c, ldc, tile, kc, a, pb, add),
+            6 => tile_avx512_rows::<6>(c, ldc, tile, kc, a, pb, add),
+            7 => tile_avx512_rows::<7>(c, ldc, tile, kc, a, pb, add),
+            _ => tile_avx512_rows::<MR>(c, ldc, tile, kc, a, pb, add),
+        }
+    }
+}
+
+/// The AVX-512 micro-kernel: the same tile as [`tile_portable`], for exactly
+/// `R` real rows, with its R × 32 accumulator held in 2R ZMM registers.
+///
+/// # Safety
+/// The CPU must support AVX-512F; `pb` must hold `kc·NR` floats; `tile` must
+/// have `R` rows and satisfy [`Tile::fits`] for C (row stride `ldc`, at `c`,
+/// valid for reads and writes) and for `a` over `kc` depth.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn tile_avx512_rows<const R: usize>(
+    c: *mut f32,
+    ldc: usize,
+    tile: Tile,
+    kc: usize,
+    a: Mat<'_>,
+    pb: &[f32],
+    add: bool,
+) {
     use std::arch::x86_64::*;
-    debug_assert!(pb.len() >= kc * NR);
-    // One pointer per tile row; rows past the real ones repeat the last real
-    // row (their sums are computed but never stored).
-    let rows: [*const f32; MR] = std::array::from_fn(|r| {
-        let row = tile.row + r.min(tile.rows - 1);
-        a.data[row * a.row_stride + tile.depth * a.col_stride..].as_ptr()
+    debug_assert!(pb.len() >= kc * NR && tile.rows == R);
+    let rows: [*const f32; R] = std::array::from_fn(|r| {
+        a.data[(tile.row + r) * a.row_stride + tile.depth * a.col_stride..].as_ptr()
     });
-    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    let mut acc = [[_mm512_setzero_ps(); 2]; R];
     let mut b = pb.as_ptr();
     for p in 0..kc {
         let offset = p * a.col_stride;
@@ -381,17 +487,5 @@ unsafe fn tile_avx512(
             _mm512_mask_storeu_ps(out, m0, v0);
             _mm512_mask_storeu_ps(out.add(16), m1, v1);
         }
-    }
-}
-
-/// A single row of C from dot products: c[0, j] (+)= a[0, :] · b[:, j], for a
-/// contiguous row of A and contiguous columns of B (B = Wᵀ, W row-major).
-fn gemv_rows(c: MatMut<'_>, a: Mat<'_>, b: Mat<'_>, accumulate: bool) {
-    let k = a.cols;
-    let row = &a.data[..k];
-    for (j, out) in c.data[..c.cols].iter_mut().enumerate() {
-        let col = &b.data[j * b.col_stride..j * b.col_stride + k];
-        let v = super::dot(row, col);
-        *out = if accumulate { *out + v } else { v };
     }
 }

@@ -10,8 +10,9 @@ mod gemm;
 pub mod vector;
 
 pub use vector::{
-    AdamWStep, add_assign, adamw, axpy, cross_entropy_row, dot, rmsnorm_row, rmsnorm_row_backward, scaled_softmax_in_place,
-    sigmoid, softmax_in_place, sum_of_squares, swiglu_backward, swiglu_forward,
+    AdamWStep, adamw, add_assign, axpy, cross_entropy_row, dot, rmsnorm_row, rmsnorm_row_backward,
+    scaled_softmax_in_place, sigmoid, softmax_in_place, sum_of_squares, swiglu_backward,
+    swiglu_forward,
 };
 
 use std::sync::OnceLock;
@@ -117,6 +118,74 @@ pub fn matmul(c: MatMut<'_>, a: Mat<'_>, b: Mat<'_>, write: Write) {
     matmul_with(c, a, b, write, *BEST.get_or_init(Kernel::best));
 }
 
+/// A weight W [out, in] packed once for products x·Wᵀ (see [`pack_weight`]).
+#[derive(Debug, Clone, Copy)]
+pub struct PackedWeight<'a> {
+    data: &'a [f32],
+    out: usize,
+    inp: usize,
+}
+
+impl<'a> PackedWeight<'a> {
+    /// A packed weight of `out` rows and `inp` columns held in `data`.
+    pub fn new(data: &'a [f32], out: usize, inp: usize) -> Self {
+        assert_eq!(
+            data.len(),
+            packed_weight_len(out, inp),
+            "packed weight length"
+        );
+        PackedWeight { data, out, inp }
+    }
+}
+
+/// Floats needed to hold W [out, in] packed.
+pub fn packed_weight_len(out: usize, inp: usize) -> usize {
+    gemm::packed_len(out, inp)
+}
+
+/// Packs W [out, in] (row-major) into `dst` in the panel layout the matrix
+/// multiply uses for x·Wᵀ, so that repeated products skip packing. A product
+/// through [`matmul_packed`] equals [`matmul`] with `Mat::new(w, out, inp).t()`
+/// to the bit.
+pub fn pack_weight(dst: &mut [f32], w: &[f32], out: usize, inp: usize) {
+    assert_eq!(
+        dst.len(),
+        packed_weight_len(out, inp),
+        "packed weight length"
+    );
+    static BEST: OnceLock<Kernel> = OnceLock::new();
+    gemm::pack_weight(
+        dst,
+        Mat::new(w, out, inp).t(),
+        *BEST.get_or_init(Kernel::best),
+    );
+}
+
+/// C [m, out] (=|+=) A [m, in] · Wᵀ with W packed by [`pack_weight`].
+pub fn matmul_packed(c: MatMut<'_>, a: Mat<'_>, w: PackedWeight<'_>, write: Write) {
+    assert!(
+        a.rows == c.rows && a.cols == w.inp && c.cols == w.out,
+        "matmul_packed shapes: C [{}, {}] = A [{}, {}] · Wᵀ [{}, {}]",
+        c.rows,
+        c.cols,
+        a.rows,
+        a.cols,
+        w.inp,
+        w.out
+    );
+    if c.rows == 0 || c.cols == 0 || a.cols == 0 {
+        return matmul(c, a, Mat::new(&[], w.inp, w.out), write);
+    }
+    static BEST: OnceLock<Kernel> = OnceLock::new();
+    gemm::gemm_prepacked(
+        c,
+        a,
+        w.data,
+        write == Write::Accumulate,
+        *BEST.get_or_init(Kernel::best),
+    );
+}
+
 /// [`matmul`] with an explicit micro-kernel (tests compare them).
 fn matmul_with(c: MatMut<'_>, a: Mat<'_>, b: Mat<'_>, write: Write, kernel: Kernel) {
     assert!(
@@ -192,7 +261,8 @@ mod tests {
 
     #[test]
     fn matmul_matches_naive_for_all_transposes_and_edge_sizes() {
-        // Sizes straddle the tile (8 × 32) and block (KC 128, NC 512, MC 128) edges.
+        // Sizes straddle the tile (8 × 32) and depth-block (128) edges, and both
+        // sides of the swap to Cᵀ = Bᵀ·Aᵀ (taken when B is transposed and m ≤ min(n, 256)).
         let shapes = [
             (1, 5, 3),
             (7, 13, 5),
@@ -269,6 +339,31 @@ mod tests {
     }
 
     #[test]
+    fn prepacked_weights_give_the_same_product_to_the_bit() {
+        for &(m, inp, out) in &[(5, 64, 96), (64, 300, 40), (3, 600, 1000)] {
+            let x = data(m * inp, 1);
+            let w = data(out * inp, 2);
+            let mut packed = vec![0.0; packed_weight_len(out, inp)];
+            pack_weight(&mut packed, &w, out, inp);
+            let (mut a, mut b) = (vec![0.25; m * out], vec![0.25; m * out]);
+            for write in [Write::Overwrite, Write::Accumulate] {
+                matmul(
+                    MatMut::new(&mut a, m, out),
+                    Mat::new(&x, m, inp),
+                    Mat::new(&w, out, inp).t(),
+                    write,
+                );
+                let pw = PackedWeight::new(&packed, out, inp);
+                matmul_packed(MatMut::new(&mut b, m, out), Mat::new(&x, m, inp), pw, write);
+                assert!(
+                    a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()),
+                    "{m}x{inp}x{out}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn strided_views_address_the_right_elements() {
         // A [3, 2] matrix living in the first two columns of a [3, 4] buffer.
         let buf = [1.0, 2.0, 9.0, 9.0, 3.0, 4.0, 9.0, 9.0, 5.0, 6.0, 9.0, 9.0];
@@ -293,5 +388,4 @@ mod tests {
         let buf = [0.0; 5];
         let _ = Mat::new(&buf, 2, 3);
     }
-
 }

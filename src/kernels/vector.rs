@@ -88,14 +88,19 @@ pub fn cross_entropy_row(dz: &mut [f32], z: &[f32], target: usize, scale: f32) -
 /// SwiGLU forward for rows of [gate | up] (each 2F wide) → act (F wide):
 ///   act = silu(g) ⊙ u,  silu(g) = g·σ(g)
 pub fn swiglu_forward(act: &mut [f32], gate_up: &[f32], f: usize) {
-    assert!(f > 0 && act.len() % f == 0 && gate_up.len() == 2 * act.len());
+    assert!(f > 0 && act.len().is_multiple_of(f) && gate_up.len() == 2 * act.len());
     dispatch!(swiglu_forward(act, gate_up, f))
 }
 
 /// SwiGLU backward, row by row → dgate_up [n, 2F] (overwritten):
 ///   du = dact ⊙ silu(g);   dg = dact ⊙ u ⊙ σ(g)·(1 + g·(1 − σ(g)))
 pub fn swiglu_backward(dgate_up: &mut [f32], dact: &[f32], gate_up: &[f32], f: usize) {
-    assert!(f > 0 && dact.len() % f == 0 && gate_up.len() == 2 * dact.len() && dgate_up.len() == gate_up.len());
+    assert!(
+        f > 0
+            && dact.len().is_multiple_of(f)
+            && gate_up.len() == 2 * dact.len()
+            && dgate_up.len() == gate_up.len()
+    );
     dispatch!(swiglu_backward(dgate_up, dact, gate_up, f))
 }
 
@@ -107,7 +112,14 @@ pub fn rmsnorm_row(y: &mut [f32], x: &[f32], gamma: &[f32], eps: f32) -> f32 {
 
 /// RMSNorm backward of one row, with x̂ = x·r and g = γ ⊙ dy:
 ///   dγ += dy ⊙ x̂;   dx += r·(g − x̂·(g·x̂)/h)
-pub fn rmsnorm_row_backward(dx: &mut [f32], dgamma: &mut [f32], dy: &[f32], x: &[f32], gamma: &[f32], r: f32) {
+pub fn rmsnorm_row_backward(
+    dx: &mut [f32],
+    dgamma: &mut [f32],
+    dy: &[f32],
+    x: &[f32],
+    gamma: &[f32],
+    r: f32,
+) {
     let h = x.len();
     assert!(dx.len() == h && dgamma.len() == h && dy.len() == h && gamma.len() == h && h > 0);
     dispatch!(rmsnorm_row_backward(dx, dgamma, dy, x, gamma, r))
@@ -122,10 +134,10 @@ pub struct AdamWStep {
     pub beta1: f32,
     /// β2.
     pub beta2: f32,
-    /// 1 − β1ᵗ.
-    pub bias1: f32,
-    /// 1 − β2ᵗ.
-    pub bias2: f32,
+    /// 1/(1 − β1ᵗ).
+    pub inv_bias1: f32,
+    /// 1/(1 − β2ᵗ).
+    pub inv_bias2: f32,
     /// Learning rate of this step.
     pub lr: f32,
     /// eps.
@@ -137,6 +149,7 @@ pub struct AdamWStep {
 /// AdamW over one tensor, in one pass:
 ///   g ← s·g;  m ← β1·m + (1−β1)·g;  v ← β2·v + (1−β2)·g²
 ///   p ← p − lr·wd·p;  p ← p − lr·(m/(1−β1ᵗ)) / (sqrt(v/(1−β2ᵗ)) + eps)
+/// (the bias corrections are applied as multiplications by their reciprocals).
 pub fn adamw(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], step: AdamWStep) {
     assert!(g.len() == p.len() && m.len() == p.len() && v.len() == p.len());
     dispatch!(adamw(p, g, m, v, step))
@@ -156,7 +169,8 @@ pub mod reference {
                 acc[i] += x[i] * y[i];
             }
         }
-        let mut sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+        let mut sum =
+            ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
         for (x, y) in a_rest.iter().zip(b_rest) {
             sum += x * y;
         }
@@ -239,7 +253,14 @@ pub mod reference {
     }
 
     /// dγ += dy ⊙ x̂;  dx += r·(γ⊙dy − x̂·(γ⊙dy · x̂)/h)
-    pub fn rmsnorm_row_backward(dx: &mut [f32], dgamma: &mut [f32], dy: &[f32], x: &[f32], gamma: &[f32], r: f32) {
+    pub fn rmsnorm_row_backward(
+        dx: &mut [f32],
+        dgamma: &mut [f32],
+        dy: &[f32],
+        x: &[f32],
+        gamma: &[f32],
+        r: f32,
+    ) {
         let h = x.len();
         let mut g_dot_xhat = 0.0f32;
         for j in 0..h {
@@ -260,7 +281,7 @@ pub mod reference {
             m[i] = s.beta1 * m[i] + (1.0 - s.beta1) * g;
             v[i] = s.beta2 * v[i] + (1.0 - s.beta2) * g * g;
             let w = p[i] - s.decay * p[i];
-            p[i] = w - s.lr * (m[i] / s.bias1) / ((v[i] / s.bias2).sqrt() + s.eps);
+            p[i] = w - s.lr * (m[i] * s.inv_bias1) / ((v[i] * s.inv_bias2).sqrt() + s.eps);
         }
     }
 }
@@ -275,7 +296,11 @@ mod avx512 {
     /// Mask of the first `n` (≤ 16) lanes.
     #[inline(always)]
     fn lanes(n: usize) -> __mmask16 {
-        if n >= 16 { 0xFFFF } else { ((1u32 << n) - 1) as __mmask16 }
+        if n >= 16 {
+            0xFFFF
+        } else {
+            ((1u32 << n) - 1) as __mmask16
+        }
     }
 
     /// 16 floats from `x[i..]` (zeros past its end).
@@ -309,14 +334,19 @@ mod avx512 {
     fn exp(x: __m512) -> __m512 {
         // Below −104 the result underflows to 0 through scalef; above 88.7 it would overflow.
         let x = _mm512_min_ps(_mm512_max_ps(x, splat(-104.0)), splat(88.72));
-        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
-            x,
-            splat(std::f32::consts::LOG2_E),
-        ));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(x, splat(std::f32::consts::LOG2_E)),
+        );
         let r = _mm512_fnmadd_ps(n, splat(0.693_359_4), x);
         let r = _mm512_fnmadd_ps(n, splat(-2.121_944_4e-4), r);
         let mut p = splat(1.987_569_1e-4);
-        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1] {
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            1.666_666_5e-1,
+            0.5,
+        ] {
             p = _mm512_fmadd_ps(p, r, splat(c));
         }
         let r2 = _mm512_mul_ps(r, r);
@@ -329,7 +359,10 @@ mod avx512 {
     #[target_feature(enable = "avx512f")]
     fn sigmoid(z: __m512) -> __m512 {
         let one = splat(1.0);
-        _mm512_div_ps(one, _mm512_add_ps(one, exp(_mm512_sub_ps(_mm512_setzero_ps(), z))))
+        _mm512_div_ps(
+            one,
+            _mm512_add_ps(one, exp(_mm512_sub_ps(_mm512_setzero_ps(), z))),
+        )
     }
 
     #[target_feature(enable = "avx512f")]
@@ -346,7 +379,10 @@ mod avx512 {
             acc[0] = _mm512_fmadd_ps(load(a, i), load(b, i), acc[0]);
             i += 16;
         }
-        _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])))
+        _mm512_reduce_add_ps(_mm512_add_ps(
+            _mm512_add_ps(acc[0], acc[1]),
+            _mm512_add_ps(acc[2], acc[3]),
+        ))
     }
 
     #[target_feature(enable = "avx512f")]
@@ -355,7 +391,9 @@ mod avx512 {
         for i in (0..x.len()).step_by(16) {
             let v = load(x, i);
             let lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
-            let hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))));
+            let hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
+                _mm512_castps_pd(v),
+            )));
             acc[0] = _mm512_fmadd_pd(lo, lo, acc[0]);
             acc[1] = _mm512_fmadd_pd(hi, hi, acc[1]);
         }
@@ -376,12 +414,17 @@ mod avx512 {
         let mut m = splat(f32::NEG_INFINITY);
         for i in (0..x.len()).step_by(16) {
             // SAFETY: masked load of the lanes inside `x`; the others keep −∞.
-            let v = unsafe { _mm512_mask_loadu_ps(splat(f32::NEG_INFINITY), lanes(x.len() - i), x.as_ptr().add(i)) };
+            let v = unsafe {
+                _mm512_mask_loadu_ps(
+                    splat(f32::NEG_INFINITY),
+                    lanes(x.len() - i),
+                    x.as_ptr().add(i),
+                )
+            };
             m = _mm512_max_ps(m, v);
         }
         _mm512_reduce_max_ps(m)
     }
-
 
     #[target_feature(enable = "avx512f")]
     fn scale(x: &mut [f32], s: f32) {
@@ -425,7 +468,11 @@ mod avx512 {
             let (g, u) = gu.split_at(f);
             for i in (0..f).step_by(16) {
                 let gv = load(g, i);
-                store(a, i, _mm512_mul_ps(_mm512_mul_ps(gv, sigmoid(gv)), load(u, i)));
+                store(
+                    a,
+                    i,
+                    _mm512_mul_ps(_mm512_mul_ps(gv, sigmoid(gv)), load(u, i)),
+                );
             }
         }
     }
@@ -454,13 +501,24 @@ mod avx512 {
         let r = 1.0 / (ss / x.len() as f32 + eps).sqrt();
         let rv = splat(r);
         for i in (0..x.len()).step_by(16) {
-            store(y, i, _mm512_mul_ps(load(gamma, i), _mm512_mul_ps(load(x, i), rv)));
+            store(
+                y,
+                i,
+                _mm512_mul_ps(load(gamma, i), _mm512_mul_ps(load(x, i), rv)),
+            );
         }
         r
     }
 
     #[target_feature(enable = "avx512f")]
-    pub fn rmsnorm_row_backward(dx: &mut [f32], dgamma: &mut [f32], dy: &[f32], x: &[f32], gamma: &[f32], r: f32) {
+    pub fn rmsnorm_row_backward(
+        dx: &mut [f32],
+        dgamma: &mut [f32],
+        dy: &[f32],
+        x: &[f32],
+        gamma: &[f32],
+        r: f32,
+    ) {
         let rv = splat(r);
         let mut acc = _mm512_setzero_ps();
         for i in (0..x.len()).step_by(16) {
@@ -482,18 +540,26 @@ mod avx512 {
     pub fn adamw(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: AdamWStep) {
         let (b1, b2) = (splat(s.beta1), splat(s.beta2));
         let (c1, c2) = (splat(1.0 - s.beta1), splat(1.0 - s.beta2));
-        let (bias1, bias2) = (splat(s.bias1), splat(s.bias2));
-        let (lr, eps, decay, gs) = (splat(s.lr), splat(s.eps), splat(s.decay), splat(s.grad_scale));
+        let (inv_bias1, inv_bias2) = (splat(s.inv_bias1), splat(s.inv_bias2));
+        let (lr, eps, decay, gs) = (
+            splat(s.lr),
+            splat(s.eps),
+            splat(s.decay),
+            splat(s.grad_scale),
+        );
         for i in (0..p.len()).step_by(16) {
             let gv = _mm512_mul_ps(load(g, i), gs);
             let mv = _mm512_add_ps(_mm512_mul_ps(b1, load(m, i)), _mm512_mul_ps(c1, gv));
-            let vv = _mm512_add_ps(_mm512_mul_ps(b2, load(v, i)), _mm512_mul_ps(_mm512_mul_ps(c2, gv), gv));
+            let vv = _mm512_add_ps(
+                _mm512_mul_ps(b2, load(v, i)),
+                _mm512_mul_ps(_mm512_mul_ps(c2, gv), gv),
+            );
             store(m, i, mv);
             store(v, i, vv);
             let pv = load(p, i);
             let w = _mm512_sub_ps(pv, _mm512_mul_ps(decay, pv));
-            let denom = _mm512_add_ps(_mm512_sqrt_ps(_mm512_div_ps(vv, bias2)), eps);
-            let update = _mm512_div_ps(_mm512_mul_ps(lr, _mm512_div_ps(mv, bias1)), denom);
+            let denom = _mm512_add_ps(_mm512_sqrt_ps(_mm512_mul_ps(vv, inv_bias2)), eps);
+            let update = _mm512_div_ps(_mm512_mul_ps(lr, _mm512_mul_ps(mv, inv_bias1)), denom);
             store(p, i, _mm512_sub_ps(w, update));
         }
     }
@@ -505,7 +571,10 @@ mod tests {
 
     fn data(n: usize, seed: u32, scale: f32) -> Vec<f32> {
         (0..n)
-            .map(|i| ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) % 2001) as f32 / 1000.0 - 1.0)
+            .map(|i| {
+                ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) % 2001) as f32 / 1000.0
+                    - 1.0
+            })
             .map(|v| v * scale)
             .collect()
     }
@@ -513,7 +582,10 @@ mod tests {
     fn close(a: &[f32], b: &[f32], tol: f32, what: &str) {
         assert_eq!(a.len(), b.len());
         for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            assert!((x - y).abs() <= tol * (1.0 + y.abs()), "{what}[{i}]: {x} vs {y}");
+            assert!(
+                (x - y).abs() <= tol * (1.0 + y.abs()),
+                "{what}[{i}]: {x} vs {y}"
+            );
         }
     }
 
@@ -579,7 +651,8 @@ mod tests {
             let r2 = reference::rmsnorm_row(&mut y2, &x, &g, 1e-6);
             assert!((r1 - r2).abs() <= 1e-6 * r2);
             close(&y1, &y2, 1e-6, "rmsnorm");
-            let (mut dx1, mut dg1, mut dx2, mut dg2) = (vec![0.1; h], vec![0.2; h], vec![0.1; h], vec![0.2; h]);
+            let (mut dx1, mut dg1, mut dx2, mut dg2) =
+                (vec![0.1; h], vec![0.2; h], vec![0.1; h], vec![0.2; h]);
             rmsnorm_row_backward(&mut dx1, &mut dg1, &dy, &x, &g, r1);
             reference::rmsnorm_row_backward(&mut dx2, &mut dg2, &dy, &x, &g, r1);
             close(&dx1, &dx2, 1e-5, "rmsnorm dx");
@@ -593,14 +666,19 @@ mod tests {
             grad_scale: 0.5,
             beta1: 0.9,
             beta2: 0.95,
-            bias1: 0.271,
-            bias2: 0.142_625,
+            inv_bias1: 1.0 / 0.271,
+            inv_bias2: 1.0 / 0.142_625,
             lr: 1e-3,
             eps: 1e-8,
             decay: 1e-4,
         };
         for n in LENS {
-            let (p0, g, m0, v0) = (data(n, 9, 1.0), data(n, 10, 2.0), data(n, 11, 0.1), data(n, 12, 0.01));
+            let (p0, g, m0, v0) = (
+                data(n, 9, 1.0),
+                data(n, 10, 2.0),
+                data(n, 11, 0.1),
+                data(n, 12, 0.01),
+            );
             let v0: Vec<f32> = v0.iter().map(|v| v.abs()).collect();
             let (mut p1, mut m1, mut v1) = (p0.clone(), m0.clone(), v0.clone());
             let (mut p2, mut m2, mut v2) = (p0.clone(), m0.clone(), v0.clone());
