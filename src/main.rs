@@ -2,6 +2,10 @@
 
 mod cli;
 
+/// Counts allocations for the benchmark's `alloc_bytes`.
+#[global_allocator]
+static ALLOCATOR: rosetta_moe::kernels::CountingAllocator = rosetta_moe::kernels::CountingAllocator;
+
 use std::process::ExitCode;
 
 use clap::Parser;

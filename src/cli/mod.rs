@@ -1,5 +1,6 @@
 //! Command-line parsing and one module per command.
 
+mod bench;
 mod convergence;
 mod dump;
 mod generate;
@@ -22,6 +23,7 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    Bench(bench::Args),
     Convergence(convergence::Args),
     Dump(dump::Args),
     Generate(generate::Args),
@@ -32,6 +34,7 @@ enum Command {
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Bench(args) => bench::run(args),
         Command::Convergence(args) => convergence::run(args),
         Command::Dump(args) => dump::run(args),
         Command::Generate(args) => generate::run(args),

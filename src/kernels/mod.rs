@@ -6,8 +6,13 @@
 //! states its formula and has a scalar reference version the tests compare
 //! against; the model code above never touches raw pointers or intrinsics.
 
+mod alloc;
 mod gemm;
+mod probe;
 pub mod vector;
+
+pub use alloc::{CountingAllocator, allocated_bytes, allocation_count};
+pub use probe::fma_peak_gflops;
 
 pub use vector::{
     AdamWStep, adamw, add_assign, axpy, cross_entropy_row, dot, rmsnorm_row, rmsnorm_row_backward,
