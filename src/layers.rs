@@ -36,10 +36,7 @@ pub fn embedding_backward(dtable: &mut [f32], dx: &[f32], ids: &[u32], h: usize)
 /// x [T, h], gamma [h] → y [T, h], inv_rms [T] (saved for backward).
 /// r_t = 1 / sqrt(mean_j x_tj² + ε);  y_tj = γ_j · x_tj · r_t
 pub fn rmsnorm_forward(y: &mut [f32], inv_rms: &mut [f32], x: &[f32], gamma: &[f32]) {
-    let h = gamma.len();
-    for ((y, x), r) in y.chunks_exact_mut(h).zip(x.chunks_exact(h)).zip(inv_rms) {
-        *r = kernels::rmsnorm_row(y, x, gamma, RMS_EPS);
-    }
+    kernels::rmsnorm(y, inv_rms, x, gamma, RMS_EPS);
 }
 
 /// RMSNorm backward.
@@ -55,15 +52,8 @@ pub fn rmsnorm_backward(
     inv_rms: &[f32],
     gamma: &[f32],
 ) {
-    let h = gamma.len();
     dgamma.fill(0.0);
-    let rows = dx
-        .chunks_exact_mut(h)
-        .zip(dy.chunks_exact(h))
-        .zip(x.chunks_exact(h));
-    for (((dx, dy), x), &r) in rows.zip(inv_rms) {
-        kernels::rmsnorm_row_backward(dx, dgamma, dy, x, gamma, r);
-    }
+    kernels::rmsnorm_backward(dx, dgamma, dy, x, inv_rms, gamma);
 }
 
 /// Where a linear layer reads its weight W [out, in]: the flat parameters,

@@ -34,6 +34,8 @@ pub struct Options {
     pub warmup: usize,
     /// Seed of the models and inputs.
     pub seed: u64,
+    /// Intra-op threads each model may use (1 = single-threaded kernels).
+    pub threads: usize,
 }
 
 impl Default for Options {
@@ -42,6 +44,7 @@ impl Default for Options {
             trials: 10,
             warmup: 3,
             seed: 42,
+            threads: 1,
         }
     }
 }
@@ -83,8 +86,15 @@ pub struct Metadata {
     pub seed: u64,
     /// Single-core FMA throughput measured at start, GFLOP/s.
     pub fma_peak_gflops: f64,
+    /// Intra-op threads each model used (`moe bench --threads`; 1 = off).
+    #[serde(default = "one")]
+    pub intra_op_threads: usize,
     /// The command line that produced the run.
     pub command: String,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// Size of `src/`: gzip bytes, source lines, function definitions.
@@ -233,6 +243,7 @@ fn glob(pattern: &str, text: &str) -> bool {
 pub fn measure(scenario: &Scenario, options: Options) -> Result<ScenarioResult> {
     // Counted before `prepare`, which may pin this thread to one core.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    kernels::set_threads(options.threads);
     let mut runner = scenario.prepare(options.seed)?;
     for _ in 0..options.warmup {
         runner.run()?;
@@ -304,7 +315,7 @@ pub fn measure(scenario: &Scenario, options: Options) -> Result<ScenarioResult> 
             gc_throughput: 1.0,
             gflops,
             pct_of_peak: 0.0,
-            cores_used: scenario.threads().min(cores),
+            cores_used: scenario.threads().max(options.threads).min(cores),
         },
     })
 }
@@ -426,6 +437,7 @@ pub fn metadata(options: Options, fma_peak_gflops: f64, command: String) -> Meta
         n_warmup: options.warmup,
         seed: options.seed,
         fma_peak_gflops,
+        intra_op_threads: options.threads,
         command,
     }
 }
@@ -459,7 +471,7 @@ mod tests {
         let options = Options {
             trials: 3,
             warmup: 1,
-            seed: 42,
+            ..Options::default()
         };
         let r = measure(&scenario, options).unwrap();
         assert_eq!(r.timings_ns.len(), 3);

@@ -23,6 +23,11 @@ pub struct Args {
     /// Seed of the models and inputs.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Intra-op threads each model may use (1 = single-threaded, as the
+    /// contract's scenarios are defined; 2 splits large matrix multiplies and
+    /// the AdamW update over two cores).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=8))]
+    threads: u64,
     /// Fewer trials (3 after 1 warm-up) for smoke runs.
     #[arg(long)]
     quick: bool,
@@ -49,12 +54,14 @@ pub fn run(args: Args) -> Result<()> {
             trials: 3,
             warmup: 1,
             seed: args.seed,
+            threads: args.threads as usize,
         }
     } else {
         Options {
             trials: args.trials.max(1),
             warmup: args.warmup,
             seed: args.seed,
+            threads: args.threads as usize,
         }
     };
     if let Some(id) = &args.child {
@@ -135,6 +142,7 @@ fn run_suite(args: &Args, options: Options) -> Result<Report> {
             .args(["--trials", &options.trials.to_string()])
             .args(["--warmup", &options.warmup.to_string()])
             .args(["--seed", &options.seed.to_string()])
+            .args(["--threads", &options.threads.to_string()])
             .output()
             .map_err(|e| MoeError::io(&exe, e))?;
         if !output.status.success() {

@@ -12,7 +12,9 @@ use rosetta_moe::checkpoint::{self, STATE_FILE};
 use rosetta_moe::data::{
     BUILTIN_CORPUS, DataState, TextData, WindowSampler, evenly_spaced_batches,
 };
-use rosetta_moe::{Batch, Model, ModelConfig, MoeError, Result, Tokenizer, TrainConfig, Trainer};
+use rosetta_moe::{
+    Batch, Model, ModelConfig, MoeError, Result, Tokenizer, TrainConfig, Trainer, kernels,
+};
 use serde::Serialize;
 
 /// File names a training run writes next to its checkpoint.
@@ -68,6 +70,10 @@ pub struct Args {
     /// Write a checkpoint every N steps (and always at the end).
     #[arg(long, default_value_t = 500)]
     save_every: u64,
+    /// Threads for large matrix multiplies and the AdamW update (results are
+    /// bit-identical for any count).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=8))]
+    threads: u64,
     /// Overwrite an output directory that holds another run.
     #[arg(long)]
     force: bool,
@@ -116,6 +122,7 @@ struct Run {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    kernels::set_threads(args.threads as usize);
     let (source, text) = read_text(args.data.as_deref())?;
     let mut run = match &args.resume {
         Some(dir) => resume(&args, dir, source, &text)?,

@@ -9,13 +9,15 @@
 mod alloc;
 mod gemm;
 mod probe;
+mod threads;
 pub mod vector;
 
 pub use alloc::{CountingAllocator, allocated_bytes, allocation_count};
 pub use probe::fma_peak_gflops;
+pub use threads::{MAX_THREADS, set_threads, threads};
 
 pub use vector::{
-    AdamWStep, adamw, add_assign, axpy, cross_entropy_row, dot, rmsnorm_row, rmsnorm_row_backward,
+    AdamWStep, adamw, add_assign, axpy, cross_entropy_row, dot, rmsnorm, rmsnorm_backward,
     scaled_softmax_in_place, sigmoid, softmax_in_place, sum_of_squares, swiglu_backward,
     swiglu_forward,
 };
@@ -68,6 +70,16 @@ impl<'a> Mat<'a> {
         }
     }
 
+    /// Rows r0..r0+n of this view.
+    fn row_block(self, r0: usize, n: usize) -> Self {
+        let start = (r0 * self.row_stride).min(self.data.len());
+        Mat {
+            data: &self.data[start..],
+            rows: n,
+            ..self
+        }
+    }
+
     fn fits(&self, len: usize) -> bool {
         self.rows == 0
             || self.cols == 0
@@ -104,6 +116,23 @@ impl<'a> MatMut<'a> {
             cols,
             row_stride,
         }
+    }
+
+    /// Splits into rows 0..r and rows r.. (two views that share no element).
+    fn split_rows(self, r: usize) -> (MatMut<'a>, MatMut<'a>) {
+        let at = (r * self.row_stride).min(self.data.len());
+        let (top, bottom) = self.data.split_at_mut(at);
+        let top = MatMut {
+            data: top,
+            rows: r,
+            ..self
+        };
+        let bottom = MatMut {
+            data: bottom,
+            rows: self.rows - r,
+            ..self
+        };
+        (top, bottom)
     }
 }
 
@@ -182,13 +211,11 @@ pub fn matmul_packed(c: MatMut<'_>, a: Mat<'_>, w: PackedWeight<'_>, write: Writ
         return matmul(c, a, Mat::new(&[], w.inp, w.out), write);
     }
     static BEST: OnceLock<Kernel> = OnceLock::new();
-    gemm::gemm_prepacked(
-        c,
-        a,
-        w.data,
-        write == Write::Accumulate,
-        *BEST.get_or_init(Kernel::best),
-    );
+    let kernel = *BEST.get_or_init(Kernel::best);
+    let accumulate = write == Write::Accumulate;
+    by_row_blocks(c, a, w.inp * w.out, &|c, a| {
+        gemm::gemm_prepacked(c, a, w.data, accumulate, kernel)
+    });
 }
 
 /// [`matmul`] with an explicit micro-kernel (tests compare them).
@@ -215,7 +242,45 @@ fn matmul_with(c: MatMut<'_>, a: Mat<'_>, b: Mat<'_>, write: Write, kernel: Kern
         }
         return;
     }
-    gemm::gemm(c, a, b, write == Write::Accumulate, kernel);
+    let accumulate = write == Write::Accumulate;
+    by_row_blocks(c, a, k * n, &|c, a| gemm::gemm(c, a, b, accumulate, kernel));
+}
+
+/// Multiply-adds below which a product stays on one thread: handing a part to
+/// a helper costs about a microsecond.
+const PARALLEL_MIN_WORK: usize = 1 << 17;
+
+/// Runs `product` on blocks of C's rows (with the matching rows of A), one
+/// block per intra-op thread when threads are on and the product has at least
+/// [`PARALLEL_MIN_WORK`] multiply-adds (`k_times_n` per row). Blocks start at
+/// multiples of the micro-kernel's MR rows, so every tile — and so every bit
+/// of the result — is the one a single thread computes.
+fn by_row_blocks(
+    c: MatMut<'_>,
+    a: Mat<'_>,
+    k_times_n: usize,
+    product: &(dyn Fn(MatMut<'_>, Mat<'_>) + Sync),
+) {
+    // Parts of at least two tiles: thinner ones spend more on packing B —
+    // which every part repeats — than they gain.
+    let tiles = c.rows.div_ceil(gemm::MR);
+    let threads = threads().min(tiles / 2);
+    if threads <= 1 || c.rows * k_times_n < PARALLEL_MIN_WORK {
+        return product(c, a);
+    }
+    let rows_per_part = tiles.div_ceil(threads) * gemm::MR;
+    let mut parts: [Option<(MatMut<'_>, Mat<'_>)>; MAX_THREADS] = Default::default();
+    let (mut rest, mut first_row) = (c, 0);
+    for part in &mut parts {
+        if rest.rows == 0 {
+            break;
+        }
+        let rows = rows_per_part.min(rest.rows);
+        let (block, tail) = rest.split_rows(rows);
+        *part = Some((block, a.row_block(first_row, rows)));
+        (rest, first_row) = (tail, first_row + rows);
+    }
+    threads::run_parts(parts, &|(c, a)| product(c, a));
 }
 
 #[cfg(test)]

@@ -104,25 +104,33 @@ pub fn swiglu_backward(dgate_up: &mut [f32], dact: &[f32], gate_up: &[f32], f: u
     dispatch!(swiglu_backward(dgate_up, dact, gate_up, f))
 }
 
-/// RMSNorm of one row: r = 1/sqrt(mean(x²) + eps); y = γ ⊙ x·r; returns r.
-pub fn rmsnorm_row(y: &mut [f32], x: &[f32], gamma: &[f32], eps: f32) -> f32 {
-    assert!(y.len() == x.len() && x.len() == gamma.len() && !x.is_empty());
-    dispatch!(rmsnorm_row(y, x, gamma, eps))
+/// RMSNorm of the rows of x [T, h] (h = γ.len()):
+///   r_t = 1/sqrt(mean_j x_tj² + eps);  y_tj = γ_j · x_tj · r_t;  inv_rms_t = r_t
+pub fn rmsnorm(y: &mut [f32], inv_rms: &mut [f32], x: &[f32], gamma: &[f32], eps: f32) {
+    let h = gamma.len();
+    assert!(h > 0 && y.len() == x.len() && x.len() == inv_rms.len() * h);
+    dispatch!(rmsnorm(y, inv_rms, x, gamma, eps))
 }
 
-/// RMSNorm backward of one row, with x̂ = x·r and g = γ ⊙ dy:
-///   dγ += dy ⊙ x̂;   dx += r·(g − x̂·(g·x̂)/h)
-pub fn rmsnorm_row_backward(
+/// RMSNorm backward over the rows of x [T, h], with x̂ = x·r and g = γ ⊙ dy:
+///   dγ += Σ_t dy_t ⊙ x̂_t;   dx_t += r_t·(g_t − x̂_t·(g_t·x̂_t)/h)
+pub fn rmsnorm_backward(
     dx: &mut [f32],
     dgamma: &mut [f32],
     dy: &[f32],
     x: &[f32],
+    inv_rms: &[f32],
     gamma: &[f32],
-    r: f32,
 ) {
-    let h = x.len();
-    assert!(dx.len() == h && dgamma.len() == h && dy.len() == h && gamma.len() == h && h > 0);
-    dispatch!(rmsnorm_row_backward(dx, dgamma, dy, x, gamma, r))
+    let h = gamma.len();
+    assert!(
+        h > 0
+            && dgamma.len() == h
+            && x.len() == inv_rms.len() * h
+            && dx.len() == x.len()
+            && dy.len() == x.len()
+    );
+    dispatch!(rmsnorm_backward(dx, dgamma, dy, x, inv_rms, gamma))
 }
 
 /// The per-step constants of one AdamW update (CONTRACT §6).
@@ -152,6 +160,31 @@ pub struct AdamWStep {
 /// (the bias corrections are applied as multiplications by their reciprocals).
 pub fn adamw(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], step: AdamWStep) {
     assert!(g.len() == p.len() && m.len() == p.len() && v.len() == p.len());
+    // Elementwise, so any split gives the same bits; parts are whole vectors.
+    let threads = super::threads();
+    if threads > 1 && p.len() >= PARALLEL_MIN_LEN {
+        let per_part = p.len().div_ceil(threads).next_multiple_of(16);
+        let mut parts: [Option<AdamWPart>; super::MAX_THREADS] = Default::default();
+        let chunks = p
+            .chunks_mut(per_part)
+            .zip(g.chunks(per_part))
+            .zip(m.chunks_mut(per_part))
+            .zip(v.chunks_mut(per_part));
+        for (part, (((p, g), m), v)) in parts.iter_mut().zip(chunks) {
+            *part = Some((p, g, m, v));
+        }
+        return super::threads::run_parts(parts, &|(p, g, m, v)| adamw_serial(p, g, m, v, step));
+    }
+    adamw_serial(p, g, m, v, step)
+}
+
+/// Parameters below which an AdamW update stays on one thread.
+const PARALLEL_MIN_LEN: usize = 1 << 15;
+
+/// One thread's share of an AdamW update: (p, g, m, v).
+type AdamWPart<'a> = (&'a mut [f32], &'a [f32], &'a mut [f32], &'a mut [f32]);
+
+fn adamw_serial(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], step: AdamWStep) {
     dispatch!(adamw(p, g, m, v, step))
 }
 
@@ -243,34 +276,43 @@ pub mod reference {
         }
     }
 
-    /// y = γ ⊙ x·r, r = 1/sqrt(mean(x²) + eps)
-    pub fn rmsnorm_row(y: &mut [f32], x: &[f32], gamma: &[f32], eps: f32) -> f32 {
-        let r = 1.0 / (dot(x, x) / x.len() as f32 + eps).sqrt();
-        for ((y, &x), &g) in y.iter_mut().zip(x).zip(gamma) {
-            *y = g * (x * r);
+    /// y_t = γ ⊙ x_t·r_t, r_t = 1/sqrt(mean(x_t²) + eps), row by row
+    pub fn rmsnorm(y: &mut [f32], inv_rms: &mut [f32], x: &[f32], gamma: &[f32], eps: f32) {
+        let h = gamma.len();
+        let rows = y.chunks_exact_mut(h).zip(x.chunks_exact(h));
+        for ((y, x), r) in rows.zip(inv_rms) {
+            *r = 1.0 / (dot(x, x) / h as f32 + eps).sqrt();
+            for ((y, &x), &g) in y.iter_mut().zip(x).zip(gamma) {
+                *y = g * (x * *r);
+            }
         }
-        r
     }
 
-    /// dγ += dy ⊙ x̂;  dx += r·(γ⊙dy − x̂·(γ⊙dy · x̂)/h)
-    pub fn rmsnorm_row_backward(
+    /// dγ += dy_t ⊙ x̂_t;  dx_t += r_t·(γ⊙dy_t − x̂_t·(γ⊙dy_t · x̂_t)/h), row by row
+    pub fn rmsnorm_backward(
         dx: &mut [f32],
         dgamma: &mut [f32],
         dy: &[f32],
         x: &[f32],
+        inv_rms: &[f32],
         gamma: &[f32],
-        r: f32,
     ) {
-        let h = x.len();
-        let mut g_dot_xhat = 0.0f32;
-        for j in 0..h {
-            let xhat = x[j] * r;
-            dgamma[j] += dy[j] * xhat;
-            g_dot_xhat += gamma[j] * dy[j] * xhat;
-        }
-        let c = g_dot_xhat / h as f32;
-        for j in 0..h {
-            dx[j] += r * (gamma[j] * dy[j] - x[j] * r * c);
+        let h = gamma.len();
+        let rows = dx
+            .chunks_exact_mut(h)
+            .zip(dy.chunks_exact(h))
+            .zip(x.chunks_exact(h));
+        for (((dx, dy), x), &r) in rows.zip(inv_rms) {
+            let mut g_dot_xhat = 0.0f32;
+            for j in 0..h {
+                let xhat = x[j] * r;
+                dgamma[j] += dy[j] * xhat;
+                g_dot_xhat += gamma[j] * dy[j] * xhat;
+            }
+            let c = g_dot_xhat / h as f32;
+            for j in 0..h {
+                dx[j] += r * (gamma[j] * dy[j] - x[j] * r * c);
+            }
         }
     }
 
@@ -495,44 +537,66 @@ mod avx512 {
         }
     }
 
+    /// Sixteen rows at a time: their sums of squares first, then one vector
+    /// sqrt and divide for all sixteen r_t (IEEE-exact, as the scalar formula).
     #[target_feature(enable = "avx512f")]
-    pub fn rmsnorm_row(y: &mut [f32], x: &[f32], gamma: &[f32], eps: f32) -> f32 {
-        let ss = dot(x, x);
-        let r = 1.0 / (ss / x.len() as f32 + eps).sqrt();
-        let rv = splat(r);
-        for i in (0..x.len()).step_by(16) {
-            store(
-                y,
-                i,
-                _mm512_mul_ps(load(gamma, i), _mm512_mul_ps(load(x, i), rv)),
-            );
+    pub fn rmsnorm(y: &mut [f32], inv_rms: &mut [f32], x: &[f32], gamma: &[f32], eps: f32) {
+        let h = gamma.len();
+        let blocks = y
+            .chunks_mut(16 * h)
+            .zip(x.chunks(16 * h))
+            .zip(inv_rms.chunks_mut(16));
+        for ((y, x), inv_rms) in blocks {
+            let mut sums = [0.0f32; 16];
+            for (s, x) in sums.iter_mut().zip(x.chunks_exact(h)) {
+                *s = dot(x, x);
+            }
+            let mean = _mm512_div_ps(load(&sums, 0), splat(h as f32));
+            let r = _mm512_div_ps(splat(1.0), _mm512_sqrt_ps(_mm512_add_ps(mean, splat(eps))));
+            store(inv_rms, 0, r);
+            for ((y, x), &r) in y.chunks_exact_mut(h).zip(x.chunks_exact(h)).zip(&*inv_rms) {
+                let rv = splat(r);
+                for i in (0..h).step_by(16) {
+                    store(
+                        y,
+                        i,
+                        _mm512_mul_ps(load(gamma, i), _mm512_mul_ps(load(x, i), rv)),
+                    );
+                }
+            }
         }
-        r
     }
 
     #[target_feature(enable = "avx512f")]
-    pub fn rmsnorm_row_backward(
+    pub fn rmsnorm_backward(
         dx: &mut [f32],
         dgamma: &mut [f32],
         dy: &[f32],
         x: &[f32],
+        inv_rms: &[f32],
         gamma: &[f32],
-        r: f32,
     ) {
-        let rv = splat(r);
-        let mut acc = _mm512_setzero_ps();
-        for i in (0..x.len()).step_by(16) {
-            let xhat = _mm512_mul_ps(load(x, i), rv);
-            let dyv = load(dy, i);
-            store(dgamma, i, _mm512_fmadd_ps(dyv, xhat, load(dgamma, i)));
-            acc = _mm512_fmadd_ps(_mm512_mul_ps(load(gamma, i), dyv), xhat, acc);
-        }
-        let c = splat(_mm512_reduce_add_ps(acc) / x.len() as f32);
-        for i in (0..x.len()).step_by(16) {
-            let g = _mm512_mul_ps(load(gamma, i), load(dy, i));
-            let xhat = _mm512_mul_ps(load(x, i), rv);
-            let d = _mm512_mul_ps(rv, _mm512_fnmadd_ps(xhat, c, g));
-            store(dx, i, _mm512_add_ps(load(dx, i), d));
+        let h = gamma.len();
+        let rows = dx
+            .chunks_exact_mut(h)
+            .zip(dy.chunks_exact(h))
+            .zip(x.chunks_exact(h));
+        for (((dx, dy), x), &r) in rows.zip(inv_rms) {
+            let rv = splat(r);
+            let mut acc = _mm512_setzero_ps();
+            for i in (0..h).step_by(16) {
+                let xhat = _mm512_mul_ps(load(x, i), rv);
+                let dyv = load(dy, i);
+                store(dgamma, i, _mm512_fmadd_ps(dyv, xhat, load(dgamma, i)));
+                acc = _mm512_fmadd_ps(_mm512_mul_ps(load(gamma, i), dyv), xhat, acc);
+            }
+            let c = splat(_mm512_reduce_add_ps(acc) / h as f32);
+            for i in (0..h).step_by(16) {
+                let g = _mm512_mul_ps(load(gamma, i), load(dy, i));
+                let xhat = _mm512_mul_ps(load(x, i), rv);
+                let d = _mm512_mul_ps(rv, _mm512_fnmadd_ps(xhat, c, g));
+                store(dx, i, _mm512_add_ps(load(dx, i), d));
+            }
         }
     }
 
@@ -644,19 +708,24 @@ mod tests {
 
     #[test]
     fn simd_rmsnorm_matches_the_reference() {
-        for h in [1, 16, 17, 64, 256] {
-            let (x, g, dy) = (data(h, 6, 3.0), data(h, 7, 1.0), data(h, 8, 1.0));
-            let (mut y1, mut y2) = (vec![0.0; h], vec![0.0; h]);
-            let r1 = rmsnorm_row(&mut y1, &x, &g, 1e-6);
-            let r2 = reference::rmsnorm_row(&mut y2, &x, &g, 1e-6);
-            assert!((r1 - r2).abs() <= 1e-6 * r2);
+        for (rows, h) in [(1, 1), (3, 16), (17, 17), (64, 64), (33, 256)] {
+            let (x, g, dy) = (
+                data(rows * h, 6, 3.0),
+                data(h, 7, 1.0),
+                data(rows * h, 8, 1.0),
+            );
+            let (mut y1, mut y2) = (vec![0.0; rows * h], vec![0.0; rows * h]);
+            let (mut r1, mut r2) = (vec![0.0; rows], vec![0.0; rows]);
+            rmsnorm(&mut y1, &mut r1, &x, &g, 1e-6);
+            reference::rmsnorm(&mut y2, &mut r2, &x, &g, 1e-6);
+            close(&r1, &r2, 1e-6, "rmsnorm r");
             close(&y1, &y2, 1e-6, "rmsnorm");
-            let (mut dx1, mut dg1, mut dx2, mut dg2) =
-                (vec![0.1; h], vec![0.2; h], vec![0.1; h], vec![0.2; h]);
-            rmsnorm_row_backward(&mut dx1, &mut dg1, &dy, &x, &g, r1);
-            reference::rmsnorm_row_backward(&mut dx2, &mut dg2, &dy, &x, &g, r1);
+            let (mut dx1, mut dg1) = (vec![0.1; rows * h], vec![0.2; h]);
+            let (mut dx2, mut dg2) = (dx1.clone(), dg1.clone());
+            rmsnorm_backward(&mut dx1, &mut dg1, &dy, &x, &r1, &g);
+            reference::rmsnorm_backward(&mut dx2, &mut dg2, &dy, &x, &r1, &g);
             close(&dx1, &dx2, 1e-5, "rmsnorm dx");
-            close(&dg1, &dg2, 1e-6, "rmsnorm dgamma");
+            close(&dg1, &dg2, 1e-5, "rmsnorm dgamma");
         }
     }
 

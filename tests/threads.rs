@@ -1,0 +1,47 @@
+//! Intra-op threads change the speed, never the numbers.
+
+mod common;
+
+use common::random_batch;
+use rosetta_moe::{Model, ModelConfig, TrainConfig, Trainer, kernels};
+
+/// Logits, losses and weights after a few training steps with `threads`.
+fn run(threads: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    assert_eq!(kernels::set_threads(threads), threads);
+    // Large enough that matrix multiplies and AdamW segments are split.
+    let config = ModelConfig::tiny();
+    let mut model = Model::new(config.clone(), 11).unwrap();
+    let batch = random_batch(&config, 4, 32, 12);
+    let logits = model.forward(&batch.ids, 4).unwrap().to_vec();
+    let mut trainer = Trainer::new(model, TrainConfig::default()).unwrap();
+    let losses = (0..3)
+        .map(|_| trainer.train_step(&batch).unwrap().loss)
+        .collect();
+    (logits, losses, trainer.model().params().to_vec())
+}
+
+fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
+#[test]
+fn two_and_three_threads_give_the_single_thread_bits() {
+    let one = run(1);
+    for threads in [2, 3] {
+        let many = run(threads);
+        assert!(
+            same_bits(&one.0, &many.0),
+            "logits differ with {threads} threads"
+        );
+        assert!(
+            same_bits(&one.1, &many.1),
+            "losses differ with {threads} threads"
+        );
+        assert!(
+            same_bits(&one.2, &many.2),
+            "weights differ with {threads} threads"
+        );
+    }
+    assert_eq!(kernels::threads(), 3);
+    kernels::set_threads(1);
+}
