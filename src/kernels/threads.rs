@@ -12,7 +12,7 @@
 //! the same order as the single-threaded call, so results are bit-identical
 //! for any thread count.
 
-use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::thread::{self, Thread};
@@ -68,8 +68,13 @@ pub(super) fn run_parts<T: Send>(parts: [Option<T>; MAX_THREADS], f: &(dyn Fn(T)
     };
     let job = Job { run: &run_slot };
     pool.start(&job, used - 1);
-    run_slot(0);
+    // Even if part 0 panics, the helpers must be done with `job` before this
+    // frame (which owns it) unwinds.
+    let outcome = catch_unwind(AssertUnwindSafe(|| run_slot(0)));
     pool.wait();
+    if let Err(panic) = outcome {
+        resume_unwind(panic);
+    }
 }
 
 /// One call being run: `run(i)` for every part i.
@@ -194,5 +199,42 @@ impl Pool {
             mailbox.job.store(std::ptr::null_mut(), Ordering::Relaxed);
             self.pending.fetch_sub(1, Ordering::Release);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn two_parts() -> [Option<usize>; MAX_THREADS] {
+        let mut parts: [Option<usize>; MAX_THREADS] = Default::default();
+        parts[0] = Some(0);
+        parts[1] = Some(1);
+        parts
+    }
+
+    #[test]
+    fn every_part_runs_once_and_a_panic_in_any_part_reaches_the_caller() {
+        set_threads(2);
+        let runs: [AtomicUsize; MAX_THREADS] = std::array::from_fn(|_| AtomicUsize::new(0));
+        for _ in 0..100 {
+            run_parts(two_parts(), &|i| {
+                runs[i].fetch_add(1, Ordering::Relaxed);
+            });
+        }
+        let runs = runs.map(|r| r.into_inner());
+        assert_eq!(&runs[..3], &[100, 100, 0]);
+        for bad in [0, 1] {
+            let outcome = catch_unwind(|| {
+                run_parts(two_parts(), &|i| assert_ne!(i, bad, "part {bad} fails"));
+            });
+            assert!(outcome.is_err(), "a panic in part {bad} was lost");
+        }
+        // The pool still works after both panics.
+        let sum = AtomicUsize::new(0);
+        run_parts(two_parts(), &|i| {
+            sum.fetch_add(i + 1, Ordering::Relaxed);
+        });
+        assert_eq!(sum.into_inner(), 3);
     }
 }
