@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Creates reference/.venv with the pinned requirements (PyPI only). Idempotent.
+# Creates DIR/.venv with DIR/requirements.txt (PyPI only; DIR defaults to
+# reference/). Idempotent: a venv whose recorded requirements match is kept.
 set -euo pipefail
-here="$(cd "$(dirname "$0")" && pwd)"
+here="${1:-$(cd "$(dirname "$0")" && pwd)}"
 venv="$here/.venv"
 stamp="$venv/.requirements"
 if [ -f "$stamp" ] && cmp -s "$stamp" "$here/requirements.txt"; then
