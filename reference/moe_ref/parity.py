@@ -6,11 +6,17 @@ gradient, the routing and the weights after one AdamW step. One table row per
 case and tensor group; the exit status is non-zero on any failure.
 
     python -m moe_ref.parity --moe target/release/moe [--x64] [--quick]
+                             [--dump "COMMAND"] [--label NAME]
+
+`--dump` checks another implementation (a Rosetta track): COMMAND is run in
+place of `moe dump` with the same arguments (`--checkpoint DIR --batch FILE
+--out FILE --step N --train FILE`) and must write the same tensors.
 """
 
 import argparse
 import itertools
 import json
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -61,8 +67,8 @@ def run(cmd):
         sys.exit(f"command failed: {' '.join(map(str, cmd))}\n{result.stderr}")
 
 
-def rust_side(moe, work, spec, batch, seq, seed, step, train):
-    """Runs moe init + moe dump; returns (checkpoint dir, ids, targets, dump, train settings)."""
+def rust_side(moe, dump_cmd, work, spec, batch, seq, seed, step, train):
+    """Runs moe init + the dump command; returns (checkpoint dir, ids, targets, dump, train settings)."""
     ckpt = work / "ckpt"
     config_arg = spec
     if isinstance(spec, dict):
@@ -77,7 +83,7 @@ def rust_side(moe, work, spec, batch, seq, seed, step, train):
     settings = {**ref.DEFAULT_TRAIN, **train}
     (work / "train.json").write_text(json.dumps(settings))
     dump = work / "dump.safetensors"
-    run([moe, "dump", "--checkpoint", ckpt, "--batch", work / "batch.json", "--out", dump,
+    run([*dump_cmd, "--checkpoint", ckpt, "--batch", work / "batch.json", "--out", dump,
          "--step", str(step), "--train", work / "train.json"])
     return ckpt, ids, targets, load_file(dump), settings
 
@@ -148,7 +154,11 @@ def main():
     parser.add_argument("--moe", default="target/release/moe", help="the moe binary")
     parser.add_argument("--x64", action="store_true", help="run the reference in float64")
     parser.add_argument("--quick", action="store_true", help="one seed per shape")
+    parser.add_argument("--dump", metavar="COMMAND",
+                        help="the dump command to check (default: MOE dump), split like a shell line")
+    parser.add_argument("--label", default="rust", help="name of the implementation in the summary")
     args = parser.parse_args()
+    dump_cmd = shlex.split(args.dump) if args.dump else [args.moe, "dump"]
     if args.x64:
         jax.config.update("jax_enable_x64", True)
     dtype = np.float64 if args.x64 else np.float32
@@ -157,14 +167,15 @@ def main():
     print(f"{'case':28} {'group':26} {'error':>10} {'tolerance':>10}  result  detail")
     for name, spec, batch, seq, seed, step, train in cases(args.quick):
         with tempfile.TemporaryDirectory() as tmp:
-            ckpt, ids, targets, ours, settings = rust_side(args.moe, Path(tmp), spec, batch, seq, seed, step, train)
+            ckpt, ids, targets, ours, settings = rust_side(args.moe, dump_cmd, Path(tmp), spec, batch, seq, seed, step, train)
             config, params = ref.load_checkpoint(ckpt, dtype)
         for group, err, tol, ok, detail in compare(ours, config, params, ids, targets, settings, step, dtype):
             failures += not ok
             tol_text = f"{tol:10.0e}" if tol == tol else f"{'-':>10}"
             result = "info" if tol != tol else "ok" if ok else "FAIL"
             print(f"{name:28} {group:26} {err:10.2e} {tol_text}  {result:6}  {detail}", flush=True)
-    print(f"\n{'all cases agree' if failures == 0 else f'{failures} failures'} ({time.time() - start:.0f} s)")
+    verdict = "all cases agree" if failures == 0 else f"{failures} failures"
+    print(f"\n{args.label}: {verdict} ({time.time() - start:.0f} s)")
     sys.exit(1 if failures else 0)
 
 
