@@ -23,7 +23,6 @@
 #![deny(missing_docs)]
 
 pub mod attention;
-pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;

@@ -7,8 +7,8 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use super::{Report, ScenarioResult};
-use crate::error::{MoeError, Result};
+use super::suite::{Report, ScenarioResult};
+use rosetta_moe::error::{MoeError, Result};
 
 /// The axes in the order the report shows them, with their headings.
 const AXES: [(&str, &str); 5] = [

@@ -10,12 +10,12 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use serde_json::json;
 
-use crate::config::{ModelConfig, TrainConfig};
-use crate::error::{MoeError, Result};
-use crate::kernels::{self, Mat, MatMut, Write};
-use crate::layers;
-use crate::model::{Batch, Model};
-use crate::train::Trainer;
+use rosetta_moe::config::{ModelConfig, TrainConfig};
+use rosetta_moe::error::{MoeError, Result};
+use rosetta_moe::kernels::{self, Mat, MatMut, Write};
+use rosetta_moe::layers;
+use rosetta_moe::model::{Batch, Model};
+use rosetta_moe::train::Trainer;
 
 /// What one scenario runs.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -4,7 +4,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use rosetta_moe::bench::{self, Options, Report, ScenarioResult, report};
+mod report;
+mod scenarios;
+mod suite;
+
+use suite::{Options, Report, ScenarioResult};
 use rosetta_moe::{MoeError, Result, kernels};
 
 /// Run the benchmark suite: every scenario in its own process, JSON in the
@@ -65,11 +69,11 @@ pub fn run(args: Args) -> Result<()> {
         }
     };
     if let Some(id) = &args.child {
-        let scenario = bench::select(id)
+        let scenario = suite::select(id)
             .into_iter()
             .next()
             .ok_or_else(|| unknown(id))?;
-        let result = bench::measure(&scenario, options)?;
+        let result = suite::measure(&scenario, options)?;
         println!(
             "{}",
             serde_json::to_string(&result).expect("results serialise")
@@ -110,7 +114,7 @@ fn unknown(pattern: &str) -> MoeError {
 
 /// Runs every selected scenario in a child process.
 fn run_suite(args: &Args, options: Options) -> Result<Report> {
-    let scenarios = bench::select(&args.scenario);
+    let scenarios = suite::select(&args.scenario);
     if scenarios.is_empty() {
         return Err(unknown(&args.scenario));
     }
@@ -120,7 +124,7 @@ fn run_suite(args: &Args, options: Options) -> Result<Report> {
         .map(|a| shell_word(&a))
         .collect::<Vec<_>>()
         .join(" ");
-    let metadata = bench::metadata(
+    let metadata = suite::metadata(
         options,
         peak,
         command.replacen(
@@ -165,7 +169,7 @@ fn run_suite(args: &Args, options: Options) -> Result<Report> {
         bar.inc(1);
     }
     bar.finish_and_clear();
-    bench::finish(metadata, results)
+    suite::finish(metadata, results)
 }
 
 /// `arg` quoted for a shell when it needs to be.

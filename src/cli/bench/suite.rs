@@ -11,16 +11,14 @@
 //! every GFLOP/s figure is also given as a percentage of the single-core FMA
 //! peak the suite measures at start.
 
-pub mod report;
-pub mod scenarios;
 
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{MoeError, Result};
-use crate::kernels;
-use scenarios::Scenario;
+use rosetta_moe::error::{MoeError, Result};
+use rosetta_moe::kernels;
+use super::scenarios::{self, Scenario};
 
 /// Statically measured facts about `src/` (computed at build time).
 pub const STATIC_METRICS: &str = include_str!(concat!(env!("OUT_DIR"), "/static_metrics.json"));
