@@ -64,8 +64,65 @@ impl Kernel {
     }
 }
 
+/// How a product is computed. Chosen from the whole product's shape (never
+/// from one thread's part of it), so every part computes its rows exactly as
+/// a single thread would.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Path {
+    /// Pack B into NR-column panels per block, then run the micro-kernel:
+    /// packing pays off when many rows of A reuse each panel.
+    PackB,
+    /// B's rows are contiguous and few rows of A (or a short depth) would
+    /// reuse a packed panel: the micro-kernel reads B in place.
+    BInPlace,
+    /// B = Wᵀ with W row-major and few rows of A (the training step's
+    /// y = x·Wᵀ on its tokens): 16-row blocks of W are multiplied with Aᵀ,
+    /// so W is read once, in place, instead of being transposed into panels.
+    WeightRows,
+}
+
+/// Rows of A up to which packing B does not pay (the training step's tokens
+/// and an expert's routed rows are below it).
+const FEW_ROWS: usize = 32;
+/// Rows of A up to which [`Path::WeightRows`] streams W fewer times than
+/// packing would cost.
+const WEIGHT_ROWS_MAX: usize = 64;
+/// Depth of one block read in place: a `KC_IN_PLACE × NR` strip of B is 16 KB,
+/// so it stays in L1 while every row tile of A passes over it.
+const KC_IN_PLACE: usize = 128;
+/// Tokens per [`Path::WeightRows`] tile: one 16-lane register.
+const TOKENS: usize = 16;
+
+impl Path {
+    /// The path for C [m, n] = A [m, k] · B [k, n].
+    pub(super) fn choose(m: usize, k: usize, b: Mat<'_>, kernel: Kernel) -> Path {
+        if kernel == Kernel::Portable {
+            return Path::PackB;
+        }
+        if b.col_stride == 1 && (m <= FEW_ROWS || k <= FEW_ROWS) {
+            Path::BInPlace
+        } else if b.row_stride == 1 && m <= WEIGHT_ROWS_MAX {
+            Path::WeightRows
+        } else {
+            Path::PackB
+        }
+    }
+}
+
 /// C (+)= A·B with shapes already checked by the caller (m, n, k > 0).
-pub(super) fn gemm(mut c: MatMut<'_>, a: Mat<'_>, b: Mat<'_>, accumulate: bool, kernel: Kernel) {
+pub(super) fn gemm(
+    mut c: MatMut<'_>,
+    a: Mat<'_>,
+    b: Mat<'_>,
+    accumulate: bool,
+    kernel: Kernel,
+    path: Path,
+) {
+    match path {
+        Path::BInPlace => return gemm_b_in_place(&mut c, a, b, accumulate, kernel),
+        Path::WeightRows => return gemm_weight_rows(&mut c, a, b, accumulate),
+        Path::PackB => {}
+    }
     let (n, k) = (c.cols, a.cols);
     PACKED_B.with_borrow_mut(|packed_b| {
         if packed_b.is_empty() {
@@ -81,6 +138,187 @@ pub(super) fn gemm(mut c: MatMut<'_>, a: Mat<'_>, b: Mat<'_>, accumulate: bool, 
             }
         }
     });
+}
+
+/// [`Path::BInPlace`]: every tile reads its rows of B straight from B.
+///   for each depth block pc, each MR rows ir (one kernel call for all of
+///   C's columns, strip by strip):  C[ir.., :] (+)= A[ir.., pc..] · B[pc.., :]
+/// (C is written row block by row block, in address order.)
+fn gemm_b_in_place(c: &mut MatMut<'_>, a: Mat<'_>, b: Mat<'_>, accumulate: bool, kernel: Kernel) {
+    let (m, n, k) = (c.rows, c.cols, a.cols);
+    for pc in (0..k).step_by(KC_IN_PLACE) {
+        let kc = KC_IN_PLACE.min(k - pc);
+        // Only the first depth block may overwrite; later ones add.
+        let add = accumulate || pc > 0;
+        let strips = BPanel {
+            data: &b.data[pc * b.row_stride..],
+            ld: b.row_stride,
+            step: NR,
+        };
+        for ir in (0..m).step_by(MR) {
+            let tile = Tile {
+                row: ir,
+                col: 0,
+                rows: MR.min(m - ir),
+                cols: n,
+                depth: pc,
+            };
+            match kernel {
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Avx512 => tile_avx512_checked(c, tile, kc, a, strips, add),
+                _ => tile_portable(c.data, c.row_stride, tile, kc, a, strips, add),
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// Aᵀ of one [`Path::WeightRows`] block for this thread: [KC][TOKENS].
+    static PACKED_AT: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// [`Path::WeightRows`]: C [m, n] (+)= A [m, k] · Wᵀ, B = Wᵀ a view of W [n, k]
+/// with contiguous rows. For each block of 16 tokens and each depth block
+/// (the same KC blocks as the packed path, so the same sums to the bit):
+///   Aᵀ block → [kc][16];  for each 16 rows of W:  Cᵀ tile = W rows · Aᵀ block
+fn gemm_weight_rows(c: &mut MatMut<'_>, a: Mat<'_>, b: Mat<'_>, accumulate: bool) {
+    let (m, n, k) = (c.rows, c.cols, a.cols);
+    let ldw = b.col_stride;
+    PACKED_AT.with_borrow_mut(|at| {
+        if at.is_empty() {
+            at.resize(KC * TOKENS, 0.0);
+        }
+        for t0 in (0..m).step_by(TOKENS) {
+            let tokens = TOKENS.min(m - t0);
+            for pc in (0..k).step_by(KC) {
+                let kc = KC.min(k - pc);
+                pack_a_transposed(&mut at[..kc * TOKENS], a, t0, tokens, pc);
+                let add = accumulate || pc > 0;
+                for j0 in (0..n).step_by(TOKENS) {
+                    let tile = WeightTile {
+                        token: t0,
+                        tokens,
+                        col: j0,
+                        cols: TOKENS.min(n - j0),
+                        add,
+                    };
+                    let w = BPanel {
+                        data: &b.data[j0 * ldw + pc..],
+                        ld: ldw,
+                        step: 0,
+                    };
+                    weight_tile_checked(c, tile, kc, w, &at[..kc * TOKENS]);
+                }
+            }
+        }
+    });
+}
+
+/// Aᵀ of tokens t0..t0+tokens over depth pc..pc+kc: at[p·16 + t] = A[t0 + t, pc + p],
+/// zero for t ≥ tokens.
+fn pack_a_transposed(at: &mut [f32], a: Mat<'_>, t0: usize, tokens: usize, pc: usize) {
+    for (p, lanes) in at.chunks_exact_mut(TOKENS).enumerate() {
+        let col = (pc + p) * a.col_stride;
+        for (t, lane) in lanes.iter_mut().enumerate() {
+            *lane = if t < tokens {
+                a.data[(t0 + t) * a.row_stride + col]
+            } else {
+                0.0
+            };
+        }
+    }
+}
+
+/// One [`Path::WeightRows`] tile: C[token.., col..] for up to 16 tokens and 16 columns.
+#[derive(Debug, Clone, Copy)]
+struct WeightTile {
+    /// First row of C (token).
+    token: usize,
+    /// Real tokens, ≤ 16.
+    tokens: usize,
+    /// First column of C (row of W).
+    col: usize,
+    /// Real columns, ≤ 16.
+    cols: usize,
+    /// Add into C instead of overwriting.
+    add: bool,
+}
+
+/// A [`WeightTile`] by the AVX-512 kernel, after checking every bound it relies on.
+fn weight_tile_checked(c: &mut MatMut<'_>, tile: WeightTile, kc: usize, w: BPanel<'_>, at: &[f32]) {
+    assert!(
+        (1..=TOKENS).contains(&tile.tokens)
+            && (1..=TOKENS).contains(&tile.cols)
+            && tile.token + tile.tokens <= c.rows
+            && tile.col + tile.cols <= c.cols
+            && at.len() >= kc * TOKENS
+            && kc > 0
+            && (tile.cols - 1) * w.ld + kc <= w.data.len()
+    );
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: only Path::WeightRows reaches here, which Path::choose picks for
+    // Kernel::Avx512 only (the CPU has AVX-512F); the tile lies inside C, W's
+    // `cols` rows of `kc` depth inside `w.data`, and Aᵀ holds kc·16 floats
+    // (all asserted just above).
+    unsafe {
+        weight_tile_avx512(c.data.as_mut_ptr(), c.row_stride, tile, kc, w, at)
+    }
+}
+
+/// Cᵀ tile = W[col.., depth block] · Aᵀ block, accumulated in 16 registers
+/// (one per row of W, lanes = tokens), then transposed to C's rows:
+///   acc_r = Σ_p W[col + r, p] · Aᵀ[p, :]     (the packed path's products and
+///   order: fma(a, w, acc) = fma(w, a, acc) exactly)
+///
+/// # Safety
+/// The CPU must support AVX-512F; the bounds of [`weight_tile_checked`] hold;
+/// `c` is valid for reads and writes of C's rows at stride `ldc`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn weight_tile_avx512(
+    c: *mut f32,
+    ldc: usize,
+    tile: WeightTile,
+    kc: usize,
+    w: BPanel<'_>,
+    at: &[f32],
+) {
+    use std::arch::x86_64::*;
+    // Rows past `cols` repeat the last real row: read in bounds, never stored.
+    let rows: [*const f32; TOKENS] =
+        std::array::from_fn(|r| w.data[r.min(tile.cols - 1) * w.ld..].as_ptr());
+    let mut acc = [_mm512_setzero_ps(); TOKENS];
+    // The next tile reads the next 16 rows of W over the same depths: kc cache
+    // lines, one fetched per depth step (row p mod 16, line p / 16), so they
+    // arrive while this tile computes.
+    let next_rows = w.data.as_ptr().wrapping_add(TOKENS * w.ld);
+    for p in 0..kc {
+        let line = next_rows.wrapping_add((p % 16) * w.ld + (p / 16) * 16);
+        _mm_prefetch::<_MM_HINT_T0>(line as *const i8);
+        // SAFETY: p < kc: Aᵀ row p is inside `at`, and W[row, p] inside `w.data`
+        // for every (clamped) row (caller's contract).
+        unsafe {
+            let a = _mm512_loadu_ps(at.as_ptr().add(p * TOKENS));
+            for (row, acc_r) in rows.iter().zip(acc.iter_mut()) {
+                *acc_r = _mm512_fmadd_ps(_mm512_set1_ps(*row.add(p)), a, *acc_r);
+            }
+        }
+    }
+    let by_token = transpose16(acc);
+    let mask = ((1u32 << tile.cols) - 1) as __mmask16;
+    for (t, &v) in by_token.iter().enumerate().take(tile.tokens) {
+        // SAFETY: row token + t and the masked columns col..col+cols lie inside C
+        // (caller's contract); masked-off lanes are neither read nor written.
+        unsafe {
+            let out = c.add((tile.token + t) * ldc + tile.col);
+            let v = if tile.add {
+                _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, out))
+            } else {
+                v
+            };
+            _mm512_mask_storeu_ps(out, mask, v);
+        }
+    }
 }
 
 /// Length of B = Wᵀ (W [n, k] row-major) packed by [`pack_weight`]:
@@ -161,6 +399,11 @@ fn multiply_block(
     let add = accumulate || pc > 0;
     for jr in (0..nc).step_by(NR) {
         let pb = &panels[jr * kc..(jr + NR) * kc];
+        let b = BPanel {
+            data: pb,
+            ld: NR,
+            step: NR * kc,
+        };
         for ir in (0..m).step_by(MR) {
             let tile = Tile {
                 row: ir,
@@ -170,20 +413,9 @@ fn multiply_block(
                 depth: pc,
             };
             match kernel {
-                Kernel::Portable => tile_portable(c.data, c.row_stride, tile, kc, a, pb, add),
+                Kernel::Portable => tile_portable(c.data, c.row_stride, tile, kc, a, b, add),
                 #[cfg(target_arch = "x86_64")]
-                Kernel::Avx512 => {
-                    assert!(tile.fits(c.rows, c.cols, a, kc));
-                    // SAFETY: the CPU has AVX-512F (Kernel::best checked it);
-                    // `pb` holds kc·NR floats; the tile's rows and columns lie
-                    // inside C and its rows and depth inside A (asserted just
-                    // above; both views were bounds-checked on construction),
-                    // and only those elements are read or written.
-                    unsafe {
-                        let c_ptr = c.data.as_mut_ptr();
-                        tile_avx512(c_ptr, c.row_stride, tile, kc, a, pb, add)
-                    }
-                }
+                Kernel::Avx512 => tile_avx512_checked(c, tile, kc, a, b, add),
                 #[cfg(not(target_arch = "x86_64"))]
                 Kernel::Avx512 => unreachable!("AVX-512 exists only on x86_64"),
             }
@@ -210,7 +442,6 @@ impl Tile {
     /// True when the tile lies inside C [rows, cols] and its A rows over `kc` depth inside `a`.
     fn fits(&self, rows: usize, cols: usize, a: Mat<'_>, kc: usize) -> bool {
         (1..=MR).contains(&self.rows)
-            && self.cols <= NR
             && self.row + self.rows <= rows
             && self.col + self.cols <= cols
             && self.row + self.rows <= a.rows
@@ -362,37 +593,82 @@ fn transpose16(rows: [std::arch::x86_64::__m512; 16]) -> [std::arch::x86_64::__m
     })
 }
 
-/// The portable micro-kernel: tile (+)= Σ_p A[tile rows, depth + p] ⊗ pb[p, :].
+/// Rows of B for one tile: row p (of the tile's depth block) of its NR-column
+/// strip s starts at `data[s·step + p·ld]` — a packed panel (`ld` = NR,
+/// zero-padded; one strip) or B itself, read in place (`ld` = B's row stride,
+/// `step` = NR, as many strips as the tile is wide).
+#[derive(Debug, Clone, Copy)]
+struct BPanel<'a> {
+    data: &'a [f32],
+    ld: usize,
+    step: usize,
+}
+
+impl BPanel<'_> {
+    /// True when rows 0..kc hold `cols` readable columns each.
+    fn fits(&self, kc: usize, cols: usize) -> bool {
+        let last_strip = cols.saturating_sub(1) / NR;
+        kc == 0
+            || cols == 0
+            || last_strip * self.step + (kc - 1) * self.ld + (cols - last_strip * NR)
+                <= self.data.len()
+    }
+}
+
+/// The portable micro-kernel: tile (+)= Σ_p A[tile rows, depth + p] ⊗ B[p, :].
 fn tile_portable(
     c: &mut [f32],
     ldc: usize,
     tile: Tile,
     kc: usize,
     a: Mat<'_>,
-    pb: &[f32],
+    b: BPanel<'_>,
     add: bool,
 ) {
-    let mut acc = [[0.0f32; NR]; MR];
-    for (p, b) in pb.chunks_exact(NR).take(kc).enumerate() {
-        let col = (tile.depth + p) * a.col_stride;
-        for (r, acc_row) in acc.iter_mut().enumerate().take(tile.rows) {
-            let a_r = a.data[(tile.row + r) * a.row_stride + col];
-            for (acc, &b_j) in acc_row.iter_mut().zip(b) {
-                *acc += a_r * b_j;
+    for (strip, first) in (0..tile.cols).step_by(NR).enumerate() {
+        let cols = NR.min(tile.cols - first);
+        let mut acc = [[0.0f32; NR]; MR];
+        for p in 0..kc {
+            let b_row = &b.data[strip * b.step + p * b.ld..][..cols];
+            let col = (tile.depth + p) * a.col_stride;
+            for (r, acc_row) in acc.iter_mut().enumerate().take(tile.rows) {
+                let a_r = a.data[(tile.row + r) * a.row_stride + col];
+                for (acc, &b_j) in acc_row.iter_mut().zip(b_row) {
+                    *acc += a_r * b_j;
+                }
+            }
+        }
+        for (r, acc_row) in acc.iter().enumerate().take(tile.rows) {
+            let start = (tile.row + r) * ldc + tile.col + first;
+            let out = &mut c[start..start + cols];
+            if add {
+                for (o, &v) in out.iter_mut().zip(acc_row) {
+                    *o += v;
+                }
+            } else {
+                out.copy_from_slice(&acc_row[..cols]);
             }
         }
     }
-    for (r, acc_row) in acc.iter().enumerate().take(tile.rows) {
-        let start = (tile.row + r) * ldc + tile.col;
-        let out = &mut c[start..start + tile.cols];
-        if add {
-            for (o, &v) in out.iter_mut().zip(acc_row) {
-                *o += v;
-            }
-        } else {
-            out.copy_from_slice(&acc_row[..tile.cols]);
-        }
-    }
+}
+
+/// One tile by the AVX-512 micro-kernel, after checking every bound it relies on.
+#[cfg(target_arch = "x86_64")]
+fn tile_avx512_checked(
+    c: &mut MatMut<'_>,
+    tile: Tile,
+    kc: usize,
+    a: Mat<'_>,
+    b: BPanel<'_>,
+    add: bool,
+) {
+    assert!(tile.fits(c.rows, c.cols, a, kc) && b.fits(kc, tile.cols));
+    // SAFETY: the CPU has AVX-512F (only Kernel::Avx512 reaches here, and
+    // Kernel::best checked it); the tile's rows and columns lie inside C, its
+    // rows and depth inside A, and its kc rows of `tile.cols` columns inside B
+    // (asserted just above; the views were bounds-checked on construction);
+    // only those elements are read or written.
+    unsafe { tile_avx512(c.data.as_mut_ptr(), c.row_stride, tile, kc, a, b, add) }
 }
 
 /// The AVX-512 micro-kernel for a tile of any height: dispatches to the
@@ -410,20 +686,20 @@ unsafe fn tile_avx512(
     tile: Tile,
     kc: usize,
     a: Mat<'_>,
-    pb: &[f32],
+    b: BPanel<'_>,
     add: bool,
 ) {
     // SAFETY: the caller's contract, passed on unchanged.
     unsafe {
         match tile.rows {
-            1 => tile_avx512_rows::<1>(c, ldc, tile, kc, a, pb, add),
-            2 => tile_avx512_rows::<2>(c, ldc, tile, kc, a, pb, add),
-            3 => tile_avx512_rows::<3>(c, ldc, tile, kc, a, pb, add),
-            4 => tile_avx512_rows::<4>(c, ldc, tile, kc, a, pb, add),
-            5 => tile_avx512_rows::<5>(c, ldc, tile, kc, a, pb, add),
-            6 => tile_avx512_rows::<6>(c, ldc, tile, kc, a, pb, add),
-            7 => tile_avx512_rows::<7>(c, ldc, tile, kc, a, pb, add),
-            _ => tile_avx512_rows::<MR>(c, ldc, tile, kc, a, pb, add),
+            1 => tile_avx512_rows::<1>(c, ldc, tile, kc, a, b, add),
+            2 => tile_avx512_rows::<2>(c, ldc, tile, kc, a, b, add),
+            3 => tile_avx512_rows::<3>(c, ldc, tile, kc, a, b, add),
+            4 => tile_avx512_rows::<4>(c, ldc, tile, kc, a, b, add),
+            5 => tile_avx512_rows::<5>(c, ldc, tile, kc, a, b, add),
+            6 => tile_avx512_rows::<6>(c, ldc, tile, kc, a, b, add),
+            7 => tile_avx512_rows::<7>(c, ldc, tile, kc, a, b, add),
+            _ => tile_avx512_rows::<MR>(c, ldc, tile, kc, a, b, add),
         }
     }
 }
@@ -431,10 +707,15 @@ unsafe fn tile_avx512(
 /// The AVX-512 micro-kernel: the same tile as [`tile_portable`], for exactly
 /// `R` real rows, with its R × 32 accumulator held in 2R ZMM registers.
 ///
+/// B is read through lane masks of the tile's real columns, so a panel packed
+/// with zero padding and B read in place (nothing past its last column) give
+/// the same tile.
+///
 /// # Safety
-/// The CPU must support AVX-512F; `pb` must hold `kc·NR` floats; `tile` must
-/// have `R` rows and satisfy [`Tile::fits`] for C (row stride `ldc`, at `c`,
-/// valid for reads and writes) and for `a` over `kc` depth.
+/// The CPU must support AVX-512F; `b` must satisfy [`BPanel::fits`] for `kc`
+/// rows of `tile.cols` columns; `tile` must have `R` rows and satisfy
+/// [`Tile::fits`] for C (row stride `ldc`, at `c`, valid for reads and writes)
+/// and for `a` over `kc` depth.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn tile_avx512_rows<const R: usize>(
@@ -443,49 +724,67 @@ unsafe fn tile_avx512_rows<const R: usize>(
     tile: Tile,
     kc: usize,
     a: Mat<'_>,
-    pb: &[f32],
+    b: BPanel<'_>,
     add: bool,
 ) {
     use std::arch::x86_64::*;
-    debug_assert!(pb.len() >= kc * NR && tile.rows == R);
+    debug_assert!(b.fits(kc, tile.cols) && tile.rows == R);
     let rows: [*const f32; R] = std::array::from_fn(|r| {
         a.data[(tile.row + r) * a.row_stride + tile.depth * a.col_stride..].as_ptr()
     });
-    let mut acc = [[_mm512_setzero_ps(); 2]; R];
-    let mut b = pb.as_ptr();
-    for p in 0..kc {
-        let offset = p * a.col_stride;
-        // SAFETY: p < kc, so b[0..NR] lies inside `pb` and every row pointer
-        // plus `offset` addresses A[row, depth + p], inside A by Tile::fits.
-        unsafe {
-            let b0 = _mm512_loadu_ps(b);
-            let b1 = _mm512_loadu_ps(b.add(16));
-            for (row, acc_r) in rows.iter().zip(acc.iter_mut()) {
-                let a_r = _mm512_set1_ps(*row.add(offset));
-                acc_r[0] = _mm512_fmadd_ps(a_r, b0, acc_r[0]);
-                acc_r[1] = _mm512_fmadd_ps(a_r, b1, acc_r[1]);
-            }
-            b = b.add(NR);
+    for (strip, first) in (0..tile.cols).step_by(NR).enumerate() {
+        let cols = NR.min(tile.cols - first);
+        // Lane masks for the real columns of each 16-wide half.
+        let mask = |half: usize| ((1u32 << cols.saturating_sub(half).min(16)) - 1) as __mmask16;
+        let (m0, m1) = (mask(0), mask(16));
+        let c_col = c.wrapping_add(tile.col + first);
+        // The next strip's C rows are written after this one: ask for them
+        // now, so their read-for-ownership overlaps this strip's arithmetic.
+        for r in 0..R {
+            let next = c_col.wrapping_add((tile.row + r) * ldc + NR);
+            _mm_prefetch::<_MM_HINT_ET0>(next as *const i8);
+            _mm_prefetch::<_MM_HINT_ET0>(next.wrapping_add(16) as *const i8);
         }
-    }
-    // Lane masks for the real columns of each 16-wide half.
-    let mask = |first: usize| -> __mmask16 {
-        let n = tile.cols.saturating_sub(first).min(16);
-        ((1u32 << n) - 1) as __mmask16
-    };
-    let (m0, m1) = (mask(0), mask(16));
-    for (r, acc_r) in acc.iter().enumerate().take(tile.rows) {
-        // SAFETY: row tile.row + r and the masked columns lie inside C (caller's
-        // contract); masked-off lanes are neither read nor written.
-        unsafe {
-            let out = c.add((tile.row + r) * ldc + tile.col);
-            let (mut v0, mut v1) = (acc_r[0], acc_r[1]);
-            if add {
-                v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, out));
-                v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, out.add(16)));
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        let mut b_row = b.data.as_ptr().wrapping_add(strip * b.step);
+        for p in 0..kc {
+            let offset = p * a.col_stride;
+            // B read in place walks down its rows: fetch the same place in the
+            // next depth block, which the next call reads.
+            let ahead = b_row.wrapping_add(kc * b.ld);
+            _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(16) as *const i8);
+            // SAFETY: p < kc, so the masked lanes of b_row[0..32] are B[p, real
+            // columns of this strip], inside `b.data` (BPanel::fits; masked-off
+            // lanes are not read, and wrapping_add forms their address without
+            // claiming it is in bounds); every row pointer plus `offset`
+            // addresses A[row, depth + p], inside A by Tile::fits.
+            unsafe {
+                let b0 = _mm512_maskz_loadu_ps(m0, b_row);
+                let b1 = _mm512_maskz_loadu_ps(m1, b_row.wrapping_add(16));
+                for (row, acc_r) in rows.iter().zip(acc.iter_mut()) {
+                    let a_r = _mm512_set1_ps(*row.add(offset));
+                    acc_r[0] = _mm512_fmadd_ps(a_r, b0, acc_r[0]);
+                    acc_r[1] = _mm512_fmadd_ps(a_r, b1, acc_r[1]);
+                }
             }
-            _mm512_mask_storeu_ps(out, m0, v0);
-            _mm512_mask_storeu_ps(out.add(16), m1, v1);
+            b_row = b_row.wrapping_add(b.ld);
+        }
+        for (r, acc_r) in acc.iter().enumerate() {
+            // SAFETY: row tile.row + r and this strip's masked columns lie
+            // inside C (caller's contract); masked-off lanes are neither read
+            // nor written, and wrapping_add forms the second half's address
+            // even when it is past C.
+            unsafe {
+                let out = c_col.add((tile.row + r) * ldc);
+                let (mut v0, mut v1) = (acc_r[0], acc_r[1]);
+                if add {
+                    v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, out));
+                    v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, out.wrapping_add(16)));
+                }
+                _mm512_mask_storeu_ps(out, m0, v0);
+                _mm512_mask_storeu_ps(out.wrapping_add(16), m1, v1);
+            }
         }
     }
 }

@@ -24,7 +24,7 @@ pub use vector::{
 
 use std::sync::OnceLock;
 
-use gemm::Kernel;
+use gemm::{Kernel, Path};
 
 /// A read-only matrix view: element (i, j) is `data[i·row_stride + j·col_stride]`.
 #[derive(Debug, Clone, Copy)]
@@ -243,7 +243,10 @@ fn matmul_with(c: MatMut<'_>, a: Mat<'_>, b: Mat<'_>, write: Write, kernel: Kern
         return;
     }
     let accumulate = write == Write::Accumulate;
-    by_row_blocks(c, a, k * n, &|c, a| gemm::gemm(c, a, b, accumulate, kernel));
+    let path = Path::choose(m, k, b, kernel);
+    by_row_blocks(c, a, k * n, &|c, a| {
+        gemm::gemm(c, a, b, accumulate, kernel, path)
+    });
 }
 
 /// Multiply-adds below which a product stays on one thread: handing a part to
