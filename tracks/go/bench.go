@@ -5,6 +5,7 @@ import (
 	"compress/gzip"
 	"embed"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io/fs"
@@ -168,7 +169,7 @@ func (s scenario) prepare(seed uint64) (runner, error) {
 				wg.Go(func() { errs[i] = r.run() })
 			}
 			wg.Wait()
-			return errorsJoin(errs)
+			return errors.Join(errs...)
 		}, runners[0].output}, nil
 	case s.Op == "matmul":
 		a, b, out := normals(64*64, seed), normals(64*64, seed+1), make([]float32, 64*64)
@@ -220,15 +221,6 @@ func (s scenario) prepare(seed uint64) (runner, error) {
 		last = []float32{st.Loss, st.CE, st.Aux, st.GradNorm}
 		return err
 	}, func() []float32 { return last }}, err
-}
-
-func errorsJoin(errs []error) error {
-	for _, err := range errs {
-		if err != nil {
-			return err
-		}
-	}
-	return nil
 }
 
 // result is one scenario's JSON, in moe bench's schema.
@@ -404,15 +396,15 @@ func scalarPeak() float64 {
 }
 
 func bench(args []string) error {
-	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
-	jsonPath := fs.String("json", "", "write the results as JSON to FILE")
-	glob := fs.String("scenario", "*", "only scenarios whose id matches this pattern (* is a wildcard)")
-	trials := fs.Int("trials", 10, "timed trials per scenario")
-	warmup := fs.Int("warmup", 3, "warm-up runs per scenario")
-	seed := fs.Uint64("seed", 42, "seed of the models and inputs")
-	quick := fs.Bool("quick", false, "3 trials after 1 warm-up, for smoke runs")
-	child := fs.String("child", "", "internal: measure one scenario in this process, print its JSON")
-	if err := parse(fs, args); err != nil {
+	flags := flag.NewFlagSet("bench", flag.ContinueOnError)
+	jsonPath := flags.String("json", "", "write the results as JSON to FILE")
+	glob := flags.String("scenario", "*", "only scenarios whose id matches this pattern (* is a wildcard)")
+	trials := flags.Int("trials", 10, "timed trials per scenario")
+	warmup := flags.Int("warmup", 3, "warm-up runs per scenario")
+	seed := flags.Uint64("seed", 42, "seed of the models and inputs")
+	quick := flags.Bool("quick", false, "3 trials after 1 warm-up, for smoke runs")
+	child := flags.String("child", "", "internal: measure one scenario in this process, print its JSON")
+	if err := parse(flags, args); err != nil {
 		return err
 	}
 	if *quick {

@@ -51,6 +51,10 @@ func main() {
 // parse parses args into fs, requiring the named flags.
 func parse(fs *flag.FlagSet, args []string, required ...string) error {
 	fs.SetOutput(os.Stderr)
+	fs.Usage = func() {
+		fmt.Fprintf(os.Stderr, "usage: moe-go %s [flags] (see moe-go without arguments)\n", fs.Name())
+		fs.PrintDefaults()
+	}
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -87,15 +91,7 @@ func dump(args []string) error {
 			return err
 		}
 	}
-	var rows struct{ IDs, Targets [][]int }
-	text, err := os.ReadFile(*batchPath)
-	if err == nil {
-		err = json.Unmarshal(text, &rows)
-	}
-	if err != nil {
-		return fmt.Errorf("%s: %w", *batchPath, err)
-	}
-	batch, err := moe.NewBatch(rows.IDs, rows.Targets)
+	batch, err := moe.LoadBatch(*batchPath)
 	if err != nil {
 		return err
 	}

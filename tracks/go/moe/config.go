@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"os"
 )
 
@@ -63,7 +64,7 @@ func (c Config) Validate() error {
 		return invalid("top_k = %d must be ≤ n_experts = %d", c.TopK, c.NExperts)
 	case c.HeadDim%2 != 0:
 		return invalid("head_dim = %d must be even (RoPE rotates pairs)", c.HeadDim)
-	case !(c.RopeBase > 0) || !(c.RopeAlpha > 0) || c.RopeBase > 1e300 || c.RopeAlpha > 1e300:
+	case !(c.RopeBase > 0) || !(c.RopeAlpha > 0) || math.IsInf(c.RopeBase+c.RopeAlpha, 0):
 		return invalid("rope_base and rope_alpha must be finite and > 0")
 	case c.RopeAlpha > 1 && c.HeadDim == 2:
 		return invalid("NTK RoPE scaling (rope_alpha > 1) needs head_dim > 2")

@@ -46,6 +46,18 @@ func NewBatch(ids, targets [][]int) (Batch, error) {
 	return b, nil
 }
 
+// LoadBatch reads {"ids": [[...]], "targets": [[...]]} (rows of equal length).
+func LoadBatch(path string) (Batch, error) {
+	var rows struct {
+		IDs     [][]int `json:"ids"`
+		Targets [][]int `json:"targets"`
+	}
+	if err := decodeStrict(path, &rows); err != nil {
+		return Batch{}, err
+	}
+	return NewBatch(rows.IDs, rows.Targets)
+}
+
 // Losses are the two parts of the training loss.
 type Losses struct{ CE, Aux float32 }
 
