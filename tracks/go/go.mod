@@ -1,0 +1,3 @@
+module rosettamoe
+
+go 1.27

@@ -1,0 +1,180 @@
+// Command moe-go is the Go track of rosetta-moe: `dump` for the parity
+// check, `generate` for sampling, `bench` for the 22-scenario suite.
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+
+	"rosettamoe/moe"
+)
+
+const usage = `moe-go: the rosetta-moe model hand-written in Go.
+
+commands:
+  dump      --checkpoint DIR --batch FILE --out FILE [--step N] [--train FILE]
+            logits, losses, routes, every gradient and the weights after one
+            AdamW step, as moe dump writes them (for reference/parity)
+  generate  --checkpoint DIR --prompt-ids 1,2,3 [--max-new N] [--strategy S]
+            [--temperature T] [--top-k K] [--top-p P] [--seed N]
+            token ids in, token ids out (the tokenizer is the Rust binary's)
+  bench     [--json FILE] [--quick] [--scenario GLOB] [--trials N] [--warmup N]
+            the 22 scenarios of CONTRACT §10, each in a fresh process
+
+run "moe-go COMMAND -h" for a command's flags.
+`
+
+func main() {
+	if len(os.Args) < 2 {
+		fmt.Fprint(os.Stderr, usage)
+		os.Exit(2)
+	}
+	commands := map[string]func([]string) error{"dump": dump, "generate": generate, "bench": bench}
+	run, ok := commands[os.Args[1]]
+	if !ok {
+		fmt.Fprint(os.Stderr, usage)
+		os.Exit(2)
+	}
+	if err := run(os.Args[2:]); err != nil {
+		if !errors.Is(err, flag.ErrHelp) {
+			fmt.Fprintln(os.Stderr, "error:", err)
+		}
+		os.Exit(1)
+	}
+}
+
+// parse parses args into fs, requiring the named flags.
+func parse(fs *flag.FlagSet, args []string, required ...string) error {
+	fs.SetOutput(os.Stderr)
+	fs.Usage = func() {
+		fmt.Fprintf(os.Stderr, "usage: moe-go %s [flags] (see moe-go without arguments)\n", fs.Name())
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	}
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	for _, name := range required {
+		if !set[name] {
+			return fmt.Errorf("--%s is required", name)
+		}
+	}
+	return nil
+}
+
+func dump(args []string) error {
+	fs := flag.NewFlagSet("dump", flag.ContinueOnError)
+	ckpt := fs.String("checkpoint", "", "checkpoint directory (config.json + model.safetensors)")
+	batchPath := fs.String("batch", "", `batch JSON {"ids": [[...]], "targets": [[...]]}`)
+	out := fs.String("out", "", "output safetensors file")
+	step := fs.Int("step", 1, "step number t of the one AdamW step (fresh moments)")
+	trainPath := fs.String("train", "", "training settings JSON (CONTRACT §6 keys)")
+	if err := parse(fs, args, "checkpoint", "batch", "out"); err != nil {
+		return err
+	}
+	if *step < 1 {
+		return fmt.Errorf("--step must be ≥ 1")
+	}
+	tc := moe.DefaultTrain()
+	var err error
+	if *trainPath != "" {
+		if tc, err = moe.LoadTrain(*trainPath); err != nil {
+			return err
+		}
+	}
+	batch, err := moe.LoadBatch(*batchPath)
+	if err != nil {
+		return err
+	}
+	model, err := moe.LoadCheckpoint(*ckpt)
+	if err != nil {
+		return err
+	}
+	trainer, err := moe.NewTrainer(model, tc)
+	if err != nil {
+		return err
+	}
+	trainer.Step = *step - 1
+	stats, pass, err := trainer.TrainStep(batch)
+	if err != nil {
+		return err
+	}
+	c, T := model.Cfg, batch.B*batch.S
+	tensors := []moe.NamedTensor{
+		{Name: "logits", Shape: []int{batch.B, batch.S, c.VocabSize}, F32: pass.Logits},
+		{Name: "loss.ce", Shape: []int{1}, F32: []float32{stats.CE}},
+		{Name: "loss.aux", Shape: []int{1}, F32: []float32{stats.Aux}},
+		{Name: "loss.total", Shape: []int{1}, F32: []float32{stats.Loss}},
+	}
+	for l := 0; l < c.NLayers; l++ {
+		routes := make([]int32, 0, T*c.TopK)
+		for _, e := range pass.Routes(l) {
+			routes = append(routes, int32(e))
+		}
+		tensors = append(tensors, moe.NamedTensor{Name: "route." + strconv.Itoa(l), Shape: []int{T, c.TopK}, I32: routes})
+	}
+	layout, _ := moe.Layout(c)
+	for _, t := range layout {
+		grad, after := trainer.Grads[t.Offset:t.Offset+t.Len], model.Params[t.Offset:t.Offset+t.Len]
+		tensors = append(tensors, moe.NamedTensor{Name: "grad." + t.Name, Shape: t.Shape, F32: grad},
+			moe.NamedTensor{Name: "after." + t.Name, Shape: t.Shape, F32: after})
+	}
+	if err := moe.WriteSafetensors(*out, tensors); err != nil {
+		return err
+	}
+	fmt.Printf("wrote %s: loss %.6f (ce %.6f, aux %.6f), grad norm %.6f, lr %.3e at step %d\n",
+		*out, stats.Loss, stats.CE, stats.Aux, stats.GradNorm, stats.LR, *step)
+	return nil
+}
+
+func generate(args []string) error {
+	fs := flag.NewFlagSet("generate", flag.ContinueOnError)
+	ckpt := fs.String("checkpoint", "", "checkpoint directory")
+	promptIDs := fs.String("prompt-ids", "", "comma-separated prompt token ids")
+	maxNew := fs.Int("max-new", 20, "tokens to generate after the prompt")
+	strategy := fs.String("strategy", "greedy", "greedy, temperature, top-k or top-p")
+	temp := fs.Float64("temperature", 0.8, "softmax temperature (0 = greedy)")
+	topK := fs.Int("top-k", 40, "candidates kept by top-k (0 = all)")
+	topP := fs.Float64("top-p", 0.9, "cumulative probability kept by top-p, in (0, 1]")
+	seed := fs.Uint64("seed", 42, "sampling seed")
+	if err := parse(fs, args, "checkpoint", "prompt-ids"); err != nil {
+		return err
+	}
+	kinds := map[string]moe.Kind{"greedy": moe.Greedy, "temperature": moe.Temperature, "top-k": moe.TopK, "top-p": moe.TopP}
+	kind, ok := kinds[*strategy]
+	if !ok {
+		return fmt.Errorf("unknown --strategy %q", *strategy)
+	}
+	var prompt []int
+	for _, field := range strings.Split(*promptIDs, ",") {
+		id, err := strconv.Atoi(strings.TrimSpace(field))
+		if err != nil {
+			return fmt.Errorf("--prompt-ids: %w", err)
+		}
+		prompt = append(prompt, id)
+	}
+	if *maxNew < 0 || *maxNew > 1<<20 {
+		return fmt.Errorf("--max-new must be in 0..2^20")
+	}
+	model, err := moe.LoadCheckpoint(*ckpt)
+	if err != nil {
+		return err
+	}
+	s := moe.Strategy{Kind: kind, T: float32(*temp), K: *topK, P: float32(*topP)}
+	tokens, err := moe.Generate(model, prompt, len(prompt)+*maxNew, s, *seed)
+	if err != nil {
+		return err
+	}
+	text, _ := json.Marshal(tokens)
+	fmt.Println(string(text))
+	return nil
+}
