@@ -8,8 +8,8 @@ mod report;
 mod scenarios;
 mod suite;
 
-use suite::{Options, Report, ScenarioResult};
 use rosetta_moe::{MoeError, Result, kernels};
+use suite::{Options, Report, ScenarioResult};
 
 /// Run the benchmark suite: every scenario in its own process, JSON in the
 /// published schema, a Markdown report and SVG plots.

@@ -11,14 +11,13 @@
 //! every GFLOP/s figure is also given as a percentage of the single-core FMA
 //! peak the suite measures at start.
 
-
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use super::scenarios::{self, Scenario};
 use rosetta_moe::error::{MoeError, Result};
 use rosetta_moe::kernels;
-use super::scenarios::{self, Scenario};
 
 /// Statically measured facts about `src/` (computed at build time).
 pub const STATIC_METRICS: &str = include_str!(concat!(env!("OUT_DIR"), "/static_metrics.json"));
