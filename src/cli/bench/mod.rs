@@ -119,20 +119,11 @@ fn run_suite(args: &Args, options: Options) -> Result<Report> {
         return Err(unknown(&args.scenario));
     }
     eprintln!("measuring the single-core FMA peak…");
-    let peak = kernels::fma_peak_gflops(Duration::from_millis(500));
+    let fma_peak_gflops = kernels::fma_peak_gflops(Duration::from_millis(500));
     let command = std::env::args()
         .map(|a| shell_word(&a))
         .collect::<Vec<_>>()
         .join(" ");
-    let metadata = suite::metadata(
-        options,
-        peak,
-        command.replacen(
-            &shell_word(&std::env::args().next().unwrap_or_default()),
-            "moe",
-            1,
-        ),
-    );
     let bar = super::progress(
         scenarios.len() as u64,
         "{bar:30} {pos}/{len} scenarios  {msg}  [{elapsed_precise}]",
@@ -169,6 +160,19 @@ fn run_suite(args: &Args, options: Options) -> Result<Report> {
         bar.inc(1);
     }
     bar.finish_and_clear();
+    // After the scenarios: a child inherits its parent's peak RSS, and the
+    // bandwidth probe's buffers would count in every scenario's.
+    eprintln!("measuring the streaming bandwidth…");
+    let probes = suite::Probes::measure(fma_peak_gflops);
+    let metadata = suite::metadata(
+        options,
+        probes,
+        command.replacen(
+            &shell_word(&std::env::args().next().unwrap_or_default()),
+            "moe",
+            1,
+        ),
+    );
     suite::finish(metadata, results)
 }
 

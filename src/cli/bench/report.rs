@@ -42,19 +42,30 @@ pub fn console(report: &Report) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<22} {:>11} {:>10} {:>13} {:>9} {:>7} {:>9} {:>10}",
-        "scenario", "median", "IQR", "tokens/s", "GFLOP/s", "% peak", "RSS", "alloc/run"
+        "{:<22} {:>11} {:>10} {:>13} {:>9} {:>7} {:>11} {:>8} {:>9} {:>10}",
+        "scenario",
+        "median",
+        "IQR",
+        "tokens/s",
+        "GFLOP/s",
+        "% peak",
+        "floor",
+        "% floor",
+        "RSS",
+        "alloc/run"
     );
     for r in &report.scenarios {
         let _ = writeln!(
             out,
-            "{:<22} {:>11} {:>10} {:>13.0} {:>9.1} {:>6.1}% {:>9} {:>10}",
+            "{:<22} {:>11} {:>10} {:>13.0} {:>9.1} {:>6.1}% {:>11} {:>8} {:>9} {:>10}",
             r.id,
             duration(r.median_ns),
             duration(r.iqr_ns),
             r.throughput_tokens_per_sec,
             r.derived.gflops,
             r.derived.pct_of_peak,
+            r.derived.floor_ns.map_or("-".into(), duration),
+            percent(r.derived.pct_of_floor),
             megabytes(r.memory.peak_rss_bytes),
             r.memory.alloc_bytes
         );
@@ -63,8 +74,10 @@ pub fn console(report: &Report) -> String {
     let ratio = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.2}"));
     let _ = writeln!(
         out,
-        "\nFMA peak {:.1} GFLOP/s · train/forward {} · cold/warm {} · speedup T2 forward {} train {} · T4 forward {} train {}",
+        "\nFMA peak {:.1} GFLOP/s · AdamW-shaped streaming {:.1} GB/s (DRAM), {:.1} GB/s (cache) · train/forward {} · cold/warm {} · speedup T2 forward {} train {} · T4 forward {} train {}",
         report.metadata.fma_peak_gflops,
+        report.metadata.stream_bandwidth_gbs,
+        report.metadata.cache_bandwidth_gbs,
         ratio(d.train_forward_ratio),
         ratio(d.cold_warm_ratio),
         ratio(d.speedup_forward_t2),
@@ -88,8 +101,19 @@ pub fn markdown(report: &Report, plots: Option<&str>) -> String {
     );
     let _ = writeln!(
         out,
-        "**Machine:** {}, {} hardware threads, {}. **Compiler:** {}. **Single-core FMA peak** (measured by the suite at start): {:.1} GFLOP/s.\n",
-        m.cpu_model, m.threads, m.os, m.language_version, m.fma_peak_gflops
+        "**Machine:** {}, {} hardware threads, {}. **Compiler:** {}. Measured by the suite at start, on one core: **FMA peak** {:.1} GFLOP/s; **streaming bandwidth** of an AdamW-shaped pass (read p, g, m, v; write p, m, v) {:.1} GB/s from DRAM (4 × 64 MB) and {:.1} GB/s from cache (4 × 128 KB).\n",
+        m.cpu_model,
+        m.threads,
+        m.os,
+        m.language_version,
+        m.fma_peak_gflops,
+        m.stream_bandwidth_gbs,
+        m.cache_bandwidth_gbs
+    );
+    let _ = writeln!(
+        out,
+        "**Roofline floor** of a run: max(FLOPs ÷ peak, bytes streamed during the matrix products ÷ bandwidth) + bytes of the AdamW pass ÷ bandwidth — a model's weights are read once by the forward; a training step reads them again for dX, writes the gradients, then streams p, g, m, v in and p, m, v out (40 bytes per parameter in all); working sets up to {} MB stream at the cache bandwidth, larger ones at the DRAM bandwidth; multi-core scenarios assume every core has the single-core peak and bandwidth. **% of floor** = floor ÷ median.\n",
+        super::suite::CACHE_RESIDENT_BYTES / 1e6
     );
     let _ = writeln!(
         out,
@@ -112,12 +136,12 @@ pub fn markdown(report: &Report, plots: Option<&str>) -> String {
         }
         let _ = writeln!(
             out,
-            "| scenario | median | IQR | p95 | CPU median | tokens/s | GFLOP/s | % peak | peak RSS | alloc/run |\n|---|---|---|---|---|---|---|---|---|---|"
+            "| scenario | median | IQR | p95 | CPU median | tokens/s | GFLOP/s | % peak | floor | % floor | peak RSS | alloc/run |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
         );
         for r in rows {
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {:.0} | {:.1} | {:.1} % | {} | {} B |",
+                "| {} | {} | {} | {} | {} | {:.0} | {:.1} | {:.1} % | {} | {} | {} | {} B |",
                 r.id,
                 duration(r.median_ns),
                 duration(r.iqr_ns),
@@ -126,6 +150,8 @@ pub fn markdown(report: &Report, plots: Option<&str>) -> String {
                 r.throughput_tokens_per_sec,
                 r.derived.gflops,
                 r.derived.pct_of_peak,
+                r.derived.floor_ns.map_or("-".into(), duration),
+                percent(r.derived.pct_of_floor),
                 megabytes(r.memory.peak_rss_bytes),
                 r.memory.alloc_bytes
             );
@@ -154,10 +180,12 @@ fn summary(out: &mut String, report: &Report) {
         if let Some(r) = find(report, id) {
             let _ = writeln!(
                 out,
-                "| {label} (`{id}`) | {} · {:.1} GFLOP/s · {:.0} % of peak |",
+                "| {label} (`{id}`) | {} · {:.1} GFLOP/s · {:.0} % of peak · floor {} ({} of it) |",
                 duration(r.median_ns),
                 r.derived.gflops,
-                r.derived.pct_of_peak
+                r.derived.pct_of_peak,
+                r.derived.floor_ns.map_or("-".into(), duration),
+                percent(r.derived.pct_of_floor)
             );
         }
     };
@@ -208,8 +236,13 @@ fn summary(out: &mut String, report: &Report) {
     out.push('\n');
 }
 
+/// "42.0 %", or "-" when absent.
+fn percent(value: Option<f64>) -> String {
+    value.map_or("-".into(), |v| format!("{v:.1} %"))
+}
+
 /// The plots: (file, title).
-const PLOTS: [(&str, &str); 4] = [
+const PLOTS: [(&str, &str); 5] = [
     (
         "batch_scaling.svg",
         "Forward throughput against batch size (tiny, S 32)",
@@ -226,9 +259,13 @@ const PLOTS: [(&str, &str); 4] = [
         "pct_of_peak.svg",
         "GFLOP/s as a percentage of the measured FMA peak",
     ),
+    (
+        "pct_of_floor.svg",
+        "Roofline floor as a percentage of the median time",
+    ),
 ];
 
-/// Writes the four SVG plots into `dir`.
+/// Writes the five SVG plots into `dir`.
 pub fn plots(report: &Report, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| MoeError::io(dir, e))?;
     let series = |prefix: &str, values: &[usize]| -> Vec<(f64, f64)> {
@@ -279,7 +316,25 @@ pub fn plots(report: &Report, dir: &Path) -> Result<()> {
             ("ideal (hardware threads)", ideal),
         ],
     )?;
-    bar_chart(&dir.join(PLOTS[3].0), PLOTS[3].1, report)
+    let bars = |value: fn(&ScenarioResult) -> Option<f64>| -> Vec<(&str, f64)> {
+        report
+            .scenarios
+            .iter()
+            .filter_map(|r| Some((r.id.as_str(), value(r)?)))
+            .collect()
+    };
+    bar_chart(
+        &dir.join(PLOTS[3].0),
+        PLOTS[3].1,
+        "% of single-core FMA peak",
+        &bars(|r| Some(r.derived.pct_of_peak)),
+    )?;
+    bar_chart(
+        &dir.join(PLOTS[4].0),
+        PLOTS[4].1,
+        "% of the roofline floor (100 % = at the floor)",
+        &bars(|r| r.derived.pct_of_floor),
+    )
 }
 
 fn chart_error(path: &Path, e: impl std::fmt::Display) -> MoeError {
@@ -333,18 +388,14 @@ fn line_chart(
     root.present().map_err(|e| err(&e))
 }
 
-/// Horizontal bars of % of peak for every scenario.
-fn bar_chart(path: &Path, title: &str, report: &Report) -> Result<()> {
+/// Horizontal bars, one per (scenario, percentage), each labelled with its value.
+fn bar_chart(path: &Path, title: &str, x_desc: &str, rows: &[(&str, f64)]) -> Result<()> {
     let err = |e: &dyn std::fmt::Display| chart_error(path, e);
-    let rows: Vec<(&str, f64)> = report
-        .scenarios
-        .iter()
-        .map(|r| (r.id.as_str(), r.derived.pct_of_peak))
-        .collect();
     let n = rows.len();
     let root = SVGBackend::new(path, (760, 60 + 22 * n as u32)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
-    let x_max = rows.iter().map(|r| r.1).fold(100.0, f64::max);
+    // Room after the longest bar for its label.
+    let x_max = rows.iter().map(|r| r.1).fold(100.0, f64::max) * 1.08;
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 18))
         .margin(12)
@@ -360,13 +411,19 @@ fn bar_chart(path: &Path, title: &str, report: &Report) -> Result<()> {
             let i = n.saturating_sub(1 + y.floor() as usize);
             rows.get(i).map_or(String::new(), |r| r.0.to_string())
         })
-        .x_desc("% of single-core FMA peak")
+        .x_desc(x_desc)
         .draw()
         .map_err(|e| err(&e))?;
     chart
         .draw_series(rows.iter().enumerate().map(|(i, (_, pct))| {
             let y = (n - 1 - i) as f64;
             Rectangle::new([(0.0, y + 0.15), (*pct, y + 0.85)], BLUE.mix(0.6).filled())
+        }))
+        .map_err(|e| err(&e))?;
+    chart
+        .draw_series(rows.iter().enumerate().map(|(i, (_, pct))| {
+            let y = (n - 1 - i) as f64;
+            Text::new(format!("{pct:.0}"), (*pct, y + 0.8), ("sans-serif", 11))
         }))
         .map_err(|e| err(&e))?;
     root.present().map_err(|e| err(&e))

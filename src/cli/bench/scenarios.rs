@@ -163,6 +163,61 @@ pub fn train_flops(config: &ModelConfig, batch: usize, seq: usize) -> f64 {
         - 2.0 * config.n_layers as f64 * router_flops(config, batch, seq)
 }
 
+/// Bytes a run must move at least once, by phase, for its roofline floor.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Traffic {
+    /// Bytes streamed while the matrix products run (forward and backward):
+    /// they can overlap with the arithmetic.
+    pub overlapped: f64,
+    /// Bytes of a pure streaming phase with no arithmetic to hide behind
+    /// (the AdamW pass).
+    pub streaming: f64,
+    /// Bytes the run keeps live (which memory level they stream from).
+    pub working_set: f64,
+}
+
+impl Traffic {
+    /// A model's traffic, with P parameters of 4 bytes:
+    /// forward reads the weights once (4P); a training step also reads them
+    /// again for dX and writes the gradients (4P + 4P), then AdamW reads
+    /// p, g, m, v and writes p, m, v (28P) after the gradient norm is known.
+    fn model(config: &ModelConfig, train: bool) -> Self {
+        let weights = 4.0 * config.param_count() as f64;
+        if train {
+            Traffic {
+                overlapped: 3.0 * weights,
+                streaming: 7.0 * weights,
+                working_set: 4.0 * weights,
+            }
+        } else {
+            Traffic {
+                overlapped: weights,
+                streaming: 0.0,
+                working_set: weights,
+            }
+        }
+    }
+
+    /// A kernel whose operands live in cache.
+    fn in_cache(bytes: f64) -> Self {
+        Traffic {
+            overlapped: bytes,
+            streaming: 0.0,
+            working_set: bytes,
+        }
+    }
+
+    /// `n` independent copies.
+    fn times(self, n: usize) -> Self {
+        let n = n as f64;
+        Traffic {
+            overlapped: self.overlapped * n,
+            streaming: self.streaming * n,
+            working_set: self.working_set * n,
+        }
+    }
+}
+
 impl Scenario {
     /// Tokens one run processes (rows of the kernel for kernel scenarios).
     pub fn tokens(&self) -> usize {
@@ -199,6 +254,23 @@ impl Scenario {
             Workload::ParallelForward { threads } => threads as f64 * forward_flops(&tiny, 2, 32),
             Workload::ParallelTrain { threads } => threads as f64 * train_flops(&tiny, 2, 8),
         }
+    }
+
+    /// The memory traffic one run cannot avoid (see [`Traffic`]); `None` for
+    /// the cold start, whose cost is building the model, not arithmetic.
+    pub fn traffic(&self) -> Option<Traffic> {
+        let tiny = ModelConfig::tiny();
+        let matrix = (64 * 64 * 4) as f64;
+        Some(match self.workload {
+            Workload::Forward { config, .. } => Traffic::model(&preset(config), false),
+            Workload::TrainStep { config, .. } => Traffic::model(&preset(config), true),
+            Workload::Matmul => Traffic::in_cache(3.0 * matrix),
+            Workload::Softmax => Traffic::in_cache(8_000.0),
+            Workload::RmsNorm => Traffic::in_cache(2.0 * matrix),
+            Workload::Cold => return None,
+            Workload::ParallelForward { threads } => Traffic::model(&tiny, false).times(threads),
+            Workload::ParallelTrain { threads } => Traffic::model(&tiny, true).times(threads),
+        })
     }
 
     /// The scenario's parameters, as reported in the JSON.

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::scenarios::{self, Scenario};
+use super::scenarios::{self, Scenario, Traffic};
 use rosetta_moe::error::{MoeError, Result};
 use rosetta_moe::kernels;
 
@@ -83,6 +83,14 @@ pub struct Metadata {
     pub seed: u64,
     /// Single-core FMA throughput measured at start, GFLOP/s.
     pub fma_peak_gflops: f64,
+    /// Streaming bandwidth of one core from DRAM, in GB/s: the best
+    /// AdamW-shaped pass (read p, g, m, v; write p, m, v) over buffers far
+    /// larger than the last-level cache.
+    #[serde(default)]
+    pub stream_bandwidth_gbs: f64,
+    /// The same pass over buffers that fit in cache, in GB/s.
+    #[serde(default)]
+    pub cache_bandwidth_gbs: f64,
     /// Intra-op threads each model used (`moe bench --threads`; 1 = off).
     #[serde(default = "one")]
     pub intra_op_threads: usize,
@@ -191,6 +199,14 @@ pub struct Derived {
     /// `gflops` as a percentage of the measured FMA peak of the cores the
     /// scenario can use (single-core peak × `cores_used`).
     pub pct_of_peak: f64,
+    /// Roofline floor of one run, in ns: FLOPs ÷ peak and the overlappable
+    /// bytes ÷ bandwidth, whichever is larger, plus the pure streaming phase's
+    /// bytes ÷ bandwidth (absent for the cold start).
+    #[serde(default)]
+    pub floor_ns: Option<u64>,
+    /// floor_ns as a percentage of the median.
+    #[serde(default)]
+    pub pct_of_floor: Option<f64>,
     /// Cores the scenario runs on: its threads, at most the hardware threads.
     pub cores_used: usize,
 }
@@ -312,6 +328,8 @@ pub fn measure(scenario: &Scenario, options: Options) -> Result<ScenarioResult> 
             gc_throughput: 1.0,
             gflops,
             pct_of_peak: 0.0,
+            floor_ns: None,
+            pct_of_floor: None,
             cores_used: scenario.threads().max(options.threads).min(cores),
         },
     })
@@ -370,8 +388,16 @@ fn peak_rss_bytes() -> u64 {
 /// Fills in what depends on the whole run: % of peak and the suite ratios.
 pub fn finish(metadata: Metadata, mut results: Vec<ScenarioResult>) -> Result<Report> {
     for r in &mut results {
-        let peak = metadata.fma_peak_gflops * r.derived.cores_used.max(1) as f64;
+        let cores = r.derived.cores_used.max(1) as f64;
+        let peak = metadata.fma_peak_gflops * cores;
         r.derived.pct_of_peak = 100.0 * r.derived.gflops / peak;
+        let scenario = select(&r.id).into_iter().next();
+        let traffic = scenario.as_ref().and_then(Scenario::traffic);
+        if let (Some(scenario), Some(traffic)) = (scenario, traffic) {
+            let floor = roofline_floor(&metadata, scenario.flops(), traffic, cores);
+            r.derived.floor_ns = Some((floor * 1e9).round() as u64);
+            r.derived.pct_of_floor = Some(100.0 * floor * 1e9 / r.median_ns.max(1) as f64);
+        }
     }
     let find = |id: &str| results.iter().find(|r| r.id == id);
     let throughput_ratio = |a: &str, b: &str| {
@@ -398,8 +424,77 @@ pub fn finish(metadata: Metadata, mut results: Vec<ScenarioResult>) -> Result<Re
     })
 }
 
+/// What the suite measures of the machine before the scenarios.
+#[derive(Debug, Clone, Copy)]
+pub struct Probes {
+    /// Single-core FMA peak, GFLOP/s.
+    pub fma_peak_gflops: f64,
+    /// AdamW-shaped streaming from DRAM, GB/s.
+    pub stream_bandwidth_gbs: f64,
+    /// The same from cache, GB/s.
+    pub cache_bandwidth_gbs: f64,
+}
+
+impl Probes {
+    /// Measures both bandwidths on this core (about a second), beside an
+    /// already measured FMA peak.
+    pub fn measure(fma_peak_gflops: f64) -> Self {
+        Probes {
+            fma_peak_gflops,
+            // 4 × 64 MB: far past any last-level cache.
+            stream_bandwidth_gbs: adamw_bandwidth_gbs(16 << 20, Duration::from_millis(800)),
+            // 4 × 128 KB: inside L2.
+            cache_bandwidth_gbs: adamw_bandwidth_gbs(32 << 10, Duration::from_millis(300)),
+        }
+    }
+}
+
+/// Working sets up to this many bytes stream at the cache bandwidth.
+pub const CACHE_RESIDENT_BYTES: f64 = 16e6;
+
+/// The roofline floor in seconds of a run of `flops` and `traffic` on `cores`
+/// cores (each with the measured peak and bandwidth — optimistic for memory,
+/// which the cores share):
+///   max(FLOPs / peak, overlapped bytes / bw) + streaming bytes / bw
+fn roofline_floor(metadata: &Metadata, flops: f64, traffic: Traffic, cores: f64) -> f64 {
+    let gbs = if traffic.working_set <= CACHE_RESIDENT_BYTES {
+        metadata.cache_bandwidth_gbs
+    } else {
+        metadata.stream_bandwidth_gbs
+    };
+    let bandwidth = gbs * 1e9 * cores;
+    let arithmetic = flops / (metadata.fma_peak_gflops * 1e9 * cores);
+    arithmetic.max(traffic.overlapped / bandwidth) + traffic.streaming / bandwidth
+}
+
+/// Best single-core GB/s of an AdamW-shaped pass (the project's own AdamW
+/// kernel: read p, g, m, v; write p, m, v — 28 bytes per parameter) over
+/// `floats` parameters, repeated for about `budget`.
+pub fn adamw_bandwidth_gbs(floats: usize, budget: Duration) -> f64 {
+    let (mut p, g) = (vec![0.5f32; floats], vec![1e-3f32; floats]);
+    let (mut m, mut v) = (vec![0.0f32; floats], vec![0.0f32; floats]);
+    let step = kernels::AdamWStep {
+        grad_scale: 1.0,
+        beta1: 0.9,
+        beta2: 0.95,
+        inv_bias1: 10.0,
+        inv_bias2: 20.0,
+        lr: 1e-6,
+        eps: 1e-8,
+        decay: 1e-7,
+    };
+    let (start, mut best) = (Instant::now(), f64::INFINITY);
+    while start.elapsed() < budget || best.is_infinite() {
+        let pass = Instant::now();
+        kernels::adamw(&mut p, &g, &mut m, &mut v, step);
+        best = best.min(pass.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(&p);
+    28.0 * floats as f64 / best / 1e9
+}
+
 /// Metadata of this machine and run.
-pub fn metadata(options: Options, fma_peak_gflops: f64, command: String) -> Metadata {
+pub fn metadata(options: Options, probes: Probes, command: String) -> Metadata {
     let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|info| {
@@ -433,7 +528,9 @@ pub fn metadata(options: Options, fma_peak_gflops: f64, command: String) -> Meta
         n_trials: options.trials,
         n_warmup: options.warmup,
         seed: options.seed,
-        fma_peak_gflops,
+        fma_peak_gflops: probes.fma_peak_gflops,
+        stream_bandwidth_gbs: probes.stream_bandwidth_gbs,
+        cache_bandwidth_gbs: probes.cache_bandwidth_gbs,
         intra_op_threads: options.threads,
         command,
     }
@@ -442,6 +539,7 @@ pub fn metadata(options: Options, fma_peak_gflops: f64, command: String) -> Meta
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rosetta_moe::ModelConfig;
 
     #[test]
     fn glob_matches_like_a_shell() {
@@ -476,8 +574,40 @@ mod tests {
         assert!(r.median_ns > 0 && r.min_ns <= r.median_ns && r.median_ns <= r.max_ns);
         assert!(r.derived.gflops > 0.0 && r.memory.peak_rss_bytes > 0);
         assert_eq!(r.numerical.nan_count + r.numerical.inf_count, 0);
-        let report = finish(metadata(options, 100.0, "test".into()), vec![r]).unwrap();
+        let report = finish(metadata(options, PROBES, "test".into()), vec![r]).unwrap();
         assert!(report.scenarios[0].derived.pct_of_peak > 0.0);
+        assert!(report.scenarios[0].derived.pct_of_floor.unwrap() > 0.0);
         assert!(report.static_metrics.sloc > 1000);
+    }
+
+    const PROBES: Probes = Probes {
+        fma_peak_gflops: 100.0,
+        stream_bandwidth_gbs: 40.0,
+        cache_bandwidth_gbs: 200.0,
+    };
+
+    #[test]
+    fn roofline_floors_add_the_adamw_pass_to_the_larger_of_arithmetic_and_streaming() {
+        let meta = metadata(Options::default(), PROBES, "test".into());
+        let floor = |id: &str, cores: f64| {
+            let s = select(id).remove(0);
+            roofline_floor(&meta, s.flops(), s.traffic().unwrap(), cores)
+        };
+        // Small train step: P = 7,134,464 parameters, 28.5 MB of weights (DRAM).
+        // Arithmetic 358,875,136 FLOP / 100 GFLOP/s = 3.589 ms > 12P bytes / 40 GB/s
+        // = 2.140 ms; then AdamW's 28P bytes / 40 GB/s = 4.994 ms.
+        let small = floor("scale_train_256", 1.0);
+        assert!((small - (3.588_751e-3 + 4.994_125e-3)).abs() < 1e-8, "{small}");
+        // Two cores halve both parts.
+        assert!((floor("scale_train_256", 2.0) - small / 2.0).abs() < 1e-9);
+        // Tiny's 8.7 MB working set streams from cache: 28P / 200 GB/s.
+        let p = ModelConfig::tiny().param_count() as f64;
+        let tiny = floor("mem_train_step", 1.0);
+        let arithmetic: f64 = 27_197_440.0 / 100e9;
+        assert!((tiny - (arithmetic.max(12.0 * p / 200e9) + 28.0 * p / 200e9)).abs() < 1e-12);
+        // A forward has no streaming phase: arithmetic or weights, whichever is slower.
+        let fwd = floor("scale_forward_256", 1.0);
+        assert!((fwd - 481_820_672.0 / 100e9).abs() < 1e-12);
+        assert!(select("dispatch_cold")[0].traffic().is_none());
     }
 }
