@@ -8,14 +8,17 @@ use rosetta_moe::{Model, ModelConfig, TrainConfig, Trainer, kernels};
 /// Logits, losses and weights after a few training steps with `threads`.
 fn run(threads: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     assert_eq!(kernels::set_threads(threads), threads);
-    // Large enough that matrix multiplies and AdamW segments are split.
+    // Large enough that matrix multiplies and AdamW segments are split: 128
+    // tokens split the products by rows, 16 tokens by columns.
     let config = ModelConfig::tiny();
     let mut model = Model::new(config.clone(), 11).unwrap();
-    let batch = random_batch(&config, 4, 32, 12);
-    let logits = model.forward(&batch.ids, 4).unwrap().to_vec();
+    let tall = random_batch(&config, 4, 32, 12);
+    let short = random_batch(&config, 2, 8, 13);
+    let logits = model.forward(&tall.ids, 4).unwrap().to_vec();
     let mut trainer = Trainer::new(model, TrainConfig::default()).unwrap();
-    let losses = (0..3)
-        .map(|_| trainer.train_step(&batch).unwrap().loss)
+    let losses = [&tall, &short, &tall, &short]
+        .iter()
+        .map(|batch| trainer.train_step(batch).unwrap().loss)
         .collect();
     (logits, losses, trainer.model().params().to_vec())
 }

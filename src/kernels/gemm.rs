@@ -166,7 +166,7 @@ fn gemm_b_in_place(c: &mut MatMut<'_>, a: Mat<'_>, b: Mat<'_>, accumulate: bool,
             match kernel {
                 #[cfg(target_arch = "x86_64")]
                 Kernel::Avx512 => tile_avx512_checked(c, tile, kc, a, strips, add),
-                _ => tile_portable(c.data, c.row_stride, tile, kc, a, strips, add),
+                _ => tile_portable(c, tile, kc, a, strips, add),
             }
         }
     }
@@ -261,7 +261,7 @@ fn weight_tile_checked(c: &mut MatMut<'_>, tile: WeightTile, kc: usize, w: BPane
     // `cols` rows of `kc` depth inside `w.data`, and Aᵀ holds kc·16 floats
     // (all asserted just above).
     unsafe {
-        weight_tile_avx512(c.data.as_mut_ptr(), c.row_stride, tile, kc, w, at)
+        weight_tile_avx512(c.as_mut_ptr(), c.row_stride, tile, kc, w, at)
     }
 }
 
@@ -413,7 +413,7 @@ fn multiply_block(
                 depth: pc,
             };
             match kernel {
-                Kernel::Portable => tile_portable(c.data, c.row_stride, tile, kc, a, b, add),
+                Kernel::Portable => tile_portable(c, tile, kc, a, b, add),
                 #[cfg(target_arch = "x86_64")]
                 Kernel::Avx512 => tile_avx512_checked(c, tile, kc, a, b, add),
                 #[cfg(not(target_arch = "x86_64"))]
@@ -616,15 +616,7 @@ impl BPanel<'_> {
 }
 
 /// The portable micro-kernel: tile (+)= Σ_p A[tile rows, depth + p] ⊗ B[p, :].
-fn tile_portable(
-    c: &mut [f32],
-    ldc: usize,
-    tile: Tile,
-    kc: usize,
-    a: Mat<'_>,
-    b: BPanel<'_>,
-    add: bool,
-) {
+fn tile_portable(c: &mut MatMut<'_>, tile: Tile, kc: usize, a: Mat<'_>, b: BPanel<'_>, add: bool) {
     for (strip, first) in (0..tile.cols).step_by(NR).enumerate() {
         let cols = NR.min(tile.cols - first);
         let mut acc = [[0.0f32; NR]; MR];
@@ -639,8 +631,8 @@ fn tile_portable(
             }
         }
         for (r, acc_row) in acc.iter().enumerate().take(tile.rows) {
-            let start = (tile.row + r) * ldc + tile.col + first;
-            let out = &mut c[start..start + cols];
+            let start = tile.col + first;
+            let out = &mut c.row_mut(tile.row + r)[start..start + cols];
             if add {
                 for (o, &v) in out.iter_mut().zip(acc_row) {
                     *o += v;
@@ -668,7 +660,7 @@ fn tile_avx512_checked(
     // rows and depth inside A, and its kc rows of `tile.cols` columns inside B
     // (asserted just above; the views were bounds-checked on construction);
     // only those elements are read or written.
-    unsafe { tile_avx512(c.data.as_mut_ptr(), c.row_stride, tile, kc, a, b, add) }
+    unsafe { tile_avx512(c.as_mut_ptr(), c.row_stride, tile, kc, a, b, add) }
 }
 
 /// The AVX-512 micro-kernel for a tile of any height: dispatches to the

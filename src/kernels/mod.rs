@@ -22,6 +22,8 @@ pub use vector::{
     swiglu_forward,
 };
 
+use std::marker::PhantomData;
+use std::ptr::NonNull;
 use std::sync::OnceLock;
 
 use gemm::{Kernel, Path};
@@ -80,6 +82,16 @@ impl<'a> Mat<'a> {
         }
     }
 
+    /// Columns c0..c0+n of this view.
+    fn col_block(self, c0: usize, n: usize) -> Self {
+        let start = (c0 * self.col_stride).min(self.data.len());
+        Mat {
+            data: &self.data[start..],
+            cols: n,
+            ..self
+        }
+    }
+
     fn fits(&self, len: usize) -> bool {
         self.rows == 0
             || self.cols == 0
@@ -87,14 +99,24 @@ impl<'a> Mat<'a> {
     }
 }
 
-/// A writable row-major matrix view whose rows do not overlap.
+/// A writable row-major matrix view: element (i, j) is at `i·row_stride + j`
+/// from its start. A view owns exactly its elements (rows 0..rows, columns
+/// 0..cols), not the gaps between rows, so it can be split by rows or by
+/// columns into views that never share an element (the parts of one product
+/// that threads compute side by side).
 #[derive(Debug)]
 pub struct MatMut<'a> {
-    data: &'a mut [f32],
+    /// First element. Valid for reads and writes of every element of the view.
+    ptr: NonNull<f32>,
     rows: usize,
     cols: usize,
     row_stride: usize,
+    _borrow: PhantomData<&'a mut [f32]>,
 }
+
+// SAFETY: a MatMut is an exclusive borrow of its elements, like `&mut [f32]`,
+// which is Send; no two live views share an element.
+unsafe impl Send for MatMut<'_> {}
 
 impl<'a> MatMut<'a> {
     /// A contiguous row-major `[rows, cols]` matrix at the start of `data`.
@@ -111,28 +133,64 @@ impl<'a> MatMut<'a> {
             data.len()
         );
         MatMut {
-            data,
+            ptr: NonNull::from(data).cast(),
             rows,
             cols,
             row_stride,
+            _borrow: PhantomData,
         }
+    }
+
+    /// Row r (its `cols` elements).
+    fn row_mut(&mut self, r: usize) -> &mut [f32] {
+        assert!(r < self.rows, "row {r} of {}", self.rows);
+        // SAFETY: row r's `cols` elements belong to this view (r < rows), which
+        // borrows them exclusively for 'a; `&mut self` keeps this slice the
+        // only access while it lives.
+        unsafe {
+            std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(r * self.row_stride), self.cols)
+        }
+    }
+
+    /// The first element, for the micro-kernels (valid for the view's elements only).
+    fn as_mut_ptr(&mut self) -> *mut f32 {
+        self.ptr.as_ptr()
     }
 
     /// Splits into rows 0..r and rows r.. (two views that share no element).
     fn split_rows(self, r: usize) -> (MatMut<'a>, MatMut<'a>) {
-        let at = (r * self.row_stride).min(self.data.len());
-        let (top, bottom) = self.data.split_at_mut(at);
-        let top = MatMut {
-            data: top,
-            rows: r,
-            ..self
+        assert!(r <= self.rows);
+        let at = if r < self.rows {
+            r * self.row_stride
+        } else {
+            0
         };
+        // SAFETY: row r (when it exists) is inside the view; the two parts
+        // own disjoint rows.
+        let bottom = unsafe { self.ptr.add(at) };
+        let top = MatMut { rows: r, ..self };
         let bottom = MatMut {
-            data: bottom,
+            ptr: bottom,
             rows: self.rows - r,
             ..self
         };
         (top, bottom)
+    }
+
+    /// Splits into columns 0..c and columns c.. (two views that share no element).
+    fn split_cols(self, c: usize) -> (MatMut<'a>, MatMut<'a>) {
+        assert!(c <= self.cols);
+        let at = if c < self.cols { c } else { 0 };
+        // SAFETY: column c (when it exists) is inside the view; the two parts
+        // own disjoint columns of the same rows.
+        let right = unsafe { self.ptr.add(at) };
+        let left = MatMut { cols: c, ..self };
+        let right = MatMut {
+            ptr: right,
+            cols: self.cols - c,
+            ..self
+        };
+        (left, right)
     }
 }
 
@@ -213,7 +271,8 @@ pub fn matmul_packed(c: MatMut<'_>, a: Mat<'_>, w: PackedWeight<'_>, write: Writ
     static BEST: OnceLock<Kernel> = OnceLock::new();
     let kernel = *BEST.get_or_init(Kernel::best);
     let accumulate = write == Write::Accumulate;
-    by_row_blocks(c, a, w.inp * w.out, &|c, a| {
+    // Packed panels are not cut by columns: only tall products are split.
+    by_blocks(c, a, None, w.inp * w.out, &|c, a, _| {
         gemm::gemm_prepacked(c, a, w.data, accumulate, kernel)
     });
 }
@@ -236,16 +295,19 @@ fn matmul_with(c: MatMut<'_>, a: Mat<'_>, b: Mat<'_>, write: Write, kernel: Kern
     }
     if k == 0 {
         if write == Write::Overwrite {
-            for row in c.data.chunks_mut(c.row_stride).take(m) {
-                row[..n].fill(0.0);
+            let mut c = c;
+            for r in 0..m {
+                c.row_mut(r).fill(0.0);
             }
         }
         return;
     }
     let accumulate = write == Write::Accumulate;
     let path = Path::choose(m, k, b, kernel);
-    by_row_blocks(c, a, k * n, &|c, a| {
-        gemm::gemm(c, a, b, accumulate, kernel, path)
+    by_blocks(c, a, Some(b), k * n, &|c, a, b| {
+        if let Some(b) = b {
+            gemm::gemm(c, a, b, accumulate, kernel, path)
+        }
     });
 }
 
@@ -253,37 +315,79 @@ fn matmul_with(c: MatMut<'_>, a: Mat<'_>, b: Mat<'_>, write: Write, kernel: Kern
 /// a helper costs about a microsecond.
 const PARALLEL_MIN_WORK: usize = 1 << 17;
 
-/// Runs `product` on blocks of C's rows (with the matching rows of A), one
-/// block per intra-op thread when threads are on and the product has at least
-/// [`PARALLEL_MIN_WORK`] multiply-adds (`k_times_n` per row). Blocks start at
-/// multiples of the micro-kernel's MR rows, so every tile — and so every bit
-/// of the result — is the one a single thread computes.
-fn by_row_blocks(
+/// Runs `product` on parts of C, one per intra-op thread when threads are on
+/// and the product has at least [`PARALLEL_MIN_WORK`] multiply-adds
+/// (`k_times_n` per row). Tall products split C's rows (with A's), in blocks
+/// of whole MR-row tiles; products too short for that — the training step's
+/// few tokens — split C's columns (with B's), in multiples of NR, so each
+/// thread streams its own share of the weight. Every element is computed by
+/// the same arithmetic in the same order as on one thread, so every bit of
+/// the result is the same. Without `b` (B packed) only rows are split.
+fn by_blocks(
     c: MatMut<'_>,
     a: Mat<'_>,
+    b: Option<Mat<'_>>,
     k_times_n: usize,
-    product: &(dyn Fn(MatMut<'_>, Mat<'_>) + Sync),
+    product: &(dyn Fn(MatMut<'_>, Mat<'_>, Option<Mat<'_>>) + Sync),
 ) {
+    let threads = threads();
+    if threads <= 1 || c.rows * k_times_n < PARALLEL_MIN_WORK {
+        return product(c, a, b);
+    }
     // Parts of at least two tiles: thinner ones spend more on packing B —
     // which every part repeats — than they gain.
     let tiles = c.rows.div_ceil(gemm::MR);
-    let threads = threads().min(tiles / 2);
-    if threads <= 1 || c.rows * k_times_n < PARALLEL_MIN_WORK {
-        return product(c, a);
+    if tiles / 2 >= threads {
+        let rows = tiles.div_ceil(threads) * gemm::MR;
+        split(
+            c,
+            rows,
+            |c, n| c.rows.min(n),
+            MatMut::split_rows,
+            &|c, first| {
+                let rows = c.rows;
+                product(c, a.row_block(first, rows), b)
+            },
+        );
+    } else if let Some(b) = b.filter(|_| c.cols >= 2 * gemm::NR) {
+        let cols = c.cols.div_ceil(threads).next_multiple_of(gemm::NR);
+        split(
+            c,
+            cols,
+            |c, n| c.cols.min(n),
+            MatMut::split_cols,
+            &|c, first| {
+                let cols = c.cols;
+                product(c, a, Some(b.col_block(first, cols)))
+            },
+        );
+    } else {
+        product(c, a, b)
     }
-    let rows_per_part = tiles.div_ceil(threads) * gemm::MR;
-    let mut parts: [Option<(MatMut<'_>, Mat<'_>)>; MAX_THREADS] = Default::default();
-    let (mut rest, mut first_row) = (c, 0);
-    for part in &mut parts {
-        if rest.rows == 0 {
+}
+
+/// Cuts `c` into parts of `size` (rows or columns, as `take` and `cut` say)
+/// and runs `part(piece, its first row or column)` on the intra-op threads.
+fn split<'a>(
+    c: MatMut<'a>,
+    size: usize,
+    take: fn(&MatMut<'a>, usize) -> usize,
+    cut: fn(MatMut<'a>, usize) -> (MatMut<'a>, MatMut<'a>),
+    part: &(dyn Fn(MatMut<'_>, usize) + Sync),
+) {
+    let mut parts: [Option<(MatMut<'a>, usize)>; MAX_THREADS] = Default::default();
+    let (mut rest, mut first) = (Some(c), 0);
+    for slot in &mut parts {
+        let Some(r) = rest.take() else { break };
+        let n = take(&r, size);
+        if n == 0 {
             break;
         }
-        let rows = rows_per_part.min(rest.rows);
-        let (block, tail) = rest.split_rows(rows);
-        *part = Some((block, a.row_block(first_row, rows)));
-        (rest, first_row) = (tail, first_row + rows);
+        let (piece, tail) = cut(r, n);
+        *slot = Some((piece, first));
+        (rest, first) = (Some(tail), first + n);
     }
-    threads::run_parts(parts, &|(c, a)| product(c, a));
+    threads::run_parts(parts, &|(c, first)| part(c, first));
 }
 
 #[cfg(test)]

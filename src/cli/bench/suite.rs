@@ -597,7 +597,10 @@ mod tests {
         // Arithmetic 358,875,136 FLOP / 100 GFLOP/s = 3.589 ms > 12P bytes / 40 GB/s
         // = 2.140 ms; then AdamW's 28P bytes / 40 GB/s = 4.994 ms.
         let small = floor("scale_train_256", 1.0);
-        assert!((small - (3.588_751e-3 + 4.994_125e-3)).abs() < 1e-8, "{small}");
+        assert!(
+            (small - (3.588_751e-3 + 4.994_125e-3)).abs() < 1e-8,
+            "{small}"
+        );
         // Two cores halve both parts.
         assert!((floor("scale_train_256", 2.0) - small / 2.0).abs() < 1e-9);
         // Tiny's 8.7 MB working set streams from cache: 28P / 200 GB/s.
