@@ -83,10 +83,13 @@ TOL_LOSS = 1e-5  # |a − b| / |b|
 # the updated weights gate on the share of entries more than lr/1000 from ours
 # (≈ 1e-4 of them here; a wrong decay or bias correction moves nearly all).
 TOL_MOVED = 1e-3
-# Inductor mode (--compile-mode), the faster of "default" and
-# "max-autotune-no-cudagraphs" on these shapes here ("reduce-overhead" is
-# CUDA graphs, nothing on a CPU). The optimizer is AdamW(fused=True), CPU's
-# fastest: its one kernel beat the default for-each loop ~10× on tiny.
+# Inductor mode (--compile-mode). "default" was faster than
+# "max-autotune-no-cudagraphs" on the small train step and tied on the tiny one
+# in adjacent runs here, and compiles several times sooner ("reduce-overhead"
+# is CUDA graphs, nothing on a CPU); re-check with
+# `bench/peers/run --quick --compile-mode max-autotune-no-cudagraphs`. The
+# compiled step's optimizer is AdamW(fused=True): one kernel per group, several
+# times faster than the default per-tensor loop in a profile of the tiny step.
 TORCH_COMPILE_MODE = "default"
 
 PEER_NOTES = {
