@@ -589,7 +589,7 @@ def main():
                          f"(unless --scenario), {QUICK['rounds']} rounds of {QUICK['trials']} trials")
     ap.add_argument("--compile-mode", default=TORCH_COMPILE_MODE,
                     choices=["default", "max-autotune-no-cudagraphs", "max-autotune"],
-                    help="torch.compile mode of the torch.compile peer")
+                    help="mode of both torch.compile peers (routed and dense)")
     ap.add_argument("--json", help="write the results as JSON")
     ap.add_argument("--markdown", help="write the Markdown table")
     args = ap.parse_args()
