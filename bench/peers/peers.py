@@ -1,19 +1,38 @@
-"""rosetta-moe beside NumPy, PyTorch eager and JAX jit: the same model, the same
-weights, the same inputs, timed in interleaved rounds on one core.
+"""rosetta-moe beside NumPy, PyTorch eager, torch.compile and JAX jit: the same
+model, the same weights, the same inputs, timed in interleaved rounds on one core.
 
 Every peer first proves it computes our function: its logits on the scenario's
-batch must be within 1e-4 of `moe dump`'s on the same checkpoint. Then, round
+batch must be within 1e-4 of `moe dump`'s on the same checkpoint. A training
+peer also proves its step: its first step's loss must match `moe dump`'s within
+1e-5 (relative) and its updated weights ours (see `check_step`). Then, round
 after round, each implementation runs a few trials in turn (the order rotates),
 so that drift of this noisy machine hits all of them alike. We report medians
-and interquartile ranges of the per-run times and the ratio of medians.
+and interquartile ranges of the per-run times, the ratio of medians, and per
+scenario the best (fastest) peer. Compilation (torch.compile, jax.jit) happens
+before the rounds: it is excluded from the trials and reported on its own.
 
-The peers are plain, idiomatic versions of CONTRACT §3–§4 and §6:
-  * NumPy: forward only (it has no autograd), experts on their routed tokens.
-  * PyTorch eager: forward; train step = loss.backward(), clip_grad_norm_,
-    torch.optim.AdamW (decay on matrices only, as §6).
-  * JAX jit: the reference model of reference/moe_ref (every expert on every
-    token — jit needs static shapes — so it does E/k× the expert work), train
-    step = value_and_grad + clipping + AdamW in one jitted function.
+The peers are plain, idiomatic versions of CONTRACT §3–§4 and §6. What each
+does differently from rosetta-moe (see also PEER_NOTES, printed in the Markdown):
+  * NumPy: forward only (no autograd); experts on their routed tokens; RoPE
+    tables and the causal mask built once; K/V heads repeated for the grouped
+    queries and the full S×S score square computed, then masked.
+  * PyTorch eager: the same routed model in torch ops, RoPE tables built once;
+    forward = logits only, under inference_mode; train step = loss.backward(),
+    clip_grad_norm_, torch.optim.AdamW (defaults; decay on matrices only, §6).
+  * torch.compile: the eager model and step under torch.compile (Inductor:
+    C++ generated and built by the machine's compiler, g++), mode
+    TORCH_COMPILE_MODE (--compile-mode). Each expert's `nonzero` is traced
+    into the graph with a symbolic row count (capture_dynamic_output_shape_ops,
+    the fix Dynamo's own graph-break hint names): one graph, same routed work
+    as ours, no recompilation when routing changes. Train step = compiled
+    loss + AOTAutograd backward, clip_grad_norm_, AdamW(fused=True).
+  * torch.compile dense: the same with JAX's dense dispatch (every expert on
+    every token): static shapes, which Inductor may prefer, at E/k× the
+    expert work; the best peer is whichever of the two is faster.
+  * JAX jit: the reference model of reference/moe_ref. jit needs static
+    shapes, so it runs every expert on every token and keeps the top-k: E/k×
+    the expert work (2× here). Train step = value_and_grad + clipping + AdamW
+    in one jitted function with donated buffers.
 """
 
 import os
@@ -50,8 +69,46 @@ SCENARIOS = [
     *[(f"mem_scale_batch_{b}", "tiny", "forward", b, 32) for b in (1, 2, 4, 8)],
     *[(f"mem_scale_seq_{s}", "tiny", "forward", 2, s) for s in (8, 16, 32, 64)],
 ]
-TRAIN = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1,
-         "grad_clip": 1.0, "aux_loss_alpha": 0.01}
+# --quick: the four headline scenarios, few rounds (a check of the machinery).
+QUICK = {"scenarios": ["dispatch_warm", "mem_train_step", "scale_forward_256", "scale_train_256"],
+         "rounds": 2, "trials": 3, "warmup": 2}
+# Peak lr from step 1: `moe dump` is given warm-up 1 so that its step uses the
+# same constant lr as the peers' optimizers (CONTRACT §6 keys).
+TRAIN = {"lr": 1e-3, "warmup_steps": 1, "total_steps": 1, "beta1": 0.9, "beta2": 0.95,
+         "eps": 1e-8, "weight_decay": 0.1, "grad_clip": 1.0, "aux_loss_alpha": 0.01}
+TOL_LOGITS = 1e-4  # max |logit difference|
+TOL_LOSS = 1e-5  # |a − b| / |b|
+# AdamW's first step moves each weight by ≈ lr·sign(g): entries whose gradient
+# is at float32 rounding level may move either way (see reference parity), so
+# the updated weights gate on the share of entries more than lr/1000 from ours
+# (≈ 1e-4 of them here; a wrong decay or bias correction moves nearly all).
+TOL_MOVED = 1e-3
+# Inductor mode (--compile-mode). "default" was faster than
+# "max-autotune-no-cudagraphs" on the small train step and tied on the tiny one
+# in adjacent runs here, and compiles several times sooner ("reduce-overhead"
+# is CUDA graphs, nothing on a CPU); re-check with
+# `bench/peers/run --quick --compile-mode max-autotune-no-cudagraphs`. The
+# compiled step's optimizer is AdamW(fused=True): one kernel per group, several
+# times faster than the default per-tensor loop in a profile of the tiny step.
+TORCH_COMPILE_MODE = "default"
+
+PEER_NOTES = {
+    "NumPy": "forward only (no autograd); routed experts; RoPE tables and causal mask built "
+             "once; repeats K/V heads and computes the full S×S score square, then masks.",
+    "PyTorch eager": "routed experts (one `nonzero` per expert); RoPE tables built once; forward "
+                     "= logits only under `inference_mode`; train = backward, `clip_grad_norm_`, "
+                     "default `AdamW`.",
+    "torch.compile": "the eager model and step under `torch.compile` (Inductor C++), mode "
+                     "`{mode}`; each expert's `nonzero` traced into one graph "
+                     "(`capture_dynamic_output_shape_ops`): routed work as ours; train = compiled "
+                     "loss + AOTAutograd backward, `clip_grad_norm_`, `AdamW(fused=True)`. "
+                     "Compilation is excluded from the trials (first calls below).",
+    "torch.compile dense": "as torch.compile, with JAX's dense dispatch (every expert on every "
+                           "token, then the top k): static shapes, E/k = 2× the expert work.",
+    "JAX jit": "dense dispatch: every expert on every token (jit needs static shapes), "
+               "E/k = 2× the expert work; one jitted train step (grad, clip, AdamW) with "
+               "donated buffers.",
+}
 
 
 def inputs(batch, seq):
@@ -61,23 +118,22 @@ def inputs(batch, seq):
 
 
 def rope_tables(config, seq):
-    """cos θ, sin θ [S, d/2] in float64 (CONTRACT §3, NTK-scaled base when α > 1)."""
+    """cos θ, sin θ [1, S, 1, d/2] float32 for positions 0..S-1, built once per
+    peer like ours (CONTRACT §3, computed in float64, NTK-scaled base when α > 1)."""
     d, base, alpha = config["head_dim"], config["rope_base"], config["rope_alpha"]
     if alpha > 1:
         base = base * alpha ** (d / (d - 2))
     angles = np.arange(seq)[:, None] * base ** (-2.0 * np.arange(d // 2) / d)[None, :]
-    return np.cos(angles), np.sin(angles)
+    return tuple(np.float32(t)[None, :, None, :] for t in (np.cos(angles), np.sin(angles)))
 
 
 # ---------------------------------------------------------------- NumPy
 
-def numpy_forward(p, config, ids):
-    """Logits [B, S, V] of ids [B, S]."""
+def numpy_forward(p, config, ids, cos, sin, causal):
+    """Logits [B, S, V] of ids [B, S]; cos, sin [1, S, 1, d/2]; causal [S, S]."""
     B, S = ids.shape
     h, H, Hkv, d = config["hidden_dim"], config["n_heads"], config["n_kv_heads"], config["head_dim"]
     E, k = config["n_experts"], config["top_k"]
-    cos, sin = (t.astype(np.float32)[None, :, None, :] for t in rope_tables(config, S))
-    causal = np.tril(np.ones((S, S), dtype=bool))
 
     def norm(x, g):
         return g * (x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + RMS_EPS))
@@ -125,25 +181,26 @@ class NumPyPeer:
     def __init__(self, params, config, what, ids, targets):
         if what != "forward":
             raise NotImplementedError("NumPy has no autograd: forward only")
-        self.params, self.config, self.ids = params, config, ids
+        S = ids.shape[1]
+        self.args = (params, config, ids, *rope_tables(config, S), np.tri(S, dtype=bool))
 
     def logits(self):
-        return numpy_forward(self.params, self.config, self.ids)
+        return numpy_forward(*self.args)
 
     def run(self):
-        numpy_forward(self.params, self.config, self.ids)
+        numpy_forward(*self.args)
 
 
 # ---------------------------------------------------------------- PyTorch
 
-def torch_loss(torch, p, config, ids, targets, alpha):
-    """(total loss, logits) of ids [B, S] (tensors), CE + α·E·Σ_l Σ_e f_e·P_e."""
+def torch_forward(torch, p, config, ids, cos, sin, causal, balance, dense):
+    """Logits [B, S, V] of ids [B, S] and, when `balance`, Σ_l Σ_e f_e·P_e
+    (else 0); cos, sin [1, S, 1, d/2]; causal [S, S] bool. `dense` runs every
+    expert on every token (static shapes, E/k× the expert work)."""
     F = torch.nn.functional
     B, S = ids.shape
     h, H, Hkv, d = config["hidden_dim"], config["n_heads"], config["n_kv_heads"], config["head_dim"]
     E, k = config["n_experts"], config["top_k"]
-    cos, sin = (torch.tensor(t, dtype=torch.float32)[None, :, None, :] for t in rope_tables(config, S))
-    causal = torch.ones(S, S, dtype=torch.bool).tril()
 
     def norm(x, g):
         return g * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + RMS_EPS))
@@ -153,7 +210,7 @@ def torch_loss(torch, p, config, ids, targets, alpha):
         return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).reshape(x.shape)
 
     x = p["embed.weight"][ids]
-    aux = 0.0
+    balances = 0.0
     for l in range(config["n_layers"]):
         w = lambda name: p[f"layers.{l}.{name}.weight"]
         xn = norm(x, w("attn_norm"))
@@ -168,24 +225,35 @@ def torch_loss(torch, p, config, ids, targets, alpha):
         probs = torch.softmax(xn @ w("moe.router").T, dim=-1)
         top, chosen = torch.topk(probs, k, dim=-1)
         gates = top / top.sum(-1, keepdim=True)
-        out = torch.zeros_like(xn)
-        for e in range(E):
-            rows, slot = torch.nonzero(chosen == e, as_tuple=True)
-            if rows.numel():
-                ex = lambda name: w(f"moe.experts.{e}.{name}")
-                xe = xn[rows]
-                act = F.silu(xe @ ex("gate_proj").T) * (xe @ ex("up_proj").T)
-                out = out.index_add(0, rows, gates[rows, slot][:, None] * (act @ ex("down_proj").T))
+        expert = lambda e, xe: F.silu(xe @ w(f"moe.experts.{e}.gate_proj").T) * (
+            xe @ w(f"moe.experts.{e}.up_proj").T) @ w(f"moe.experts.{e}.down_proj").T
+        if dense:  # every expert on every token [T, E, h], then the top k of each
+            every = torch.stack([expert(e, xn) for e in range(E)], dim=1)
+            out = (gates[:, :, None] * every.gather(1, chosen[:, :, None].expand(-1, -1, h))).sum(1)
+        else:
+            out = torch.zeros_like(xn)
+            for e in range(E):
+                rows, slot = torch.nonzero(chosen == e, as_tuple=True)
+                out = out.index_add(0, rows, gates[rows, slot][:, None] * expert(e, xn[rows]))
         x = x + out.view(B, S, h)
-        f = torch.bincount(chosen.flatten(), minlength=E).to(xn.dtype) / (B * S * k)
-        aux = aux + alpha * E * torch.sum(f * probs.mean(0))
-    logits = norm(x, p["final_norm.weight"]) @ p["lm_head.weight"].T
-    ce = F.cross_entropy(logits.reshape(B * S, -1), targets.reshape(-1))
-    return ce + aux, logits
+        if balance:
+            # Routed share f_e by one-hot counts (static shape: no graph break).
+            f = F.one_hot(chosen, E).sum((0, 1)).to(xn.dtype) / (B * S * k)
+            balances = balances + torch.sum(f * probs.mean(0))
+    return norm(x, p["final_norm.weight"]) @ p["lm_head.weight"].T, balances
+
+
+def torch_loss(torch, p, config, ids, targets, cos, sin, causal, dense):
+    """(CE + α·E·Σ_l Σ_e f_e·P_e, logits) — CONTRACT §4."""
+    logits, balances = torch_forward(torch, p, config, ids, cos, sin, causal, True, dense)
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    return ce + TRAIN["aux_loss_alpha"] * config["n_experts"] * balances, logits
 
 
 class TorchPeer:
-    name = "PyTorch"
+    """PyTorch eager; TorchCompilePeer overrides `compile` and the optimizer."""
+    name = "PyTorch eager"
+    fused, dense = False, False
 
     def __init__(self, params, config, what, ids, targets):
         import torch
@@ -193,32 +261,74 @@ class TorchPeer:
         torch.set_num_threads(1)
         self.torch, self.config, self.what = torch, config, what
         self.p = {n: torch.tensor(v, requires_grad=what == "train") for n, v in params.items()}
-        self.ids, self.targets = torch.tensor(ids), torch.tensor(targets)
+        S = ids.shape[1]
+        cos, sin = (torch.from_numpy(t) for t in rope_tables(config, S))
+        ids, targets, causal = torch.tensor(ids), torch.tensor(targets), torch.ones(S, S).tril() > 0
+        self.forward_args, self.loss_args = (ids, cos, sin, causal), (ids, targets, cos, sin, causal)
+        dense = self.dense
+        self.forward = self.compile(
+            lambda p, ids, cos, sin, causal: torch_forward(torch, p, config, ids, cos, sin, causal,
+                                                           False, dense)[0])
+        self.loss = self.compile(
+            lambda p, ids, targets, cos, sin, causal: torch_loss(torch, p, config, ids, targets,
+                                                                 cos, sin, causal, dense))
         if what == "train":
             matrices = [t for t in self.p.values() if t.ndim == 2]
             vectors = [t for t in self.p.values() if t.ndim != 2]
             self.opt = torch.optim.AdamW(
                 [{"params": matrices, "weight_decay": TRAIN["weight_decay"]},
                  {"params": vectors, "weight_decay": 0.0}],
-                lr=TRAIN["lr"], betas=(TRAIN["beta1"], TRAIN["beta2"]), eps=TRAIN["eps"])
+                lr=TRAIN["lr"], betas=(TRAIN["beta1"], TRAIN["beta2"]), eps=TRAIN["eps"],
+                **({"fused": True} if self.fused else {}))
+
+    def compile(self, fn):
+        return fn
 
     def logits(self):
-        with self.torch.no_grad():
-            return self._loss()[1].numpy()
-
-    def _loss(self):
-        return torch_loss(self.torch, self.p, self.config, self.ids, self.targets,
-                          TRAIN["aux_loss_alpha"])
+        if self.what == "forward":
+            with self.torch.inference_mode():
+                return self.forward(self.p, *self.forward_args).numpy()
+        # With grad on, as in the step (no_grad would be a second compilation).
+        return self.loss(self.p, *self.loss_args)[1].detach().numpy()
 
     def run(self):
+        """One forward (logits only) or one train step; the step returns its loss."""
         if self.what == "forward":
-            with self.torch.no_grad():
-                self._loss()
-            return
+            with self.torch.inference_mode():
+                self.forward(self.p, *self.forward_args)
+            return None
         self.opt.zero_grad(set_to_none=True)
-        self._loss()[0].backward()
+        loss = self.loss(self.p, *self.loss_args)[0]
+        loss.backward()
         self.torch.nn.utils.clip_grad_norm_(self.p.values(), TRAIN["grad_clip"])
         self.opt.step()
+        return loss.detach()
+
+    def weights(self):
+        return {n: t.detach().numpy() for n, t in self.p.items()}
+
+
+class TorchCompilePeer(TorchPeer):
+    name = "torch.compile"
+    fused, dense, mode = True, False, TORCH_COMPILE_MODE
+
+    def __init__(self, *args):
+        import torch
+
+        # Trace `nonzero` into the graph (its row count a symbolic size) rather
+        # than break the graph at each expert: a break inside the layer loop
+        # makes Dynamo run the whole forward eagerly.
+        torch._dynamo.config.capture_dynamic_output_shape_ops = True
+        super().__init__(*args)
+
+    def compile(self, fn):
+        return self.torch.compile(fn, mode=self.mode)
+
+
+class TorchCompileDensePeer(TorchCompilePeer):
+    """torch.compile of the JAX-style dense dispatch: static shapes, E/k× the expert work."""
+    name = "torch.compile dense"
+    dense = True
 
 
 # ---------------------------------------------------------------- JAX
@@ -240,11 +350,12 @@ class JaxPeer:
             return
 
         def step(p, m, v, t, ids, targets):
-            grads = jax.grad(lambda q: model.loss(q, config, ids, targets, alpha)[0])(p)
+            loss, grads = jax.value_and_grad(
+                lambda q: model.loss(q, config, ids, targets, alpha)[0])(p)
             norm = jnp.sqrt(sum(jnp.sum(g * g) for g in grads.values()))
             scale = jnp.minimum(1.0, TRAIN["grad_clip"] / (norm + 1e-6))
             b1, b2, lr = TRAIN["beta1"], TRAIN["beta2"], TRAIN["lr"]
-            out = ({}, {}, {})
+            out = ({}, {}, {}, loss)
             for n, w in p.items():
                 g = grads[n] * scale
                 mn = b1 * m[n] + (1 - b1) * g
@@ -264,13 +375,18 @@ class JaxPeer:
         return np.asarray(self.forward(self.p, self.ids))
 
     def run(self):
+        """One forward or one train step; the step returns its loss (a device array)."""
         if self.what == "forward":
             self.forward(self.p, self.ids).block_until_ready()
-            return
+            return None
         self.t += 1
-        self.p, self.m, self.v = self.step(self.p, self.m, self.v, float(self.t),
-                                           self.ids, self.targets)
+        self.p, self.m, self.v, loss = self.step(self.p, self.m, self.v, float(self.t),
+                                                 self.ids, self.targets)
         self.jax.block_until_ready(self.p)
+        return loss
+
+    def weights(self):
+        return {n: np.asarray(w) for n, w in self.p.items()}
 
 
 # ---------------------------------------------------------------- rosetta-moe
@@ -281,7 +397,6 @@ class RustPeer:
 
     def __init__(self, moe, scenario, trials):
         self.moe, self.scenario, self.trials = moe, scenario, trials
-        self.batch_times = []
 
     def run_round(self):
         out = subprocess.run(
@@ -306,14 +421,56 @@ def checkpoint(moe, work, config):
     return out
 
 
-def our_logits(moe, work, ckpt, batch, seq):
+def our_dump(moe, work, ckpt, batch, seq):
+    """`moe dump` of the scenario's batch: logits, loss.total, after.* (one step at lr)."""
     ids, targets = inputs(batch, seq)
     batch_file = work / f"batch_{batch}_{seq}.json"
     batch_file.write_text(json.dumps({"ids": ids.tolist(), "targets": targets.tolist()}))
+    train_file = work / "train.json"
+    train_file.write_text(json.dumps(TRAIN))
     dump = work / f"dump_{ckpt.name}_{batch}_{seq}.safetensors"
     subprocess.run([moe, "dump", "--checkpoint", str(ckpt), "--batch", str(batch_file),
-                    "--out", str(dump)], check=True, capture_output=True)
-    return load_file(dump)["logits"]
+                    "--train", str(train_file), "--out", str(dump)], check=True, capture_output=True)
+    return load_file(dump)
+
+
+def check_step(peer, dump):
+    """Runs the peer's first train step; its loss and updated weights against ours.
+
+    Loss: relative error ≤ TOL_LOSS. Weights: at most a TOL_MOVED share of the
+    entries may differ by more than lr/1000 (a rounding-level gradient whose
+    sign flipped); the largest difference is reported."""
+    loss = float(peer.run())
+    ours = float(dump["loss.total"][0])
+    loss_err = abs(loss - ours) / abs(ours)
+    after = peer.weights()
+    moved = sum(int(np.count_nonzero(np.abs(w - dump[f"after.{n}"]) > TRAIN["lr"] / 1000))
+                for n, w in after.items())
+    share = moved / sum(w.size for w in after.values())
+    worst = max(float(np.max(np.abs(w - dump[f"after.{n}"]))) for n, w in after.items())
+    if not (loss_err <= TOL_LOSS and share <= TOL_MOVED):
+        sys.exit(f"{peer.name}'s train step differs from ours: loss rel. error {loss_err:.3g} "
+                 f"(≤ {TOL_LOSS:g}), {share:.3g} of weights moved differently (≤ {TOL_MOVED:g})")
+    return {"loss_rel_err": loss_err, "max_abs_weight_diff": worst, "weights_moved_differently": share}
+
+
+def prove(peer, what, reference, dump, args):
+    """Checks the peer against `moe dump`, then warms it up; returns the JSON facts."""
+    start = time.perf_counter()
+    diff = float(np.max(np.abs(peer.logits() - reference)))
+    if not diff <= TOL_LOGITS:
+        sys.exit(f"{peer.name} computes a different function: "
+                 f"max |logit difference| = {diff:.3g} > {TOL_LOGITS:g}")
+    facts = {"max_abs_logit_diff": diff}
+    if what == "train":
+        facts |= check_step(peer, dump)
+    first = time.perf_counter() - start
+    for _ in range(args.warmup):
+        peer.run()
+    # Checking and warming up include compilation (torch.compile, jax.jit).
+    facts["first_calls_s"] = first
+    facts["warmup_s"] = time.perf_counter() - start - first
+    return facts
 
 
 def measure(scenario, config_name, what, batch, seq, args, moe, work, peers):
@@ -321,9 +478,11 @@ def measure(scenario, config_name, what, batch, seq, args, moe, work, peers):
     config = json.loads((ckpt / "config.json").read_text())
     params = load_file(ckpt / "model.safetensors")
     ids, targets = inputs(batch, seq)
-    reference = our_logits(moe, work, ckpt, batch, seq)
+    dump = our_dump(moe, work, ckpt, batch, seq)
     row = {"scenario": scenario, "config": config_name, "op": what, "batch": batch,
            "seq_len": seq, "results": {}}
+    if "torch" in sys.modules:  # fresh torch.compile caches: no recompilation limit reached
+        sys.modules["torch"]._dynamo.reset()
     runners = []
     for cls in peers:
         try:
@@ -331,13 +490,7 @@ def measure(scenario, config_name, what, batch, seq, args, moe, work, peers):
         except NotImplementedError as e:
             row["results"][cls.name] = {"skipped": str(e)}
             continue
-        diff = float(np.max(np.abs(peer.logits() - reference)))
-        if not diff <= 1e-4:
-            sys.exit(f"{cls.name} computes a different function on {scenario}: "
-                     f"max |logit difference| = {diff:.3g} > 1e-4")
-        for _ in range(args.warmup):
-            peer.run()
-        row["results"][cls.name] = {"max_abs_logit_diff": diff}
+        row["results"][cls.name] = prove(peer, what, dump["logits"], dump, args)
         runners.append(peer)
     ours = RustPeer(moe, scenario, args.trials)
     times = {ours.name: []} | {p.name: [] for p in runners}
@@ -358,6 +511,9 @@ def measure(scenario, config_name, what, batch, seq, args, moe, work, peers):
     ours_med = row["results"][ours.name]["median_ms"]
     for name in times:
         row["results"][name]["ratio_to_ours"] = row["results"][name]["median_ms"] / ours_med
+    best = min((n for n in times if n != ours.name), key=lambda n: row["results"][n]["median_ms"])
+    row["best_peer"] = {"name": best, "median_ms": row["results"][best]["median_ms"],
+                        "ratio_to_ours": row["results"][best]["ratio_to_ours"]}
     return row
 
 
@@ -370,20 +526,24 @@ def versions():
 
 
 def markdown(report):
-    names = ["rosetta-moe", "NumPy", "PyTorch", "JAX jit"]
+    names = ["rosetta-moe", "NumPy", "PyTorch eager", "torch.compile", "torch.compile dense",
+             "JAX jit"]
     lines = [
-        "# rosetta-moe beside NumPy, PyTorch and JAX",
+        "# rosetta-moe beside NumPy, PyTorch (eager and torch.compile) and JAX",
         "",
         f"Generated by `{report['command']}` on {report['date']}, "
         f"{report['cpu']}, one core pinned for every implementation. "
-        + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ".",
+        + ", ".join(f"{k} {v}" for k, v in report["versions"].items())
+        + f"; torch.compile mode `{report['torch_compile_mode']}`.",
         "",
         "Medians over interleaved rounds (IQR in brackets), milliseconds per run. "
-        "Each peer's logits matched `moe dump`'s within 1e-4 before it was timed. "
-        "\"×\" is the peer's median over ours: how many times faster rosetta-moe is.",
+        "Each peer's logits matched `moe dump`'s within 1e-4 before it was timed, and each "
+        "training peer's first step matched our loss and updated weights. "
+        "\"×\" is the peer's median over ours: how many times faster rosetta-moe is. "
+        "**best peer** is the fastest peer of the row and rosetta-moe's speed-up over it.",
         "",
-        "| scenario | op | " + " | ".join(names) + " |",
-        "|---|---|" + "---|" * len(names),
+        "| scenario | op | " + " | ".join(names) + " | best peer |",
+        "|---|---|" + "---|" * (len(names) + 1),
     ]
     for row in report["rows"]:
         cells = []
@@ -395,16 +555,24 @@ def markdown(report):
                 cells.append(f"{r['median_ms']:.3f} ({r['iqr_ms']:.3f})")
             else:
                 cells.append(f"{r['median_ms']:.3f} ({r['iqr_ms']:.3f}) {r['ratio_to_ours']:.1f}×")
+        best = row["best_peer"]
+        cells.append(f"**{best['ratio_to_ours']:.2f}×** ({best['name']})")
         what = f"{row['config']} {row['op']} B{row['batch']} S{row['seq_len']}"
         lines.append(f"| `{row['scenario']}` | {what} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "Notes: NumPy has no autograd, so it runs forwards only. The JAX peer is the",
-        "reference model of `reference/moe_ref`, which runs every expert on every token",
-        "(jit needs static shapes), E/k = 2× the expert FLOPs of the others. PyTorch is",
-        "eager (no torch.compile), with `torch.set_num_threads(1)`.",
-        "",
-    ]
+    lines += ["", "Compilation and first calls (excluded from the trials), seconds:", "",
+              "| scenario | " + " | ".join(names[1:]) + " |", "|---|" + "---|" * (len(names) - 1)]
+    for row in report["rows"]:
+        cells = [f"{r['first_calls_s']:.2f}" if "first_calls_s" in (r := row["results"].get(n, {}))
+                 else "—" for n in names[1:]]
+        lines.append(f"| `{row['scenario']}` | " + " | ".join(cells) + " |")
+    lines += ["", "What each peer does differently from rosetta-moe:", ""]
+    lines += [f"- **{n}**: {note.format(mode=report['torch_compile_mode'])}"
+              for n, note in PEER_NOTES.items()]
+    lines += ["", "A training peer's check runs its first step from our initial weights at lr "
+              f"{TRAIN['lr']:g} and compares the loss (relative error ≤ {TOL_LOSS:g}) and the "
+              f"updated weights (at most {TOL_MOVED:g} of the entries may differ by more than lr/1000: "
+              "AdamW's first step moves a weight by ≈ lr·sign(g), whichever way a rounding-level "
+              "gradient points).", ""]
     return "\n".join(lines)
 
 
@@ -414,29 +582,44 @@ def main():
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per scenario")
     ap.add_argument("--trials", type=int, default=5, help="timed runs per implementation per round")
     ap.add_argument("--warmup", type=int, default=3, help="untimed runs before the rounds")
-    ap.add_argument("--scenario", default="", help="only scenarios whose id contains this")
+    ap.add_argument("--scenario", default="",
+                    help="only scenarios whose id contains one of these (comma-separated)")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"a short check of the machinery: {', '.join(QUICK['scenarios'])} "
+                         f"(unless --scenario), {QUICK['rounds']} rounds of {QUICK['trials']} trials")
+    ap.add_argument("--compile-mode", default=TORCH_COMPILE_MODE,
+                    choices=["default", "max-autotune-no-cudagraphs", "max-autotune"],
+                    help="mode of both torch.compile peers (routed and dense)")
     ap.add_argument("--json", help="write the results as JSON")
     ap.add_argument("--markdown", help="write the Markdown table")
     args = ap.parse_args()
-    peers = [NumPyPeer, TorchPeer, JaxPeer]
+    if args.quick:
+        args.rounds, args.trials, args.warmup = QUICK["rounds"], QUICK["trials"], QUICK["warmup"]
+    wanted = [s for s in args.scenario.split(",") if s]
+    chosen = [spec for spec in SCENARIOS
+              if (any(w in spec[0] for w in wanted) if wanted
+                  else not args.quick or spec[0] in QUICK["scenarios"])]
+    if not chosen:
+        sys.exit(f"no scenario matches {args.scenario!r}: {', '.join(s[0] for s in SCENARIOS)}")
+    TorchCompilePeer.mode = args.compile_mode
+    peers = [NumPyPeer, TorchPeer, TorchCompilePeer, TorchCompileDensePeer, JaxPeer]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for spec in SCENARIOS:
-            if args.scenario not in spec[0]:
-                continue
+        for spec in chosen:
             print(f"{spec[0]}: checking and timing…", file=sys.stderr, flush=True)
             row = measure(*spec, args, args.moe, Path(tmp), peers)
             rows.append(row)
             summary = "  ".join(
                 f"{n} {r['median_ms']:.3f} ms" + (f" ({r['ratio_to_ours']:.1f}×)" if n != "rosetta-moe" else "")
                 for n, r in row["results"].items() if "median_ms" in r)
-            print(f"  {summary}", flush=True)
+            print(f"  {summary}", file=sys.stderr, flush=True)
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
                "unknown CPU")
     report = {"command": "bench/peers/run " + " ".join(sys.argv[3:]).strip(),
               "date": time.strftime("%Y-%m-%d", time.gmtime()), "cpu": cpu,
-              "versions": versions(), "rounds": args.rounds, "trials_per_round": args.trials,
-              "rows": rows}
+              "versions": versions(), "torch_compile_mode": args.compile_mode,
+              "rounds": args.rounds,
+              "trials_per_round": args.trials, "rows": rows}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     if args.markdown:
