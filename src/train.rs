@@ -1,8 +1,9 @@
 //! One training step: forward → loss → backward → clip → AdamW (CONTRACT §6).
 
+use crate::batch::Batch;
 use crate::config::TrainConfig;
 use crate::error::{MoeError, Result};
-use crate::model::{Batch, Losses, Model};
+use crate::model::{Losses, Model};
 use crate::optim::{self, AdamW};
 
 /// What one training step reports.
