@@ -468,9 +468,4 @@ impl KvCache {
     pub fn capacity(&self) -> usize {
         self.capacity
     }
-
-    /// Forgets every position (keeps the memory).
-    pub fn clear(&mut self) {
-        self.len = 0;
-    }
 }
