@@ -140,9 +140,11 @@ fn route(acts: &mut MoeActs, tokens: usize, dims: MoeDims) {
     acts.mean_probs.fill(0.0);
     for t in 0..tokens {
         let p = &acts.probs[t * n_experts..(t + 1) * n_experts];
+        // P_e = (1/T)·Σ_t p_{t,e} (the division follows the loop).
         for (m, &pe) in acts.mean_probs.iter_mut().zip(p) {
             *m += pe;
         }
+        // Top-k: the j-th pick is the most probable expert not yet taken.
         let chosen = &mut acts.experts[t * k..(t + 1) * k];
         for j in 0..k {
             let mut best: Option<usize> = None;
@@ -228,20 +230,24 @@ impl Router<'_> {
             let gates = &acts.gates[t * k..(t + 1) * k];
             let dgates = &scratch.dgates[t * k..(t + 1) * k];
             let dp = &mut scratch.dprobs;
+            // Aux loss: dp_e = α·E/T · f_e, f_e = counts_e/(T·k).
             for (dp, &c) in dp.iter_mut().zip(&acts.counts) {
                 *dp = aux_scale * (c as f32 / slots);
             }
+            // Gates: dp_{e_i} += (dw_i − Σ_j w_j·dw_j) / Σ_j p_{e_j}.
             let kept: f32 = chosen.iter().map(|&e| p[e as usize]).sum();
             let w_dot_dw = kernels::dot(gates, dgates);
             for (&e, &dw) in chosen.iter().zip(dgates) {
                 dp[e as usize] += (dw - w_dot_dw) / kept;
             }
+            // Softmax: dr_e = p_e·(dp_e − Σ_e' p_e'·dp_e').
             let p_dot_dp = kernels::dot(p, dp);
             let dr = &mut scratch.drouter[t * n_experts..(t + 1) * n_experts];
             for ((dr, &p), &dp) in dr.iter_mut().zip(p).zip(dp.iter()) {
                 *dr = p * (dp - p_dot_dp);
             }
         }
+        // r = xn·W_rᵀ: dW_r = drᵀ·xn, dxn += dr·W_r.
         let dr = &scratch.drouter[..tokens * n_experts];
         let xn = &acts.xn[..dxn.len()];
         self.weight.backward(dxn, dr, xn, Write::Accumulate, grads);
