@@ -2,10 +2,11 @@
 //! (`generate`, one position per token) and by recomputing the whole prefix
 //! for every token (what a model without a cache must do).
 //!
-//!     cargo run --release --example generation_speed
+//!     cargo run --release --example generation_speed [-- --json FILE]
 //!
-//! Prints a table and, last, one JSON line with every figure. Greedy decoding
-//! from an 8-token prompt; both ways must produce the same tokens.
+//! Prints a table and, last, one JSON line with every figure (also written to
+//! FILE with `--json`; the README quotes docs/generation-speed.json). Greedy
+//! decoding from an 8-token prompt; both ways must produce the same tokens.
 
 use std::time::Instant;
 
@@ -44,7 +45,21 @@ fn time(mut f: impl FnMut() -> Result<Vec<u32>>) -> Result<(f64, Vec<u32>)> {
     Ok((secs[RUNS / 2], out))
 }
 
+/// The file named by `--json FILE`, if any.
+fn json_path() -> Option<std::path::PathBuf> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.as_slice() {
+        [] => None,
+        [flag, path] if flag == "--json" => Some(path.into()),
+        _ => {
+            eprintln!("usage: generation_speed [--json FILE]");
+            std::process::exit(2);
+        }
+    }
+}
+
 fn main() -> Result<()> {
+    let out = json_path();
     kernels::set_threads(1);
     let mut json = Vec::new();
     println!(
@@ -72,6 +87,10 @@ fn main() -> Result<()> {
             cached_tps / recompute_tps
         ));
     }
-    println!("[{}]", json.join(","));
+    let json = format!("[{}]\n", json.join(","));
+    print!("{json}");
+    if let Some(path) = out {
+        std::fs::write(&path, &json).map_err(|e| rosetta_moe::MoeError::io(&path, e))?;
+    }
     Ok(())
 }

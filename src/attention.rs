@@ -7,6 +7,8 @@
 
 use crate::config::ModelConfig;
 use crate::kernels::{self, Mat, MatMut, Write};
+use crate::layers::{Linear, Rope, RopeDirection, Shape, Weights};
+use crate::params::{Grads, LayerRanges};
 
 /// The sizes attention needs.
 #[derive(Debug, Clone, Copy)]
@@ -180,6 +182,251 @@ pub fn attention_backward(
     }
 }
 
+impl AttnDims {
+    /// Width of the queries of one token, H·d.
+    pub fn q_width(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+
+    /// Width of the keys (or values) of one token, Hkv·d.
+    pub fn kv_width(&self) -> usize {
+        self.n_heads / self.group * self.head_dim
+    }
+
+    /// Width of one row of the fused projection output q|k|v, (H + 2·Hkv)·d.
+    pub fn qkv_width(&self) -> usize {
+        self.q_width() + 2 * self.kv_width()
+    }
+}
+
+impl<'a> Qkv<'a> {
+    /// The view of S rows of the fused projection output q|k|v [S, (H + 2·Hkv)·d].
+    pub fn fused(rows: &'a [f32], dims: AttnDims) -> Self {
+        let (width, k_col) = (dims.qkv_width(), dims.q_width());
+        Qkv {
+            q: rows,
+            q_stride: width,
+            k: &rows[k_col..],
+            v: &rows[k_col + dims.kv_width()..],
+            kv_stride: width,
+        }
+    }
+}
+
+impl<'a> QkvGrad<'a> {
+    /// The gradient of S rows of q|k|v, laid out like [`Qkv::fused`].
+    pub fn fused(rows: &'a mut [f32], dims: AttnDims) -> Self {
+        QkvGrad {
+            buf: rows,
+            stride: dims.qkv_width(),
+            k_col: dims.q_width(),
+            v_col: dims.q_width() + dims.kv_width(),
+        }
+    }
+}
+
+/// Where attention finds its keys and values.
+pub enum KvSource<'c> {
+    /// Keys and values of the current batch only (training, full forward).
+    Batch,
+    /// One layer's KV cache for one sequence, holding `offset` earlier positions.
+    Cache {
+        /// Keys [capacity, Hkv·d].
+        keys: &'c mut [f32],
+        /// Values [capacity, Hkv·d].
+        values: &'c mut [f32],
+        /// Positions already cached.
+        offset: usize,
+    },
+}
+
+impl KvSource<'_> {
+    /// Position of the first new token.
+    pub fn offset(&self) -> usize {
+        match self {
+            KvSource::Batch => 0,
+            KvSource::Cache { offset, .. } => *offset,
+        }
+    }
+
+    /// The queries, keys and values one sequence's attention reads, from S rows
+    /// of q|k|v: the rows themselves, or (with a cache) the rows' keys and
+    /// values appended to the cache first, then all L = offset + S of them.
+    fn view<'s>(&'s mut self, rows: &'s [f32], dims: AttnDims) -> Qkv<'s> {
+        let KvSource::Cache {
+            keys,
+            values,
+            offset,
+        } = self
+        else {
+            return Qkv::fused(rows, dims);
+        };
+        let (k_col, kv_dim) = (dims.q_width(), dims.kv_width());
+        let width = dims.qkv_width();
+        for (s, row) in rows.chunks_exact(width).enumerate() {
+            let at = (*offset + s) * kv_dim;
+            keys[at..at + kv_dim].copy_from_slice(&row[k_col..k_col + kv_dim]);
+            values[at..at + kv_dim].copy_from_slice(&row[k_col + kv_dim..]);
+        }
+        let filled = (*offset + rows.len() / width) * kv_dim;
+        Qkv {
+            q: rows,
+            q_stride: width,
+            k: &keys[..filled],
+            v: &values[..filled],
+            kv_stride: kv_dim,
+        }
+    }
+}
+
+/// What the attention sublayer saves for backward, for T tokens.
+#[derive(Debug, Default, Clone)]
+pub struct AttnActs {
+    /// Its input, RMSNorm_attn(x) [T, h].
+    pub xn: Vec<f32>,
+    /// Fused projection output q|k|v [T, (H + 2·Hkv)·d], q and k rotated.
+    pub qkv: Vec<f32>,
+    /// Attention weights [B, H, S, L].
+    pub probs: Vec<f32>,
+    /// Attention output before o_proj [T, H·d].
+    pub out: Vec<f32>,
+}
+
+impl AttnActs {
+    /// Sizes the buffers for `shape` attending over `keys` positions.
+    pub fn plan(&mut self, shape: Shape, keys: usize, hidden: usize, dims: AttnDims) {
+        let tokens = shape.tokens();
+        self.xn.resize(tokens * hidden, 0.0);
+        self.qkv.resize(tokens * dims.qkv_width(), 0.0);
+        self.probs.resize(tokens * dims.n_heads * keys, 0.0);
+        self.out.resize(tokens * dims.q_width(), 0.0);
+    }
+}
+
+/// Scratch of the attention backward.
+#[derive(Debug, Default, Clone)]
+pub struct AttnScratch {
+    /// dL/d(attention output before o_proj) [T, H·d].
+    dout: Vec<f32>,
+    /// dL/d(q|k|v) [T, (H + 2·Hkv)·d].
+    dqkv: Vec<f32>,
+    /// dL/dP, then dL/d(scores), of one head [S, S].
+    dprobs: Vec<f32>,
+}
+
+impl AttnScratch {
+    /// Sizes the buffers for `shape`.
+    pub fn plan(&mut self, shape: Shape, dims: AttnDims) {
+        let tokens = shape.tokens();
+        self.dout.resize(tokens * dims.q_width(), 0.0);
+        self.dqkv.resize(tokens * dims.qkv_width(), 0.0);
+        self.dprobs.resize(shape.seq * shape.seq, 0.0);
+    }
+}
+
+/// One layer's attention: `attn.{q,k,v}_proj` (fused) and `attn.o_proj`,
+/// with the RoPE tables.
+#[derive(Debug, Clone)]
+pub struct Attention<'a> {
+    /// `q_proj`, `k_proj`, `v_proj` stacked: [(H + 2·Hkv)·d, h].
+    pub qkv_proj: Linear<'a>,
+    /// `o_proj` [h, H·d].
+    pub o_proj: Linear<'a>,
+    /// Rotary-embedding tables.
+    pub rope: &'a Rope,
+    /// Head counts and size.
+    pub dims: AttnDims,
+}
+
+impl<'a> Attention<'a> {
+    /// The attention of the layer at `ranges`.
+    pub fn new(
+        weights: Weights<'a>,
+        ranges: &LayerRanges,
+        config: &ModelConfig,
+        rope: &'a Rope,
+    ) -> Self {
+        let dims = AttnDims::new(config);
+        let h = config.hidden_dim;
+        Attention {
+            qkv_proj: Linear::new(weights, &ranges.qkv, dims.qkv_width(), h),
+            o_proj: Linear::new(weights, &ranges.o_proj, h, dims.q_width()),
+            rope,
+            dims,
+        }
+    }
+
+    /// x [T, h] += Attn(acts.xn): q|k|v = xn·W_qkvᵀ, RoPE on q and k, causal
+    /// attention per sequence (over `kv`), then x += out·W_oᵀ.
+    pub fn forward(&self, x: &mut [f32], acts: &mut AttnActs, shape: Shape, mut kv: KvSource<'_>) {
+        let (dims, seq, tokens) = (self.dims, shape.seq, shape.tokens());
+        let (width, q_width) = (dims.qkv_width(), dims.q_width());
+        let qkv = &mut acts.qkv[..tokens * width];
+        self.qkv_proj
+            .forward(qkv, &acts.xn[..x.len()], Write::Overwrite);
+        let offset = kv.offset();
+        self.rotate(qkv, seq, offset, RopeDirection::Forward);
+        let per_seq_probs = dims.n_heads * seq * (offset + seq);
+        for b in 0..shape.batch {
+            let view = kv.view(&qkv[b * seq * width..(b + 1) * seq * width], dims);
+            let out = &mut acts.out[b * seq * q_width..(b + 1) * seq * q_width];
+            let probs = &mut acts.probs[b * per_seq_probs..(b + 1) * per_seq_probs];
+            attention_forward(out, probs, view, seq, offset, dims);
+        }
+        // x += out · W_oᵀ (the residual)
+        self.o_proj
+            .forward(x, &acts.out[..tokens * q_width], Write::Accumulate);
+    }
+
+    /// Backward from dout [T, h] = dL/d(the sublayer's output): dxn [T, h] =
+    /// dL/d(acts.xn) (overwritten), dW_o then dW_qkv into `grads`. Fresh
+    /// sequences only (offset 0): training does not use a cache.
+    pub fn backward(
+        &self,
+        dxn: &mut [f32],
+        dout: &[f32],
+        acts: &AttnActs,
+        scratch: &mut AttnScratch,
+        grads: &mut Grads<'_>,
+        shape: Shape,
+    ) {
+        let (dims, seq, tokens) = (self.dims, shape.seq, shape.tokens());
+        let (width, q_width) = (dims.qkv_width(), dims.q_width());
+        let dattn = &mut scratch.dout[..tokens * q_width];
+        self.o_proj.backward(
+            dattn,
+            dout,
+            &acts.out[..tokens * q_width],
+            Write::Overwrite,
+            grads,
+        );
+        let dqkv = &mut scratch.dqkv[..tokens * width];
+        let per_seq_probs = dims.n_heads * seq * seq;
+        for b in 0..shape.batch {
+            let view = Qkv::fused(&acts.qkv[b * seq * width..(b + 1) * seq * width], dims);
+            let grad = QkvGrad::fused(&mut dqkv[b * seq * width..(b + 1) * seq * width], dims);
+            let probs = &acts.probs[b * per_seq_probs..(b + 1) * per_seq_probs];
+            let dout_b = &dattn[b * seq * q_width..(b + 1) * seq * q_width];
+            attention_backward(grad, &mut scratch.dprobs, dout_b, probs, view, seq, dims);
+        }
+        // RoPE backward: the inverse rotation Rᵀ of dq and dk.
+        self.rotate(dqkv, seq, 0, RopeDirection::Backward);
+        let xn = &acts.xn[..dxn.len()];
+        self.qkv_proj
+            .backward(dxn, dqkv, xn, Write::Overwrite, grads);
+    }
+
+    /// Rotates the q and k heads of every row of q|k|v [T, (H + 2·Hkv)·d] (not
+    /// v): row t is at position offset + t mod S.
+    fn rotate(&self, qkv: &mut [f32], seq: usize, offset: usize, direction: RopeDirection) {
+        let qk_width = self.dims.q_width() + self.dims.kv_width();
+        for (t, row) in qkv.chunks_exact_mut(self.dims.qkv_width()).enumerate() {
+            self.rope
+                .rotate(&mut row[..qk_width], offset + t % seq, direction);
+        }
+    }
+}
+
 /// Keys and values of every position seen so far, for every layer: each new
 /// token costs one position instead of a full recompute.
 #[derive(Debug, Clone)]
@@ -220,10 +467,5 @@ impl KvCache {
     /// Positions the cache can hold.
     pub fn capacity(&self) -> usize {
         self.capacity
-    }
-
-    /// Forgets every position (keeps the memory).
-    pub fn clear(&mut self) {
-        self.len = 0;
     }
 }

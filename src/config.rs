@@ -268,7 +268,9 @@ pub struct TrainConfig {
     pub grad_clip: f64,
     /// Weight α of the load-balancing loss.
     pub aux_loss_alpha: f64,
-    /// Seed for initialisation and data sampling.
+    /// Seed of the run: [`crate::Trainer::from_seed`] initialises the model
+    /// from it and `moe train` seeds its window sampler with it (a trainer
+    /// given a ready model only records it, in the checkpoint's state).
     pub seed: u64,
 }
 

@@ -5,9 +5,9 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::batch::Batch;
 use crate::checkpoint::RngState;
 use crate::error::{MoeError, Result};
-use crate::model::Batch;
 use crate::tokenizer::Tokenizer;
 
 /// This project's README, documentation and source, compiled into the binary

@@ -1,4 +1,6 @@
-//! The simple layers: embedding, RMSNorm, linear, RoPE.
+//! The simple layers: embedding, RMSNorm, linear, RoPE, as `*_forward` /
+//! `*_backward` functions and as typed views ([`Embedding`], [`RmsNorm`],
+//! [`Linear`]) into the flat parameter buffer.
 //!
 //! Each is a `*_forward` / `*_backward` pair over flat row-major slices, with
 //! shapes in its first comment. T is the number of tokens (B·S), h the width.
@@ -9,6 +11,7 @@ use crate::config::ModelConfig;
 use std::ops::Range;
 
 use crate::kernels::{self, Mat, MatMut, PackedWeight, Write};
+use crate::params::Grads;
 
 /// RMSNorm epsilon (CONTRACT §3).
 pub const RMS_EPS: f32 = 1e-6;
@@ -260,6 +263,157 @@ pub enum RopeDirection {
     Forward,
     /// Rotate by −θ.
     Backward,
+}
+
+/// The shape of a forward pass: B sequences of S new tokens each.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    /// B.
+    pub batch: usize,
+    /// S.
+    pub seq: usize,
+}
+
+impl Shape {
+    /// T = B·S.
+    pub fn tokens(&self) -> usize {
+        self.batch * self.seq
+    }
+}
+
+/// One named tensor of the flat parameter buffer: its values, and its range
+/// there (its gradient sits at the same range of the gradient buffer).
+#[derive(Debug, Clone)]
+pub struct Param<'a> {
+    /// The tensor's values, borrowed from the parameters.
+    pub values: &'a [f32],
+    /// Where it lives in the flat buffers.
+    pub range: Range<usize>,
+}
+
+impl<'a> Param<'a> {
+    /// The tensor at `range` of `weights`.
+    pub fn new(weights: Weights<'a>, range: &Range<usize>) -> Self {
+        Param {
+            values: weights.raw(range.clone()),
+            range: range.clone(),
+        }
+    }
+}
+
+/// The embedding table `embed.weight` [V, h].
+#[derive(Debug, Clone)]
+pub struct Embedding<'a> {
+    /// `embed.weight` [V, h].
+    pub weight: Param<'a>,
+    /// h.
+    pub hidden: usize,
+}
+
+impl Embedding<'_> {
+    /// x [T, h] ← rows `ids` [T] of the table.
+    pub fn forward(&self, x: &mut [f32], ids: &[u32]) {
+        embedding_forward(x, self.weight.values, ids, self.hidden);
+    }
+
+    /// d(table) [V, h] = Σ_t e_{id_t} ⊗ dx_t, from dx [T, h].
+    pub fn backward(&self, dx: &[f32], ids: &[u32], grads: &mut Grads<'_>) {
+        grads.write(&self.weight.range, |dtable| {
+            embedding_backward(dtable, dx, ids, self.hidden);
+        });
+    }
+}
+
+/// An RMSNorm with its gain (`*_norm.weight` [h]).
+#[derive(Debug, Clone)]
+pub struct RmsNorm<'a> {
+    /// The gain γ [h].
+    pub weight: Param<'a>,
+}
+
+impl RmsNorm<'_> {
+    /// y [T, h] = γ ⊙ x·r, inv_rms r [T] saved (see [`rmsnorm_forward`]).
+    pub fn forward(&self, y: &mut [f32], inv_rms: &mut [f32], x: &[f32]) {
+        rmsnorm_forward(y, inv_rms, x, self.weight.values);
+    }
+
+    /// dx [T, h] += dL/dx from dy [T, h]; dγ into `grads` (see [`rmsnorm_backward`]).
+    pub fn backward(
+        &self,
+        dx: &mut [f32],
+        dy: &[f32],
+        x: &[f32],
+        inv_rms: &[f32],
+        grads: &mut Grads<'_>,
+    ) {
+        grads.write(&self.weight.range, |dgamma| {
+            rmsnorm_backward(dx, dgamma, dy, x, inv_rms, self.weight.values);
+        });
+    }
+}
+
+/// A linear layer y = x·Wᵀ with W [out, in] (`*_proj.weight`, `lm_head.weight`, …).
+#[derive(Debug, Clone)]
+pub struct Linear<'a> {
+    /// W as the forward reads it (the packed copy when the model has one).
+    weight: Weight<'a>,
+    /// W as stored, read by backward; dW goes to the same range of the gradients.
+    param: Param<'a>,
+    /// in.
+    d_in: usize,
+    /// out.
+    d_out: usize,
+}
+
+impl<'a> Linear<'a> {
+    /// The [out, in] weight at `range` of `weights`.
+    pub fn new(weights: Weights<'a>, range: &Range<usize>, d_out: usize, d_in: usize) -> Self {
+        Linear {
+            weight: weights.linear(range.clone()),
+            param: Param::new(weights, range),
+            d_in,
+            d_out,
+        }
+    }
+
+    /// Where W lives in the flat buffers.
+    pub fn range(&self) -> &Range<usize> {
+        &self.param.range
+    }
+
+    /// y [T, out] (=|+=) x [T, in] · Wᵀ.
+    pub fn forward(&self, y: &mut [f32], x: &[f32], write: Write) {
+        let tokens = x.len() / self.d_in;
+        linear_forward(y, x, self.weight, tokens, self.d_in, self.d_out, write);
+    }
+
+    /// dW [out, in] = dyᵀ·x into `dw`; dx [T, in] (=|+=) dy·W. dy [T, out], x [T, in].
+    pub fn backward_into(
+        &self,
+        dx: &mut [f32],
+        dw: &mut [f32],
+        dy: &[f32],
+        x: &[f32],
+        dx_write: Write,
+    ) {
+        let tokens = x.len() / self.d_in;
+        let w = self.param.values;
+        linear_backward(dx, dw, dy, x, w, tokens, self.d_in, self.d_out, dx_write);
+    }
+
+    /// As [`Linear::backward_into`], with dW written into (and counted by) `grads`.
+    pub fn backward(
+        &self,
+        dx: &mut [f32],
+        dy: &[f32],
+        x: &[f32],
+        dx_write: Write,
+        grads: &mut Grads<'_>,
+    ) {
+        grads.write(&self.param.range, |dw| {
+            self.backward_into(dx, dw, dy, x, dx_write)
+        });
+    }
 }
 
 #[cfg(test)]

@@ -18,11 +18,12 @@
 //!
 //! Modules, in the order data flows through them: [`kernels`] (matrix
 //! multiply and vector primitives) → [`layers`], [`attention`], [`moe`] →
-//! [`model`] → [`loss`], [`optim`] → [`train`] → [`checkpoint`].
+//! [`model`] (with [`batch`]) → [`loss`], [`optim`] → [`train`] → [`checkpoint`].
 
 #![deny(missing_docs)]
 
 pub mod attention;
+pub mod batch;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
@@ -39,9 +40,10 @@ pub mod tokenizer;
 pub mod train;
 
 pub use attention::KvCache;
+pub use batch::Batch;
 pub use config::{ModelConfig, TrainConfig};
 pub use error::{MoeError, Result};
-pub use model::{Batch, Losses, Model};
+pub use model::{Losses, Model};
 pub use params::ParamLayout;
 pub use sampling::SamplingStrategy;
 pub use tokenizer::Tokenizer;

@@ -2,110 +2,22 @@
 //! RMSNorm → MoE → residual] → final RMSNorm → LM head (CONTRACT §3), and its
 //! exact backward (§5).
 //!
-//! All parameters live in one flat buffer laid out by [`ParamLayout`]; all
-//! activations live in a [`Workspace`] planned on the first call with a given
-//! shape, so later calls with the same shape allocate nothing.
+//! All parameters live in one flat buffer laid out by [`ParamLayout`]; each
+//! part of the model ([`Embedding`], [`RmsNorm`], [`Attention`], [`MoeBlock`],
+//! [`DecoderLayer`], …) is a typed view into it, built per call without
+//! allocating. All activations live in a [`Workspace`] planned on the first
+//! call with a given shape, so later calls with the same shape allocate nothing.
 
-use std::ops::Range;
-
-use crate::attention::{self, AttnDims, KvCache, Qkv, QkvGrad};
+use crate::attention::{Attention, AttnActs, AttnDims, AttnScratch, KvCache, KvSource};
 use crate::config::ModelConfig;
 use crate::error::{MoeError, Result};
-use crate::kernels::{self, Write};
-use crate::layers::{self, PackedWeights, Rope, RopeDirection, Weights};
+use crate::kernels::Write;
+use crate::layers::{Embedding, Linear, PackedWeights, Param, RmsNorm, Rope, Shape, Weights};
 use crate::loss;
-use crate::moe::{self, MoeActs, MoeDims, MoeScratch};
-use crate::params::{LayerRanges, ParamLayout};
+use crate::moe::{MoeActs, MoeBlock, MoeDims, MoeScratch};
+use crate::params::{Grads, LayerRanges, ParamLayout};
 
-/// A batch of token ids and next-token targets, both [B, S], row-major.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Batch {
-    /// Input ids [B·S].
-    pub ids: Vec<u32>,
-    /// Target ids [B·S].
-    pub targets: Vec<u32>,
-    /// B.
-    pub batch_size: usize,
-    /// S.
-    pub seq_len: usize,
-}
-
-impl Batch {
-    /// A batch from flat ids and targets; `ids.len()` must be a positive
-    /// multiple of `batch_size` and equal `targets.len()`.
-    pub fn new(ids: Vec<u32>, targets: Vec<u32>, batch_size: usize) -> Result<Self> {
-        if ids.is_empty() || batch_size == 0 {
-            return Err(MoeError::EmptyInput("batch"));
-        }
-        if !ids.len().is_multiple_of(batch_size) {
-            return Err(MoeError::shape(
-                "batch ids",
-                format!("a multiple of batch size {batch_size}"),
-                ids.len(),
-            ));
-        }
-        if targets.len() != ids.len() {
-            return Err(MoeError::shape("batch targets", ids.len(), targets.len()));
-        }
-        let seq_len = ids.len() / batch_size;
-        Ok(Batch {
-            ids,
-            targets,
-            batch_size,
-            seq_len,
-        })
-    }
-
-    /// A batch from equal-length rows.
-    pub fn from_rows(ids: &[Vec<u32>], targets: &[Vec<u32>]) -> Result<Self> {
-        let seq = ids.first().map_or(0, Vec::len);
-        if ids.len() != targets.len() {
-            return Err(MoeError::shape("batch rows", ids.len(), targets.len()));
-        }
-        for (b, (i, t)) in ids.iter().zip(targets).enumerate() {
-            if i.len() != seq || t.len() != seq {
-                return Err(MoeError::shape(
-                    format!("batch row {b}"),
-                    seq,
-                    format!("{} ids and {} targets", i.len(), t.len()),
-                ));
-            }
-        }
-        Batch::new(ids.concat(), targets.concat(), ids.len())
-    }
-
-    /// Number of tokens, B·S.
-    pub fn tokens(&self) -> usize {
-        self.ids.len()
-    }
-
-    /// A batch from JSON `{"ids": [[...]], "targets": [[...]]}` (rows of equal length).
-    pub fn from_json(text: &str) -> Result<Self> {
-        #[derive(serde::Deserialize)]
-        #[serde(deny_unknown_fields)]
-        struct Rows {
-            ids: Vec<Vec<u32>>,
-            targets: Vec<Vec<u32>>,
-        }
-        let rows: Rows = serde_json::from_str(text).map_err(|e| MoeError::Json {
-            path: "<batch>".into(),
-            reason: e.to_string(),
-        })?;
-        Batch::from_rows(&rows.ids, &rows.targets)
-    }
-
-    /// A batch from a JSON file (see [`Batch::from_json`]).
-    pub fn load(path: &std::path::Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| MoeError::io(path, e))?;
-        Batch::from_json(&text).map_err(|e| match e {
-            MoeError::Json { reason, .. } => MoeError::Json {
-                path: path.into(),
-                reason,
-            },
-            other => other,
-        })
-    }
-}
+pub use crate::batch::Batch;
 
 /// The two parts of the training loss of one forward pass.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -123,46 +35,47 @@ impl Losses {
     }
 }
 
-/// Activations of one transformer block for T tokens.
+/// What one decoder layer saves for backward, for T tokens.
 #[derive(Debug, Default, Clone)]
 struct LayerActs {
-    /// Block input (residual stream) [T, h].
+    /// Layer input (residual stream) [T, h].
     x_in: Vec<f32>,
     /// 1/rms of `x_in` [T].
     attn_rms: Vec<f32>,
-    /// RMSNorm_attn(x_in) [T, h].
-    xn_attn: Vec<f32>,
-    /// Fused projection output q|k|v [T, (H + 2·Hkv)·d], q and k rotated.
-    qkv: Vec<f32>,
-    /// Attention weights [B, H, S, L].
-    probs: Vec<f32>,
-    /// Attention output before o_proj [T, H·d].
-    attn_out: Vec<f32>,
+    /// The attention sublayer's saved state (its input RMSNorm_attn(x_in) included).
+    attn: AttnActs,
     /// Residual stream after attention [T, h].
     x_mid: Vec<f32>,
     /// 1/rms of `x_mid` [T].
     moe_rms: Vec<f32>,
-    /// RMSNorm_moe(x_mid) [T, h].
-    xn_moe: Vec<f32>,
-    /// The MoE sublayer's saved state.
+    /// The MoE sublayer's saved state (its input RMSNorm_moe(x_mid) included).
     moe: MoeActs,
+}
+
+impl LayerActs {
+    /// Sizes the buffers for `shape` attending over `keys` positions.
+    fn plan(&mut self, config: &ModelConfig, shape: Shape, keys: usize) {
+        let (tokens, h) = (shape.tokens(), config.hidden_dim);
+        self.x_in.resize(tokens * h, 0.0);
+        self.attn_rms.resize(tokens, 0.0);
+        self.attn.plan(shape, keys, h, AttnDims::new(config));
+        self.x_mid.resize(tokens * h, 0.0);
+        self.moe_rms.resize(tokens, 0.0);
+        self.moe.plan(tokens, MoeDims::new(config));
+    }
 }
 
 /// Gradient scratch for the backward pass.
 #[derive(Debug, Default, Clone)]
 struct BackwardScratch {
-    /// dL/dlogits [T, V].
+    /// dL/dlogits of the LM head [T, V].
     dlogits: Vec<f32>,
     /// dL/d(residual stream) [T, h].
     dx: Vec<f32>,
     /// dL/d(a norm's output) [T, h].
     dxn: Vec<f32>,
-    /// dL/d(attention output before o_proj) [T, H·d].
-    dattn: Vec<f32>,
-    /// dL/d(q|k|v) [T, (H + 2·Hkv)·d].
-    dqkv: Vec<f32>,
-    /// dL/dP of one head [S, S].
-    dp: Vec<f32>,
+    /// The attention backward's scratch.
+    attn: AttnScratch,
     /// The MoE backward's scratch.
     moe: MoeScratch,
 }
@@ -170,15 +83,13 @@ struct BackwardScratch {
 /// Every activation buffer, sized for the last shape seen.
 #[derive(Debug, Default, Clone)]
 struct Workspace {
-    /// B of the last forward.
-    batch: usize,
-    /// S of the last forward.
-    seq: usize,
+    /// Shape of the last forward.
+    shape: Shape,
     /// Ids of the last training forward [T].
     ids: Vec<u32>,
-    /// The residual stream [T, h]; after the last block, the final hidden state.
+    /// The residual stream [T, h]; after the last layer, the final hidden state.
     x: Vec<f32>,
-    /// One entry per block when training; inference reuses entry 0.
+    /// One entry per layer when training; inference reuses entry 0.
     layers: Vec<LayerActs>,
     /// 1/rms of the final hidden state [T].
     final_rms: Vec<f32>,
@@ -191,28 +102,17 @@ struct Workspace {
 }
 
 impl Workspace {
-    /// Sizes the buffers for T = batch·seq tokens attending over `keys`
-    /// positions, with `n_acts` sets of block activations.
-    fn plan(&mut self, config: &ModelConfig, batch: usize, seq: usize, keys: usize, n_acts: usize) {
-        let tokens = batch * seq;
-        let h = config.hidden_dim;
-        self.batch = batch;
-        self.seq = seq;
+    /// Sizes the buffers for `shape` attending over `keys` positions, with
+    /// `n_acts` sets of layer activations.
+    fn plan(&mut self, config: &ModelConfig, shape: Shape, keys: usize, n_acts: usize) {
+        let (tokens, h) = (shape.tokens(), config.hidden_dim);
+        self.shape = shape;
         self.x.resize(tokens * h, 0.0);
         if self.layers.len() < n_acts {
             self.layers.resize_with(n_acts, LayerActs::default);
         }
         for acts in &mut self.layers[..n_acts] {
-            acts.x_in.resize(tokens * h, 0.0);
-            acts.attn_rms.resize(tokens, 0.0);
-            acts.xn_attn.resize(tokens * h, 0.0);
-            acts.qkv.resize(tokens * config.qkv_dim(), 0.0);
-            acts.probs.resize(batch * config.n_heads * seq * keys, 0.0);
-            acts.attn_out.resize(tokens * h, 0.0);
-            acts.x_mid.resize(tokens * h, 0.0);
-            acts.moe_rms.resize(tokens, 0.0);
-            acts.xn_moe.resize(tokens * h, 0.0);
-            acts.moe.plan(tokens, MoeDims::new(config));
+            acts.plan(config, shape, keys);
         }
         self.final_rms.resize(tokens, 0.0);
         self.xn_final.resize(tokens * h, 0.0);
@@ -221,45 +121,172 @@ impl Workspace {
 
     /// Sizes the backward scratch for the planned shape.
     fn plan_backward(&mut self, config: &ModelConfig) {
-        let tokens = self.batch * self.seq;
-        let h = config.hidden_dim;
+        let (tokens, h) = (self.shape.tokens(), config.hidden_dim);
         let b = &mut self.back;
         b.dlogits.resize(tokens * config.vocab_size, 0.0);
         b.dx.resize(tokens * h, 0.0);
         b.dxn.resize(tokens * h, 0.0);
-        b.dattn.resize(tokens * h, 0.0);
-        b.dqkv.resize(tokens * config.qkv_dim(), 0.0);
-        b.dp.resize(self.seq * self.seq, 0.0);
+        b.attn.plan(self.shape, AttnDims::new(config));
         b.moe.plan(tokens, MoeDims::new(config));
     }
 }
 
-/// Borrowed pieces every block needs.
-#[derive(Clone, Copy)]
-struct Ctx<'a> {
+/// One decoder layer: `layers.{l}.*`.
+///   x_mid = x + Attn(RMSNorm_attn(x));   x_out = x_mid + MoE(RMSNorm_moe(x_mid))
+#[derive(Debug, Clone)]
+struct DecoderLayer<'a> {
+    /// `attn_norm`.
+    attn_norm: RmsNorm<'a>,
+    /// `attn`.
+    attn: Attention<'a>,
+    /// `moe_norm`.
+    moe_norm: RmsNorm<'a>,
+    /// `moe`.
+    moe: MoeBlock<'a>,
+    /// h.
+    hidden: usize,
+}
+
+impl<'a> DecoderLayer<'a> {
+    /// The layer at `ranges` of `weights`.
+    fn new(
+        weights: Weights<'a>,
+        ranges: &'a LayerRanges,
+        config: &ModelConfig,
+        rope: &'a Rope,
+    ) -> Self {
+        DecoderLayer {
+            attn_norm: RmsNorm {
+                weight: Param::new(weights, &ranges.attn_norm),
+            },
+            attn: Attention::new(weights, ranges, config, rope),
+            moe_norm: RmsNorm {
+                weight: Param::new(weights, &ranges.moe_norm),
+            },
+            moe: MoeBlock::new(weights, ranges, MoeDims::new(config)),
+            hidden: config.hidden_dim,
+        }
+    }
+
+    /// Forward; `x` [T, h] is the residual stream, updated in place.
+    fn forward(&self, x: &mut [f32], acts: &mut LayerActs, shape: Shape, kv: KvSource<'_>) {
+        let tokens = shape.tokens();
+        acts.x_in[..x.len()].copy_from_slice(x);
+        let xn = &mut acts.attn.xn[..x.len()];
+        self.attn_norm.forward(xn, &mut acts.attn_rms[..tokens], x);
+        self.attn.forward(x, &mut acts.attn, shape, kv);
+        acts.x_mid[..x.len()].copy_from_slice(x);
+        let xn = &mut acts.moe.xn[..x.len()];
+        self.moe_norm.forward(xn, &mut acts.moe_rms[..tokens], x);
+        self.moe.forward(x, &mut acts.moe);
+    }
+
+    /// Backward. `back.dx` [T, h] holds dL/d(layer output) on entry and
+    /// dL/d(layer input) on exit; the layer's weight gradients go to `grads`,
+    /// counted as one subtotal.
+    fn backward(
+        &self,
+        acts: &LayerActs,
+        back: &mut BackwardScratch,
+        grads: &mut Grads<'_>,
+        shape: Shape,
+        aux_alpha: f32,
+    ) {
+        let (tokens, n) = (shape.tokens(), shape.tokens() * self.hidden);
+        let (dx, dxn) = (&mut back.dx[..n], &mut back.dxn[..n]);
+        grads.subtotal(|grads| {
+            // x_out = x_mid + MoE(RMSNorm_moe(x_mid))
+            self.moe
+                .backward(dxn, dx, &acts.moe, &mut back.moe, grads, aux_alpha);
+            let (x_mid, moe_rms) = (&acts.x_mid[..n], &acts.moe_rms[..tokens]);
+            self.moe_norm.backward(dx, dxn, x_mid, moe_rms, grads);
+            // x_mid = x_in + Attn(RMSNorm_attn(x_in))
+            self.attn
+                .backward(dxn, dx, &acts.attn, &mut back.attn, grads, shape);
+            let (x_in, attn_rms) = (&acts.x_in[..n], &acts.attn_rms[..tokens]);
+            self.attn_norm.backward(dx, dxn, x_in, attn_rms, grads);
+        });
+    }
+}
+
+/// The whole model as named parts, viewing one parameter buffer.
+#[derive(Debug, Clone)]
+struct ModelView<'a> {
+    /// Sizes.
     config: &'a ModelConfig,
+    /// Where each layer's tensors live.
+    layout: &'a ParamLayout,
+    /// The parameters (with packed copies for inference).
     weights: Weights<'a>,
+    /// Rotary-embedding tables.
     rope: &'a Rope,
+    /// `embed`.
+    embed: Embedding<'a>,
+    /// `final_norm`.
+    final_norm: RmsNorm<'a>,
+    /// `lm_head` [V, h].
+    lm_head: Linear<'a>,
 }
 
-/// Where a block's attention finds its keys and values.
-enum KvSource<'a> {
-    /// Keys and values of the current batch only (training, full forward).
-    Batch,
-    /// A KV cache for one sequence, holding `offset` earlier positions.
-    Cache {
-        keys: &'a mut [f32],
-        values: &'a mut [f32],
-        offset: usize,
-    },
+impl<'a> ModelView<'a> {
+    fn new(
+        config: &'a ModelConfig,
+        layout: &'a ParamLayout,
+        weights: Weights<'a>,
+        rope: &'a Rope,
+    ) -> Self {
+        let (h, vocab) = (config.hidden_dim, config.vocab_size);
+        ModelView {
+            config,
+            layout,
+            weights,
+            rope,
+            embed: Embedding {
+                weight: Param::new(weights, &layout.embed),
+                hidden: h,
+            },
+            final_norm: RmsNorm {
+                weight: Param::new(weights, &layout.final_norm),
+            },
+            lm_head: Linear::new(weights, &layout.lm_head, vocab, h),
+        }
+    }
+
+    /// Decoder layer `l` (`layers.{l}`).
+    fn layer(&self, l: usize) -> DecoderLayer<'a> {
+        DecoderLayer::new(self.weights, &self.layout.layers[l], self.config, self.rope)
+    }
 }
 
-impl KvSource<'_> {
-    /// Position of the first new token.
+/// What a forward pass is for.
+enum Pass<'c> {
+    /// Keep every layer's activations and the ids, for backward.
+    Train,
+    /// Logits of every position, nothing kept.
+    Infer,
+    /// One sequence continuing the positions in a KV cache, which it extends;
+    /// logits of its last position only.
+    Decode(&'c mut KvCache),
+}
+
+impl Pass<'_> {
+    /// Positions already cached before the new tokens.
     fn offset(&self) -> usize {
         match self {
-            KvSource::Batch => 0,
-            KvSource::Cache { offset, .. } => *offset,
+            Pass::Decode(cache) => cache.len,
+            _ => 0,
+        }
+    }
+
+    /// Where layer `l` finds its keys and values.
+    fn kv(&mut self, l: usize) -> KvSource<'_> {
+        match self {
+            Pass::Decode(cache) => KvSource::Cache {
+                offset: cache.len,
+                keys: &mut cache.keys[l],
+                values: &mut cache.values[l],
+            },
+            _ => KvSource::Batch,
         }
     }
 }
@@ -271,7 +298,7 @@ pub struct Model {
     layout: ParamLayout,
     params: Vec<f32>,
     /// Every linear weight's (range, out, in), in the order they are packed.
-    linears: Vec<(Range<usize>, usize, usize)>,
+    linears: Vec<(std::ops::Range<usize>, usize, usize)>,
     /// Packed copies of the linear weights for inference (stale after any change).
     packed: PackedWeights,
     rope: Rope,
@@ -351,12 +378,24 @@ impl Model {
         }
     }
 
+    /// The model's named parts and its workspace. Training changes the
+    /// weights every step, so it packs as it goes (`packed` false); inference
+    /// reads the packed copies.
+    fn split(&mut self, packed: bool) -> (ModelView<'_>, &mut Workspace) {
+        let weights = Weights {
+            params: &self.params,
+            packed: (packed && self.packed.is_valid()).then_some(&self.packed),
+        };
+        let view = ModelView::new(&self.config, &self.layout, weights, &self.rope);
+        (view, &mut self.ws)
+    }
+
     /// Logits [B, S, V] for token ids [B, S] (flat, `ids.len() = B·S`), without
     /// keeping what backward needs.
     pub fn forward(&mut self, ids: &[u32], batch: usize) -> Result<&[f32]> {
         let seq = self.check_ids(ids, batch)?;
         self.ensure_packed();
-        self.run_forward(ids, batch, seq, false);
+        self.run_forward(ids, Shape { batch, seq }, Pass::Infer);
         Ok(&self.ws.logits[..ids.len() * self.config.vocab_size])
     }
 
@@ -382,50 +421,9 @@ impl Model {
             });
         }
         self.ensure_packed();
-        let config = &self.config;
-        self.ws.plan(config, 1, seq, offset + seq, 1);
-        let h = config.hidden_dim;
-        let Model {
-            layout,
-            params,
-            packed,
-            rope,
-            ws,
-            ..
-        } = self;
-        let weights = Weights {
-            params,
-            packed: Some(packed),
-        };
-        let ctx = Ctx {
-            config,
-            weights,
-            rope,
-        };
-        let x = &mut ws.x[..seq * h];
-        layers::embedding_forward(x, &params[layout.embed.clone()], ids, h);
-        for (l, ranges) in layout.layers.iter().enumerate() {
-            let kv = KvSource::Cache {
-                keys: &mut cache.keys[l],
-                values: &mut cache.values[l],
-                offset,
-            };
-            block_forward(ctx, ranges, &mut ws.layers[0], x, 1, seq, kv);
-        }
+        self.run_forward(ids, Shape { batch: 1, seq }, Pass::Decode(cache));
         cache.len += seq;
-        let last = (seq - 1) * h..seq * h;
-        let vocab = config.vocab_size;
-        let gamma = &params[layout.final_norm.clone()];
-        layers::rmsnorm_forward(
-            &mut ws.xn_final[..h],
-            &mut ws.final_rms[..1],
-            &x[last],
-            gamma,
-        );
-        let w = weights.linear(layout.lm_head.clone());
-        let (logits, xn) = (&mut ws.logits[..vocab], &ws.xn_final[..h]);
-        layers::linear_forward(logits, xn, w, 1, h, vocab, Write::Overwrite);
-        Ok(&ws.logits[..vocab])
+        Ok(&self.ws.logits[..self.config.vocab_size])
     }
 
     /// Forward with activations kept, cross-entropy + aux loss, and the exact
@@ -454,8 +452,9 @@ impl Model {
                 step: 0,
             });
         }
-        let sum_sq = self.backward(aux_alpha, grads);
-        Ok((losses, sum_sq.sqrt() as f32))
+        let mut grads = Grads::new(grads);
+        self.backward(aux_alpha, &mut grads);
+        Ok((losses, grads.sum_sq().sqrt() as f32))
     }
 
     /// The losses of `batch` (a forward that keeps activations; `dL/dlogits`
@@ -470,16 +469,22 @@ impl Model {
                 batch.targets.len(),
             ));
         }
-        self.run_forward(&batch.ids, batch.batch_size, seq, true);
+        let shape = Shape {
+            batch: batch.batch_size,
+            seq,
+        };
+        self.run_forward(&batch.ids, shape, Pass::Train);
         self.ws.plan_backward(&self.config);
         let vocab = self.config.vocab_size;
         let tokens = batch.tokens();
+        // L_ce = mean_t −log softmax(logits_t)[target_t]; dL/dlogits kept for backward.
         let ce = loss::cross_entropy(
             &mut self.ws.back.dlogits[..tokens * vocab],
             &self.ws.logits[..tokens * vocab],
             &batch.targets,
             vocab,
         );
+        // L_aux = Σ_layers α·E·Σ_e f_e·P_e
         let experts = self.config.n_experts as f32;
         let balance: f32 = self.ws.layers[..self.config.n_layers]
             .iter()
@@ -493,14 +498,14 @@ impl Model {
 
     /// The logits of the last forward, [B, S, V].
     pub fn logits(&self) -> &[f32] {
-        &self.ws.logits[..self.ws.batch * self.ws.seq * self.config.vocab_size]
+        &self.ws.logits[..self.ws.shape.tokens() * self.config.vocab_size]
     }
 
     /// The experts chosen in `layer` by the last training forward, [T, k], in
     /// descending router probability.
     pub fn routes(&self, layer: usize) -> Option<&[u32]> {
         let acts = self.ws.layers.get(layer)?;
-        Some(&acts.moe.experts[..self.ws.batch * self.ws.seq * self.config.top_k])
+        Some(&acts.moe.experts[..self.ws.shape.tokens() * self.config.top_k])
     }
 
     /// Checks ids against the vocabulary and length limits; returns S.
@@ -526,106 +531,62 @@ impl Model {
         Ok(seq)
     }
 
-    /// The full forward over a validated batch; `train` keeps every block's
-    /// activations (and the ids) for backward.
-    fn run_forward(&mut self, ids: &[u32], batch: usize, seq: usize, train: bool) {
-        let config = &self.config;
-        let n_acts = if train { config.n_layers } else { 1 };
-        self.ws.plan(config, batch, seq, seq, n_acts);
-        let (h, vocab, tokens) = (config.hidden_dim, config.vocab_size, batch * seq);
-        let Model {
-            layout,
-            params,
-            packed,
-            rope,
-            ws,
-            ..
-        } = self;
+    /// The one forward over validated ids, for training, inference and
+    /// KV-cached decoding alike (see [`Pass`]). Logits go to the workspace:
+    /// all T rows, or with a cache only the last position's.
+    fn run_forward(&mut self, ids: &[u32], shape: Shape, mut pass: Pass<'_>) {
+        let train = matches!(pass, Pass::Train);
+        let n_layers = self.config.n_layers;
+        let offset = pass.offset();
+        let n_acts = if train { n_layers } else { 1 };
+        self.ws
+            .plan(&self.config, shape, offset + shape.seq, n_acts);
+        let (view, ws) = self.split(!train);
         if train {
             ws.ids.clear();
             ws.ids.extend_from_slice(ids);
         }
-        // Training changes the weights every step, so it packs as it goes;
-        // inference reads the packed copies.
-        let weights = Weights {
-            params,
-            packed: (!train && packed.is_valid()).then_some(&*packed),
-        };
-        let ctx = Ctx {
-            config,
-            weights,
-            rope,
-        };
-        let x = &mut ws.x[..tokens * h];
-        layers::embedding_forward(x, &params[layout.embed.clone()], ids, h);
-        for (l, ranges) in layout.layers.iter().enumerate() {
+        let h = view.config.hidden_dim;
+        let x = &mut ws.x[..shape.tokens() * h];
+        view.embed.forward(x, ids);
+        for l in 0..n_layers {
             let acts = &mut ws.layers[if train { l } else { 0 }];
-            block_forward(ctx, ranges, acts, x, batch, seq, KvSource::Batch);
+            view.layer(l).forward(x, acts, shape, pass.kv(l));
         }
-        let xn = &mut ws.xn_final[..tokens * h];
-        let gamma = &params[layout.final_norm.clone()];
-        layers::rmsnorm_forward(xn, &mut ws.final_rms[..tokens], x, gamma);
-        let logits = &mut ws.logits[..tokens * vocab];
-        let w = weights.linear(layout.lm_head.clone());
-        layers::linear_forward(logits, xn, w, tokens, h, vocab, Write::Overwrite);
+        // Decoding needs the logits of the last position only.
+        let first = match pass {
+            Pass::Decode(_) => shape.tokens() - 1,
+            _ => 0,
+        };
+        let rows = shape.tokens() - first;
+        let xn = &mut ws.xn_final[..rows * h];
+        view.final_norm
+            .forward(xn, &mut ws.final_rms[..rows], &x[first * h..]);
+        // logits = xn_final · W_lmᵀ
+        let logits = &mut ws.logits[..rows * view.config.vocab_size];
+        view.lm_head.forward(logits, xn, Write::Overwrite);
     }
 
-    /// Backward through the whole model from `dlogits` in the workspace;
-    /// returns Σ g² over every gradient written.
-    fn backward(&mut self, aux_alpha: f32, grads: &mut [f32]) -> f64 {
-        let config = &self.config;
-        let (h, vocab) = (config.hidden_dim, config.vocab_size);
-        let Model {
-            layout,
-            params,
-            rope,
-            ws,
-            ..
-        } = self;
-        let (batch, seq) = (ws.batch, ws.seq);
-        let tokens = batch * seq;
-        let weights = Weights {
-            params,
-            packed: None,
-        };
-        let ctx = Ctx {
-            config,
-            weights,
-            rope,
-        };
+    /// Backward through the whole model from dL/dlogits in the workspace,
+    /// every gradient written into (and counted by) `grads`.
+    fn backward(&mut self, aux_alpha: f32, grads: &mut Grads<'_>) {
+        let (view, ws) = self.split(false);
+        let shape = ws.shape;
+        let (tokens, h) = (shape.tokens(), view.config.hidden_dim);
+        let vocab = view.config.vocab_size;
         let back = &mut ws.back;
-        let dx = &mut back.dx[..tokens * h];
-        let dxn = &mut back.dxn[..tokens * h];
+        let (dx, dxn) = (&mut back.dx[..tokens * h], &mut back.dxn[..tokens * h]);
         // logits = xn_final · W_lmᵀ
-        layers::linear_backward(
-            dxn,
-            &mut grads[layout.lm_head.clone()],
-            &back.dlogits[..tokens * vocab],
-            &ws.xn_final[..tokens * h],
-            &params[layout.lm_head.clone()],
-            tokens,
-            h,
-            vocab,
-            Write::Overwrite,
-        );
-        let mut sum_sq = kernels::sum_of_squares(&grads[layout.lm_head.clone()]);
+        let (dlogits, xn_final) = (&back.dlogits[..tokens * vocab], &ws.xn_final[..tokens * h]);
+        view.lm_head
+            .backward(dxn, dlogits, xn_final, Write::Overwrite, grads);
         dx.fill(0.0);
-        layers::rmsnorm_backward(
-            dx,
-            &mut grads[layout.final_norm.clone()],
-            dxn,
-            &ws.x[..tokens * h],
-            &ws.final_rms[..tokens],
-            &params[layout.final_norm.clone()],
-        );
-        sum_sq += kernels::sum_of_squares(&grads[layout.final_norm.clone()]);
-        for (ranges, acts) in layout.layers.iter().zip(&ws.layers).rev() {
-            let (b, s) = (batch, seq);
-            sum_sq += block_backward(ctx, ranges, acts, back, grads, b, s, aux_alpha);
+        let (x, final_rms) = (&ws.x[..tokens * h], &ws.final_rms[..tokens]);
+        view.final_norm.backward(dx, dxn, x, final_rms, grads);
+        for (l, acts) in ws.layers[..view.config.n_layers].iter().enumerate().rev() {
+            view.layer(l).backward(acts, back, grads, shape, aux_alpha);
         }
-        let dembed = &mut grads[layout.embed.clone()];
-        layers::embedding_backward(dembed, &back.dx[..tokens * h], &ws.ids, h);
-        sum_sq + kernels::sum_of_squares(dembed)
+        view.embed.backward(&back.dx[..tokens * h], &ws.ids, grads);
     }
 }
 
@@ -640,198 +601,4 @@ fn check_range(ids: &[u32], vocab: usize, what: &'static str) -> Result<()> {
         }),
         None => Ok(()),
     }
-}
-
-/// One transformer block, forward; `x` [T, h] is the residual stream, updated in place.
-///   x_mid = x + Attn(RMSNorm_attn(x));   x_out = x_mid + MoE(RMSNorm_moe(x_mid))
-fn block_forward(
-    ctx: Ctx<'_>,
-    ranges: &LayerRanges,
-    acts: &mut LayerActs,
-    x: &mut [f32],
-    batch: usize,
-    seq: usize,
-    kv: KvSource<'_>,
-) {
-    let config = ctx.config;
-    let (h, d) = (config.hidden_dim, config.head_dim);
-    let (heads_dim, kv_dim, width) = (config.n_heads * d, config.n_kv_heads * d, config.qkv_dim());
-    let tokens = batch * seq;
-    let weights = ctx.weights;
-    acts.x_in[..tokens * h].copy_from_slice(x);
-    let xn = &mut acts.xn_attn[..tokens * h];
-    let gamma = weights.raw(ranges.attn_norm.clone());
-    layers::rmsnorm_forward(xn, &mut acts.attn_rms[..tokens], x, gamma);
-    let qkv = &mut acts.qkv[..tokens * width];
-    let w = weights.linear(ranges.qkv.clone());
-    layers::linear_forward(qkv, xn, w, tokens, h, width, Write::Overwrite);
-    let offset = kv.offset();
-    // RoPE on q and k (the first H + Hkv heads of each row), not v.
-    for (t, row) in qkv.chunks_exact_mut(width).enumerate() {
-        ctx.rope.rotate(
-            &mut row[..heads_dim + kv_dim],
-            offset + t % seq,
-            RopeDirection::Forward,
-        );
-    }
-    let dims = AttnDims::new(config);
-    let keys = offset + seq;
-    let per_seq_probs = config.n_heads * seq * keys;
-    match kv {
-        KvSource::Batch => {
-            for b in 0..batch {
-                let q = &qkv[b * seq * width..(b + 1) * seq * width];
-                let view = Qkv {
-                    q,
-                    q_stride: width,
-                    k: &q[heads_dim..],
-                    v: &q[heads_dim + kv_dim..],
-                    kv_stride: width,
-                };
-                let out = &mut acts.attn_out[b * seq * heads_dim..(b + 1) * seq * heads_dim];
-                let probs = &mut acts.probs[b * per_seq_probs..(b + 1) * per_seq_probs];
-                attention::attention_forward(out, probs, view, seq, 0, dims);
-            }
-        }
-        KvSource::Cache {
-            keys: cache_k,
-            values: cache_v,
-            offset,
-        } => {
-            for (s, row) in qkv.chunks_exact(width).enumerate() {
-                let at = (offset + s) * kv_dim;
-                cache_k[at..at + kv_dim].copy_from_slice(&row[heads_dim..heads_dim + kv_dim]);
-                cache_v[at..at + kv_dim].copy_from_slice(&row[heads_dim + kv_dim..]);
-            }
-            let view = Qkv {
-                q: qkv,
-                q_stride: width,
-                k: &cache_k[..keys * kv_dim],
-                v: &cache_v[..keys * kv_dim],
-                kv_stride: kv_dim,
-            };
-            let out = &mut acts.attn_out[..seq * heads_dim];
-            let probs = &mut acts.probs[..per_seq_probs];
-            attention::attention_forward(out, probs, view, seq, offset, dims);
-        }
-    }
-    // x_mid = x + attn_out · W_oᵀ
-    let attn_out = &acts.attn_out[..tokens * heads_dim];
-    let w = weights.linear(ranges.o_proj.clone());
-    layers::linear_forward(x, attn_out, w, tokens, heads_dim, h, Write::Accumulate);
-    acts.x_mid[..tokens * h].copy_from_slice(x);
-    let xn = &mut acts.xn_moe[..tokens * h];
-    let gamma = weights.raw(ranges.moe_norm.clone());
-    layers::rmsnorm_forward(xn, &mut acts.moe_rms[..tokens], x, gamma);
-    let dims = MoeDims::new(config);
-    moe::moe_forward(x, &mut acts.moe, xn, weights, ranges, tokens, dims);
-}
-
-/// One transformer block, backward. `back.dx` [T, h] holds dL/d(block output)
-/// on entry and dL/d(block input) on exit; the block's parameter gradients are
-/// written into `grads`. Returns Σ g² over them.
-#[allow(clippy::too_many_arguments)]
-fn block_backward(
-    ctx: Ctx<'_>,
-    ranges: &LayerRanges,
-    acts: &LayerActs,
-    back: &mut BackwardScratch,
-    grads: &mut [f32],
-    batch: usize,
-    seq: usize,
-    aux_alpha: f32,
-) -> f64 {
-    let config = ctx.config;
-    let (h, d) = (config.hidden_dim, config.head_dim);
-    let (heads_dim, kv_dim, width) = (config.n_heads * d, config.n_kv_heads * d, config.qkv_dim());
-    let tokens = batch * seq;
-    let params = ctx.weights.params;
-    let dx = &mut back.dx[..tokens * h];
-    let dxn = &mut back.dxn[..tokens * h];
-    // MoE sublayer: x_out = x_mid + MoE(RMSNorm_moe(x_mid)).
-    let mut sum_sq = moe::moe_backward(
-        dxn,
-        grads,
-        &mut back.moe,
-        dx,
-        &acts.xn_moe[..tokens * h],
-        &acts.moe,
-        params,
-        ranges,
-        tokens,
-        aux_alpha,
-        MoeDims::new(config),
-    );
-    layers::rmsnorm_backward(
-        dx,
-        &mut grads[ranges.moe_norm.clone()],
-        dxn,
-        &acts.x_mid[..tokens * h],
-        &acts.moe_rms[..tokens],
-        &params[ranges.moe_norm.clone()],
-    );
-    sum_sq += kernels::sum_of_squares(&grads[ranges.moe_norm.clone()]);
-    // Attention sublayer: x_mid = x_in + Attn(RMSNorm_attn(x_in)).
-    let dattn = &mut back.dattn[..tokens * heads_dim];
-    layers::linear_backward(
-        dattn,
-        &mut grads[ranges.o_proj.clone()],
-        dx,
-        &acts.attn_out[..tokens * heads_dim],
-        &params[ranges.o_proj.clone()],
-        tokens,
-        heads_dim,
-        h,
-        Write::Overwrite,
-    );
-    sum_sq += kernels::sum_of_squares(&grads[ranges.o_proj.clone()]);
-    let dims = AttnDims::new(config);
-    let dqkv = &mut back.dqkv[..tokens * width];
-    for b in 0..batch {
-        let q = &acts.qkv[b * seq * width..(b + 1) * seq * width];
-        let view = Qkv {
-            q,
-            q_stride: width,
-            k: &q[heads_dim..],
-            v: &q[heads_dim + kv_dim..],
-            kv_stride: width,
-        };
-        let grad = QkvGrad {
-            buf: &mut dqkv[b * seq * width..(b + 1) * seq * width],
-            stride: width,
-            k_col: heads_dim,
-            v_col: heads_dim + kv_dim,
-        };
-        let probs = &acts.probs[b * config.n_heads * seq * seq..][..config.n_heads * seq * seq];
-        let dout = &dattn[b * seq * heads_dim..(b + 1) * seq * heads_dim];
-        attention::attention_backward(grad, &mut back.dp, dout, probs, view, seq, dims);
-    }
-    for (t, row) in dqkv.chunks_exact_mut(width).enumerate() {
-        ctx.rope.rotate(
-            &mut row[..heads_dim + kv_dim],
-            t % seq,
-            RopeDirection::Backward,
-        );
-    }
-    layers::linear_backward(
-        dxn,
-        &mut grads[ranges.qkv.clone()],
-        dqkv,
-        &acts.xn_attn[..tokens * h],
-        &params[ranges.qkv.clone()],
-        tokens,
-        h,
-        width,
-        Write::Overwrite,
-    );
-    sum_sq += kernels::sum_of_squares(&grads[ranges.qkv.clone()]);
-    layers::rmsnorm_backward(
-        dx,
-        &mut grads[ranges.attn_norm.clone()],
-        dxn,
-        &acts.x_in[..tokens * h],
-        &acts.attn_rms[..tokens],
-        &params[ranges.attn_norm.clone()],
-    );
-    sum_sq + kernels::sum_of_squares(&grads[ranges.attn_norm.clone()])
 }

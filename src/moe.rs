@@ -5,10 +5,12 @@
 //! grouped by expert into contiguous rows, so each expert is a few matrix
 //! multiplies over exactly the tokens routed to it. No capacity limit, no drops.
 
+use std::ops::Range;
+
 use crate::config::ModelConfig;
 use crate::kernels::{self, Write};
-use crate::layers::{self, Weights};
-use crate::params::LayerRanges;
+use crate::layers::{Linear, Weights};
+use crate::params::{ExpertRanges, Grads, LayerRanges};
 
 /// The sizes the MoE sublayer needs.
 #[derive(Debug, Clone, Copy)]
@@ -38,6 +40,8 @@ impl MoeDims {
 /// Everything the MoE forward computes for T tokens and backward reuses.
 #[derive(Debug, Default, Clone)]
 pub struct MoeActs {
+    /// The sublayer's input, RMSNorm_moe(x) [T, h].
+    pub xn: Vec<f32>,
     /// Router probabilities p = softmax(x·W_rᵀ) [T, E].
     pub probs: Vec<f32>,
     /// P_e = mean_t p_{t,e} [E].
@@ -68,6 +72,7 @@ impl MoeActs {
     /// Sizes every buffer for `tokens` tokens (allocates only when growing).
     pub fn plan(&mut self, tokens: usize, dims: MoeDims) {
         let slots = tokens * dims.top_k;
+        self.xn.resize(tokens * dims.hidden, 0.0);
         self.probs.resize(tokens * dims.n_experts, 0.0);
         self.mean_probs.resize(dims.n_experts, 0.0);
         self.experts.resize(slots, 0);
@@ -102,7 +107,7 @@ pub struct MoeScratch {
     /// dL/dp [E] for one token.
     dprobs: Vec<f32>,
     /// dL/d(router logits) [T, E].
-    dlogits: Vec<f32>,
+    drouter: Vec<f32>,
     /// dL/d(expert output) [T·k, h].
     dye: Vec<f32>,
     /// dL/d(act) [T·k, F].
@@ -119,73 +124,11 @@ impl MoeScratch {
         let slots = tokens * dims.top_k;
         self.dgates.resize(slots, 0.0);
         self.dprobs.resize(dims.n_experts, 0.0);
-        self.dlogits.resize(tokens * dims.n_experts, 0.0);
+        self.drouter.resize(tokens * dims.n_experts, 0.0);
         self.dye.resize(slots * dims.hidden, 0.0);
         self.dact.resize(slots * dims.ffn, 0.0);
         self.dgate_up.resize(slots * 2 * dims.ffn, 0.0);
         self.dxe.resize(slots * dims.hidden, 0.0);
-    }
-}
-
-/// MoE forward for T tokens.
-/// xn [T, h] (normalised input) → out [T, h] (**added to**, the residual), acts (saved).
-///   p_t = softmax(xn_t · W_rᵀ);  top-k experts e_{t,1..k} by p;  w_{t,j} = p_{t,e_j} / Σ_j' p_{t,e_j'}
-///   E_e(x) = W_down,e · (silu(W_gate,e · x) ⊙ (W_up,e · x))
-///   out_t += Σ_j w_{t,j} · E_{e_j}(xn_t)
-pub fn moe_forward(
-    out: &mut [f32],
-    acts: &mut MoeActs,
-    xn: &[f32],
-    weights: Weights<'_>,
-    ranges: &LayerRanges,
-    tokens: usize,
-    dims: MoeDims,
-) {
-    let (h, f) = (dims.hidden, dims.ffn);
-    let probs = &mut acts.probs[..tokens * dims.n_experts];
-    let router = weights.linear(ranges.router.clone());
-    layers::linear_forward(
-        probs,
-        xn,
-        router,
-        tokens,
-        h,
-        dims.n_experts,
-        Write::Overwrite,
-    );
-    for row in probs.chunks_exact_mut(dims.n_experts) {
-        kernels::softmax_in_place(row);
-    }
-    route(acts, tokens, dims);
-    for (row, &t) in acts.row_token.iter().enumerate() {
-        acts.xe[row * h..(row + 1) * h].copy_from_slice(&xn[t * h..(t + 1) * h]);
-    }
-    for (e, expert) in ranges.experts.iter().enumerate() {
-        let rows = acts.offsets[e]..acts.offsets[e + 1];
-        let n = rows.len();
-        if n == 0 {
-            continue;
-        }
-        let gate_up = &mut acts.gate_up[rows.start * 2 * f..rows.end * 2 * f];
-        let xe = &acts.xe[rows.start * h..rows.end * h];
-        let w = weights.linear(expert.gate_up.clone());
-        layers::linear_forward(gate_up, xe, w, n, h, 2 * f, Write::Overwrite);
-        let act = &mut acts.act[rows.start * f..rows.end * f];
-        kernels::swiglu_forward(act, gate_up, f);
-        let ye = &mut acts.ye[rows.start * h..rows.end * h];
-        let w = weights.linear(expert.down.clone());
-        layers::linear_forward(ye, act, w, n, f, h, Write::Overwrite);
-    }
-    for t in 0..tokens {
-        let out_t = &mut out[t * h..(t + 1) * h];
-        for j in 0..dims.top_k {
-            let row = acts.slot_row[t * dims.top_k + j];
-            kernels::axpy(
-                out_t,
-                acts.gates[t * dims.top_k + j],
-                &acts.ye[row * h..(row + 1) * h],
-            );
-        }
     }
 }
 
@@ -197,9 +140,11 @@ fn route(acts: &mut MoeActs, tokens: usize, dims: MoeDims) {
     acts.mean_probs.fill(0.0);
     for t in 0..tokens {
         let p = &acts.probs[t * n_experts..(t + 1) * n_experts];
+        // P_e = (1/T)·Σ_t p_{t,e} (the division follows the loop).
         for (m, &pe) in acts.mean_probs.iter_mut().zip(p) {
             *m += pe;
         }
+        // Top-k: the j-th pick is the most probable expert not yet taken.
         let chosen = &mut acts.experts[t * k..(t + 1) * k];
         for j in 0..k {
             let mut best: Option<usize> = None;
@@ -238,32 +183,235 @@ fn route(acts: &mut MoeActs, tokens: usize, dims: MoeDims) {
     }
 }
 
-/// MoE backward for T tokens.
-/// dout [T, h] (gradient of the sublayer's output), xn [T, h], acts → dxn [T, h]
-/// (overwritten), and the router's and every expert's weight gradients in `grads`
-/// (overwritten; an expert with no token gets exactly zero). Returns Σ g² over
-/// those gradients, each summed right after it is written.
-///   dw_{t,j} = dout_t · E_{e_j}(xn_t);   dE_{e_j}(xn_t) = w_{t,j} · dout_t
-///   through the gates, for i in top-k:  dp_i = (dw_i − Σ_j w_j dw_j) / Σ_j p_{e_j}
-///   through the aux loss (α·E·Σ_e f_e P_e, f constant):  dp_{t,e} += α·E·f_e / T
-///   router softmax:  dr_{t,e} = p_e · (dp_e − Σ_e' p_e' dp_e')
-#[allow(clippy::too_many_arguments)]
-pub fn moe_backward(
-    dxn: &mut [f32],
-    grads: &mut [f32],
-    scratch: &mut MoeScratch,
-    dout: &[f32],
-    xn: &[f32],
-    acts: &MoeActs,
-    params: &[f32],
-    ranges: &LayerRanges,
-    tokens: usize,
-    aux_alpha: f32,
-    dims: MoeDims,
-) -> f64 {
-    let (h, f, k, n_experts) = (dims.hidden, dims.ffn, dims.top_k, dims.n_experts);
-    let mut sum_sq = 0.0;
-    for slot in 0..tokens * k {
+/// One layer's router `moe.router.weight` [E, h]: softmax, top-k, gates.
+#[derive(Debug, Clone)]
+pub struct Router<'a> {
+    /// W_r [E, h].
+    pub weight: Linear<'a>,
+    /// The MoE sizes.
+    pub dims: MoeDims,
+}
+
+impl Router<'_> {
+    /// p_t = softmax(xn_t · W_rᵀ) [T, E] into `acts.probs`, then the top-k
+    /// choice, the gates and the dispatch plan (see `route`).
+    pub fn forward(&self, acts: &mut MoeActs, tokens: usize) {
+        let n_experts = self.dims.n_experts;
+        let probs = &mut acts.probs[..tokens * n_experts];
+        let xn = &acts.xn[..tokens * self.dims.hidden];
+        self.weight.forward(probs, xn, Write::Overwrite);
+        for row in probs.chunks_exact_mut(n_experts) {
+            kernels::softmax_in_place(row);
+        }
+        route(acts, tokens, self.dims);
+    }
+
+    /// dxn [T, h] += the router's share of dL/dxn, dW_r into `grads`, from
+    /// dL/dgates (`scratch.dgates`, written by the combine backward) and the
+    /// aux loss α·E·Σ_e f_e·P_e (f held constant):
+    ///   through the gates, for i in top-k:  dp_i = (dw_i − Σ_j w_j dw_j) / Σ_j p_{e_j}
+    ///   through the aux loss:               dp_{t,e} += α·E·f_e / T
+    ///   softmax:                            dr_{t,e} = p_e · (dp_e − Σ_e' p_e' dp_e')
+    pub fn backward(
+        &self,
+        dxn: &mut [f32],
+        acts: &MoeActs,
+        scratch: &mut MoeScratch,
+        grads: &mut Grads<'_>,
+        aux_alpha: f32,
+    ) {
+        let (k, n_experts) = (self.dims.top_k, self.dims.n_experts);
+        let tokens = dxn.len() / self.dims.hidden;
+        let slots = (tokens * k) as f32;
+        let aux_scale = aux_alpha * n_experts as f32 / tokens as f32;
+        for t in 0..tokens {
+            let p = &acts.probs[t * n_experts..(t + 1) * n_experts];
+            let chosen = &acts.experts[t * k..(t + 1) * k];
+            let gates = &acts.gates[t * k..(t + 1) * k];
+            let dgates = &scratch.dgates[t * k..(t + 1) * k];
+            let dp = &mut scratch.dprobs;
+            // Aux loss: dp_e = α·E/T · f_e, f_e = counts_e/(T·k).
+            for (dp, &c) in dp.iter_mut().zip(&acts.counts) {
+                *dp = aux_scale * (c as f32 / slots);
+            }
+            // Gates: dp_{e_i} += (dw_i − Σ_j w_j·dw_j) / Σ_j p_{e_j}.
+            let kept: f32 = chosen.iter().map(|&e| p[e as usize]).sum();
+            let w_dot_dw = kernels::dot(gates, dgates);
+            for (&e, &dw) in chosen.iter().zip(dgates) {
+                dp[e as usize] += (dw - w_dot_dw) / kept;
+            }
+            // Softmax: dr_e = p_e·(dp_e − Σ_e' p_e'·dp_e').
+            let p_dot_dp = kernels::dot(p, dp);
+            let dr = &mut scratch.drouter[t * n_experts..(t + 1) * n_experts];
+            for ((dr, &p), &dp) in dr.iter_mut().zip(p).zip(dp.iter()) {
+                *dr = p * (dp - p_dot_dp);
+            }
+        }
+        // r = xn·W_rᵀ: dW_r = drᵀ·xn, dxn += dr·W_r.
+        let dr = &scratch.drouter[..tokens * n_experts];
+        let xn = &acts.xn[..dxn.len()];
+        self.weight.backward(dxn, dr, xn, Write::Accumulate, grads);
+    }
+}
+
+/// One SwiGLU expert: `gate_proj` and `up_proj` (stacked) and `down_proj`.
+///   E(x) = W_down · (silu(W_gate · x) ⊙ (W_up · x))
+#[derive(Debug, Clone)]
+pub struct Expert<'a> {
+    /// `gate_proj` [F, h] then `up_proj` [F, h]: one [2F, h] matrix.
+    pub gate_up_proj: Linear<'a>,
+    /// `down_proj` [h, F].
+    pub down_proj: Linear<'a>,
+    /// h.
+    pub hidden: usize,
+    /// F.
+    pub ffn: usize,
+}
+
+impl Expert<'_> {
+    /// The expert on its dispatched `rows` of `acts`: xe → gate|up → act → ye.
+    pub fn forward(&self, acts: &mut MoeActs, rows: Range<usize>) {
+        let (h, f) = (self.hidden, self.ffn);
+        let gate_up = &mut acts.gate_up[rows.start * 2 * f..rows.end * 2 * f];
+        let xe = &acts.xe[rows.start * h..rows.end * h];
+        self.gate_up_proj.forward(gate_up, xe, Write::Overwrite);
+        // act = silu(gate) ⊙ up
+        let act = &mut acts.act[rows.start * f..rows.end * f];
+        kernels::swiglu_forward(act, gate_up, f);
+        let ye = &mut acts.ye[rows.start * h..rows.end * h];
+        self.down_proj.forward(ye, act, Write::Overwrite);
+    }
+
+    /// Backward over its `rows`: dye → dact → dgate|up → dxe (in `scratch`),
+    /// dW_down and dW_gate|up into `grads` (zero when no token chose it).
+    pub fn backward(
+        &self,
+        scratch: &mut MoeScratch,
+        acts: &MoeActs,
+        rows: Range<usize>,
+        grads: &mut Grads<'_>,
+    ) {
+        let (h, f) = (self.hidden, self.ffn);
+        let (down, gate_up) = (self.down_proj.range(), self.gate_up_proj.range());
+        if rows.is_empty() {
+            grads.tensor(gate_up).fill(0.0);
+            grads.tensor(down).fill(0.0);
+            return;
+        }
+        let dact = &mut scratch.dact[rows.start * f..rows.end * f];
+        let dye = &scratch.dye[rows.start * h..rows.end * h];
+        let act = &acts.act[rows.start * f..rows.end * f];
+        let ddown = grads.tensor(down);
+        self.down_proj
+            .backward_into(dact, ddown, dye, act, Write::Overwrite);
+        let dgate_up = &mut scratch.dgate_up[rows.start * 2 * f..rows.end * 2 * f];
+        let saved = &acts.gate_up[rows.start * 2 * f..rows.end * 2 * f];
+        kernels::swiglu_backward(dgate_up, dact, saved, f);
+        let dxe = &mut scratch.dxe[rows.start * h..rows.end * h];
+        let xe = &acts.xe[rows.start * h..rows.end * h];
+        self.gate_up_proj
+            .backward(dxe, dgate_up, xe, Write::Overwrite, grads);
+        // Σ g² takes down_proj after gate_up_proj (the order the norm has always summed in).
+        grads.count(down);
+    }
+}
+
+/// One layer's MoE block: the router and the experts.
+#[derive(Debug, Clone)]
+pub struct MoeBlock<'a> {
+    /// `moe.router`.
+    pub router: Router<'a>,
+    /// `moe.experts.*`, as ranges (see [`MoeBlock::expert`]).
+    experts: &'a [ExpertRanges],
+    /// Where the experts' weights are read.
+    weights: Weights<'a>,
+}
+
+impl<'a> MoeBlock<'a> {
+    /// The MoE block of the layer at `ranges`.
+    pub fn new(weights: Weights<'a>, ranges: &'a LayerRanges, dims: MoeDims) -> Self {
+        let router = Router {
+            weight: Linear::new(weights, &ranges.router, dims.n_experts, dims.hidden),
+            dims,
+        };
+        MoeBlock {
+            router,
+            experts: &ranges.experts,
+            weights,
+        }
+    }
+
+    /// Expert `e` (`moe.experts.{e}`).
+    pub fn expert(&self, e: usize) -> Expert<'a> {
+        let (dims, ranges) = (self.router.dims, &self.experts[e]);
+        let (h, f) = (dims.hidden, dims.ffn);
+        Expert {
+            gate_up_proj: Linear::new(self.weights, &ranges.gate_up, 2 * f, h),
+            down_proj: Linear::new(self.weights, &ranges.down, h, f),
+            hidden: h,
+            ffn: f,
+        }
+    }
+
+    /// out [T, h] += MoE(acts.xn):
+    ///   p_t = softmax(xn_t · W_rᵀ);  top-k experts e_{t,1..k} by p;  w_{t,j} = p_{t,e_j} / Σ_j' p_{t,e_j'}
+    ///   out_t += Σ_j w_{t,j} · E_{e_j}(xn_t)
+    pub fn forward(&self, out: &mut [f32], acts: &mut MoeActs) {
+        let (h, k) = (self.router.dims.hidden, self.router.dims.top_k);
+        let tokens = out.len() / h;
+        self.router.forward(acts, tokens);
+        for (row, &t) in acts.row_token.iter().enumerate() {
+            acts.xe[row * h..(row + 1) * h].copy_from_slice(&acts.xn[t * h..(t + 1) * h]);
+        }
+        for e in 0..self.experts.len() {
+            let rows = acts.offsets[e]..acts.offsets[e + 1];
+            if !rows.is_empty() {
+                self.expert(e).forward(acts, rows);
+            }
+        }
+        // out_t += Σ_j w_{t,j} · ye[row(t, j)]
+        for (t, out_t) in out.chunks_exact_mut(h).enumerate() {
+            for slot in t * k..(t + 1) * k {
+                let row = acts.slot_row[slot];
+                kernels::axpy(out_t, acts.gates[slot], &acts.ye[row * h..(row + 1) * h]);
+            }
+        }
+    }
+
+    /// Backward from dout [T, h] = dL/d(the block's output): dxn [T, h] =
+    /// dL/d(acts.xn) (overwritten); every expert's and the router's weight
+    /// gradients into `grads`, in that order.
+    pub fn backward(
+        &self,
+        dxn: &mut [f32],
+        dout: &[f32],
+        acts: &MoeActs,
+        scratch: &mut MoeScratch,
+        grads: &mut Grads<'_>,
+        aux_alpha: f32,
+    ) {
+        let (h, k) = (self.router.dims.hidden, self.router.dims.top_k);
+        combine_backward(scratch, dout, acts, h, k);
+        for e in 0..self.experts.len() {
+            let rows = acts.offsets[e]..acts.offsets[e + 1];
+            self.expert(e).backward(scratch, acts, rows, grads);
+        }
+        // dxn_t = Σ_j dxe[row(t, j)]   (the expert path)
+        for (t, dxn_t) in dxn.chunks_exact_mut(h).enumerate() {
+            dxn_t.fill(0.0);
+            for &row in &acts.slot_row[t * k..(t + 1) * k] {
+                kernels::add_assign(dxn_t, &scratch.dxe[row * h..(row + 1) * h]);
+            }
+        }
+        self.router.backward(dxn, acts, scratch, grads, aux_alpha);
+    }
+}
+
+/// Backward of the combine out_t = Σ_j w_{t,j} · E_{e_j}(xn_t), from dout [T, h]:
+///   dw_{t,j} = dout_t · E_{e_j}(xn_t)   → scratch.dgates [T, k]
+///   dE_{e_j}(xn_t) = w_{t,j} · dout_t  → scratch.dye [T·k, h], by dispatched row
+fn combine_backward(scratch: &mut MoeScratch, dout: &[f32], acts: &MoeActs, h: usize, k: usize) {
+    for slot in 0..dout.len() / h * k {
         let (t, row) = (slot / k, acts.slot_row[slot]);
         let dout_t = &dout[t * h..(t + 1) * h];
         scratch.dgates[slot] = kernels::dot(dout_t, &acts.ye[row * h..(row + 1) * h]);
@@ -272,93 +420,6 @@ pub fn moe_backward(
             *d = acts.gates[slot] * g;
         }
     }
-    for (e, expert) in ranges.experts.iter().enumerate() {
-        let rows = acts.offsets[e]..acts.offsets[e + 1];
-        let n = rows.len();
-        if n == 0 {
-            grads[expert.gate_up.clone()].fill(0.0);
-            grads[expert.down.clone()].fill(0.0);
-            continue;
-        }
-        let dact = &mut scratch.dact[rows.start * f..rows.end * f];
-        let dye = &scratch.dye[rows.start * h..rows.end * h];
-        let act = &acts.act[rows.start * f..rows.end * f];
-        layers::linear_backward(
-            dact,
-            &mut grads[expert.down.clone()],
-            dye,
-            act,
-            &params[expert.down.clone()],
-            n,
-            f,
-            h,
-            Write::Overwrite,
-        );
-        let dgate_up = &mut scratch.dgate_up[rows.start * 2 * f..rows.end * 2 * f];
-        kernels::swiglu_backward(
-            dgate_up,
-            dact,
-            &acts.gate_up[rows.start * 2 * f..rows.end * 2 * f],
-            f,
-        );
-        layers::linear_backward(
-            &mut scratch.dxe[rows.start * h..rows.end * h],
-            &mut grads[expert.gate_up.clone()],
-            dgate_up,
-            &acts.xe[rows.start * h..rows.end * h],
-            &params[expert.gate_up.clone()],
-            n,
-            h,
-            2 * f,
-            Write::Overwrite,
-        );
-        sum_sq += kernels::sum_of_squares(&grads[expert.gate_up.clone()]);
-        sum_sq += kernels::sum_of_squares(&grads[expert.down.clone()]);
-    }
-    // dxn_t = Σ_j dxe[row(t, j)]   (the expert path)
-    for t in 0..tokens {
-        let dxn_t = &mut dxn[t * h..(t + 1) * h];
-        dxn_t.fill(0.0);
-        for j in 0..k {
-            let row = acts.slot_row[t * k + j];
-            kernels::add_assign(dxn_t, &scratch.dxe[row * h..(row + 1) * h]);
-        }
-    }
-    // Router: gates and aux loss → dp → softmax backward.
-    let slots = (tokens * k) as f32;
-    let aux_scale = aux_alpha * n_experts as f32 / tokens as f32;
-    for t in 0..tokens {
-        let p = &acts.probs[t * n_experts..(t + 1) * n_experts];
-        let chosen = &acts.experts[t * k..(t + 1) * k];
-        let gates = &acts.gates[t * k..(t + 1) * k];
-        let dgates = &scratch.dgates[t * k..(t + 1) * k];
-        let dp = &mut scratch.dprobs;
-        for (dp, &c) in dp.iter_mut().zip(&acts.counts) {
-            *dp = aux_scale * (c as f32 / slots);
-        }
-        let kept: f32 = chosen.iter().map(|&e| p[e as usize]).sum();
-        let w_dot_dw = kernels::dot(gates, dgates);
-        for (&e, &dw) in chosen.iter().zip(dgates) {
-            dp[e as usize] += (dw - w_dot_dw) / kept;
-        }
-        let p_dot_dp = kernels::dot(p, dp);
-        let dr = &mut scratch.dlogits[t * n_experts..(t + 1) * n_experts];
-        for ((dr, &p), &dp) in dr.iter_mut().zip(p).zip(dp.iter()) {
-            *dr = p * (dp - p_dot_dp);
-        }
-    }
-    layers::linear_backward(
-        dxn,
-        &mut grads[ranges.router.clone()],
-        &scratch.dlogits[..tokens * n_experts],
-        xn,
-        &params[ranges.router.clone()],
-        tokens,
-        h,
-        n_experts,
-        Write::Accumulate,
-    );
-    sum_sq + kernels::sum_of_squares(&grads[ranges.router.clone()])
 }
 
 #[cfg(test)]

@@ -26,11 +26,6 @@ pub fn learning_rate(config: &TrainConfig, t: u64) -> f64 {
     min_lr + 0.5 * (lr - min_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
 }
 
-/// Global L2 norm over all gradients, sqrt(Σ g²), accumulated in f64.
-pub fn global_norm(grads: &[f32]) -> f32 {
-    kernels::sum_of_squares(grads).sqrt() as f32
-}
-
 /// The factor that clipping multiplies every gradient by:
 /// c/(norm + 1e-6) when norm > c > 0, else 1.
 pub fn clip_scale(norm: f32, clip: f64) -> f32 {
@@ -128,7 +123,6 @@ mod tests {
         assert_eq!(clip_scale(0.5, 1.0), 1.0);
         assert!((clip_scale(4.0, 1.0) - 1.0 / 4.000001).abs() < 1e-7);
         assert_eq!(clip_scale(4.0, 0.0), 1.0);
-        assert!((global_norm(&[3.0, 4.0, 0.0, 0.0, 12.0]) - 13.0).abs() < 1e-6);
     }
 
     #[test]

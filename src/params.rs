@@ -17,6 +17,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
 use crate::config::ModelConfig;
+use crate::kernels;
 
 /// One named tensor inside the flat parameter buffer.
 #[derive(Debug, Clone, PartialEq)]
@@ -82,66 +83,19 @@ pub struct ParamLayout {
 impl ParamLayout {
     /// Lays out every tensor of `config` in the order of CONTRACT §2.
     pub fn new(config: &ModelConfig) -> Self {
-        let h = config.hidden_dim;
-        let (hd, kvd) = (
-            config.n_heads * config.head_dim,
-            config.n_kv_heads * config.head_dim,
-        );
-        let f = config.ffn_dim;
-        let mut tensors = Vec::new();
-        let mut next = 0;
-        let mut push = |name: String, shape: Vec<usize>| {
-            let len: usize = shape.iter().product();
-            let range = next..next + len;
-            next += len;
-            tensors.push(TensorSpec {
-                name,
-                shape,
-                range: range.clone(),
-            });
-            range
-        };
-        let embed = push("embed.weight".into(), vec![config.vocab_size, h]);
-        let mut layers = Vec::with_capacity(config.n_layers);
-        for l in 0..config.n_layers {
-            let p = format!("layers.{l}");
-            let attn_norm = push(format!("{p}.attn_norm.weight"), vec![h]);
-            let q = push(format!("{p}.attn.q_proj.weight"), vec![hd, h]);
-            push(format!("{p}.attn.k_proj.weight"), vec![kvd, h]);
-            let v = push(format!("{p}.attn.v_proj.weight"), vec![kvd, h]);
-            let o_proj = push(format!("{p}.attn.o_proj.weight"), vec![h, hd]);
-            let moe_norm = push(format!("{p}.moe_norm.weight"), vec![h]);
-            let router = push(format!("{p}.moe.router.weight"), vec![config.n_experts, h]);
-            let experts = (0..config.n_experts)
-                .map(|e| {
-                    let x = format!("{p}.moe.experts.{e}");
-                    let gate = push(format!("{x}.gate_proj.weight"), vec![f, h]);
-                    let up = push(format!("{x}.up_proj.weight"), vec![f, h]);
-                    let down = push(format!("{x}.down_proj.weight"), vec![h, f]);
-                    ExpertRanges {
-                        gate_up: gate.start..up.end,
-                        down,
-                    }
-                })
-                .collect();
-            layers.push(LayerRanges {
-                attn_norm,
-                qkv: q.start..v.end,
-                o_proj,
-                moe_norm,
-                router,
-                experts,
-            });
-        }
-        let final_norm = push("final_norm.weight".into(), vec![h]);
-        let lm_head = push("lm_head.weight".into(), vec![config.vocab_size, h]);
+        let (vocab, h) = (config.vocab_size, config.hidden_dim);
+        let mut b = LayoutBuilder::default();
+        let embed = b.push("embed.weight".into(), vec![vocab, h]);
+        let layers = (0..config.n_layers).map(|l| b.layer(l, config)).collect();
+        let final_norm = b.push("final_norm.weight".into(), vec![h]);
+        let lm_head = b.push("lm_head.weight".into(), vec![vocab, h]);
         ParamLayout {
-            tensors,
+            len: b.next,
+            tensors: b.tensors,
             embed,
             layers,
             final_norm,
             lm_head,
-            len: next,
         }
     }
 
@@ -170,6 +124,119 @@ impl ParamLayout {
             }
         }
         params
+    }
+}
+
+/// The flat gradient buffer (laid out like the parameters) and the running
+/// Σ g² of every tensor written so far, summed while the tensor is still in
+/// cache: the global norm for clipping costs no extra pass.
+#[derive(Debug)]
+pub struct Grads<'g> {
+    /// dL/dθ, flat, [`ParamLayout`] order.
+    values: &'g mut [f32],
+    /// Σ g² so far.
+    sum_sq: f64,
+}
+
+impl<'g> Grads<'g> {
+    /// A gradient buffer with nothing counted yet.
+    pub fn new(values: &'g mut [f32]) -> Self {
+        Grads {
+            values,
+            sum_sq: 0.0,
+        }
+    }
+
+    /// The gradient of the tensor at `range`, to write without counting it
+    /// yet (see [`Grads::count`]).
+    pub fn tensor(&mut self, range: &Range<usize>) -> &mut [f32] {
+        &mut self.values[range.clone()]
+    }
+
+    /// Adds Σ g² of the (written) gradient at `range` to the running sum.
+    pub fn count(&mut self, range: &Range<usize>) {
+        self.sum_sq += kernels::sum_of_squares(&self.values[range.clone()]);
+    }
+
+    /// Lets `write` overwrite the gradient at `range`, then counts it.
+    pub fn write(&mut self, range: &Range<usize>, write: impl FnOnce(&mut [f32])) {
+        write(self.tensor(range));
+        self.count(range);
+    }
+
+    /// Runs `part` with a fresh running sum, then adds its subtotal: one
+    /// subtotal per decoder layer, the summation order the norm has always had.
+    pub fn subtotal(&mut self, part: impl FnOnce(&mut Self)) {
+        let outer = std::mem::replace(&mut self.sum_sq, 0.0);
+        part(self);
+        self.sum_sq += outer; // = outer + subtotal (IEEE addition commutes)
+    }
+
+    /// Σ g² over every gradient counted.
+    pub fn sum_sq(&self) -> f64 {
+        self.sum_sq
+    }
+}
+
+/// Lays tensors out one after the other.
+#[derive(Default)]
+struct LayoutBuilder {
+    /// Tensors so far.
+    tensors: Vec<TensorSpec>,
+    /// First free index.
+    next: usize,
+}
+
+impl LayoutBuilder {
+    /// Appends a tensor; returns its range.
+    fn push(&mut self, name: String, shape: Vec<usize>) -> Range<usize> {
+        let len: usize = shape.iter().product();
+        let range = self.next..self.next + len;
+        self.next += len;
+        let spec = TensorSpec {
+            name,
+            shape,
+            range: range.clone(),
+        };
+        self.tensors.push(spec);
+        range
+    }
+
+    /// Appends every tensor of layer `l`, in checkpoint order.
+    fn layer(&mut self, l: usize, config: &ModelConfig) -> LayerRanges {
+        let (h, d) = (config.hidden_dim, config.head_dim);
+        let (hd, kvd) = (config.n_heads * d, config.n_kv_heads * d);
+        let p = format!("layers.{l}");
+        let attn_norm = self.push(format!("{p}.attn_norm.weight"), vec![h]);
+        let q = self.push(format!("{p}.attn.q_proj.weight"), vec![hd, h]);
+        self.push(format!("{p}.attn.k_proj.weight"), vec![kvd, h]);
+        let v = self.push(format!("{p}.attn.v_proj.weight"), vec![kvd, h]);
+        let o_proj = self.push(format!("{p}.attn.o_proj.weight"), vec![h, hd]);
+        let moe_norm = self.push(format!("{p}.moe_norm.weight"), vec![h]);
+        let router = self.push(format!("{p}.moe.router.weight"), vec![config.n_experts, h]);
+        let experts = (0..config.n_experts)
+            .map(|e| self.expert(&format!("{p}.moe.experts.{e}"), config))
+            .collect();
+        LayerRanges {
+            attn_norm,
+            qkv: q.start..v.end,
+            o_proj,
+            moe_norm,
+            router,
+            experts,
+        }
+    }
+
+    /// Appends one expert's tensors, named `{prefix}.*_proj.weight`.
+    fn expert(&mut self, prefix: &str, config: &ModelConfig) -> ExpertRanges {
+        let (h, f) = (config.hidden_dim, config.ffn_dim);
+        let gate = self.push(format!("{prefix}.gate_proj.weight"), vec![f, h]);
+        let up = self.push(format!("{prefix}.up_proj.weight"), vec![f, h]);
+        let down = self.push(format!("{prefix}.down_proj.weight"), vec![h, f]);
+        ExpertRanges {
+            gate_up: gate.start..up.end,
+            down,
+        }
     }
 }
 

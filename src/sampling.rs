@@ -94,6 +94,7 @@ pub fn pick_token(logits: &[f32], strategy: SamplingStrategy, rng: &mut ChaCha8R
             .total_cmp(&logits[a as usize])
             .then(a.cmp(&b))
     });
+    // Top-k: keep the k largest logits.
     if let SamplingStrategy::TopK { k, .. } = strategy
         && k > 0
     {
@@ -107,6 +108,7 @@ pub fn pick_token(logits: &[f32], strategy: SamplingStrategy, rng: &mut ChaCha8R
         .collect();
     let sum: f64 = probs.iter().sum();
     probs.iter_mut().for_each(|p| *p /= sum);
+    // Top-p: keep the shortest prefix with Σ p_i ≥ p, then p_i ← p_i / Σ_kept p.
     if let SamplingStrategy::TopP { p, .. } = strategy {
         let mut cumulative = 0.0;
         let keep = probs
@@ -120,6 +122,7 @@ pub fn pick_token(logits: &[f32], strategy: SamplingStrategy, rng: &mut ChaCha8R
         let kept: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|q| *q /= kept);
     }
+    // Inverse CDF: the first token whose cumulative probability exceeds u ~ U[0, 1).
     let u: f64 = rng.random();
     let mut cumulative = 0.0;
     for (i, q) in probs.iter().enumerate() {

@@ -1,8 +1,9 @@
 //! One training step: forward → loss → backward → clip → AdamW (CONTRACT §6).
 
-use crate::config::TrainConfig;
+use crate::batch::Batch;
+use crate::config::{ModelConfig, TrainConfig};
 use crate::error::{MoeError, Result};
-use crate::model::{Batch, Losses, Model};
+use crate::model::{Losses, Model};
 use crate::optim::{self, AdamW};
 
 /// What one training step reports.
@@ -35,6 +36,13 @@ impl Trainer {
     pub fn new(model: Model, config: TrainConfig) -> Result<Self> {
         let optimizer = AdamW::new(model.layout());
         Self::resume(model, config, optimizer, 0)
+    }
+
+    /// A trainer for a fresh model of `model_config` initialised from
+    /// `config.seed` (CONTRACT §2): same seed, same run.
+    pub fn from_seed(model_config: ModelConfig, config: TrainConfig) -> Result<Self> {
+        let model = Model::new(model_config, config.seed)?;
+        Self::new(model, config)
     }
 
     /// A trainer continuing from saved optimizer state after `step` steps.
@@ -147,8 +155,7 @@ impl Trainer {
 /// training settings, and the fixed batch B 2 × S 8 with ids 0..15 and
 /// targets 1..16. Returns the trainer and the batch to repeat.
 pub fn convergence_setup() -> Result<(Trainer, Batch)> {
-    let model = Model::new(crate::ModelConfig::tiny(), 42)?;
-    let trainer = Trainer::new(model, TrainConfig::default())?;
+    let trainer = Trainer::from_seed(ModelConfig::tiny(), TrainConfig::default())?;
     let batch = Batch::new((0..16).collect(), (1..17).collect(), 2)?;
     Ok((trainer, batch))
 }
@@ -161,6 +168,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_train_config_seed_initialises_the_model() {
+        let train = TrainConfig {
+            seed: 7,
+            ..TrainConfig::default()
+        };
+        let trainer = Trainer::from_seed(ModelConfig::tiny(), train).unwrap();
+        let seven = Model::new(ModelConfig::tiny(), 7).unwrap();
+        assert_eq!(trainer.model().params(), seven.params());
+        let (default, _) = convergence_setup().unwrap();
+        assert_ne!(trainer.model().params(), default.model().params());
+    }
+
+    #[test]
     fn a_non_finite_gradient_refuses_the_step_and_leaves_everything_untouched() {
         let (mut trainer, batch) = convergence_setup().unwrap();
         trainer.train_step(&batch).unwrap();
@@ -170,7 +190,7 @@ mod tests {
             .loss_and_grads(&batch, 0.01, &mut trainer.grads)
             .unwrap();
         trainer.grads[123] = f32::NAN;
-        let norm = optim::global_norm(&trainer.grads);
+        let norm = crate::kernels::sum_of_squares(&trainer.grads).sqrt() as f32;
         assert!(norm.is_nan());
         match trainer.apply_gradients(losses, norm) {
             Err(MoeError::NonFinite {

@@ -1,6 +1,6 @@
 //! After the first call with a given shape, forward and train_step allocate nothing.
 
-mod common;
+pub mod common;
 
 use common::random_batch;
 use rosetta_moe::kernels::{CountingAllocator, allocation_count};

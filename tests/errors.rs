@@ -1,6 +1,6 @@
 //! Every error case of CONTRACT §8 gives its typed error, never a panic.
 
-mod common;
+pub mod common;
 
 use std::fs;
 

@@ -1,6 +1,6 @@
 //! Generation (CONTRACT §7) and the KV cache.
 
-mod common;
+pub mod common;
 
 use rosetta_moe::sampling::{self, SamplingStrategy};
 use rosetta_moe::{KvCache, Model, ModelConfig, MoeError};

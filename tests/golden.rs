@@ -2,6 +2,8 @@
 //! float64 outputs for one batch (written by `reference/make_fixture`). It
 //! catches a broken gradient on machines without Python.
 
+pub mod common;
+
 use std::path::Path;
 
 use rosetta_moe::optim::{self, AdamW};
@@ -64,7 +66,7 @@ fn forward_losses_gradients_and_routes_match_the_reference() {
     let (losses, grad_norm) = model
         .loss_and_grads(&batch, train.aux_loss_alpha as f32, &mut grads)
         .unwrap();
-    let exact_norm = rosetta_moe::optim::global_norm(&grads);
+    let exact_norm = common::global_norm(&grads);
     assert!(
         (grad_norm - exact_norm).abs() <= 1e-6 * exact_norm,
         "{grad_norm} vs {exact_norm}"
@@ -135,7 +137,7 @@ fn adamw_step_matches_the_reference_given_the_same_gradients() {
         }
     }
     let mut params = model.params().to_vec();
-    let scale = optim::clip_scale(optim::global_norm(&grads), train.grad_clip);
+    let scale = optim::clip_scale(common::global_norm(&grads), train.grad_clip);
     let lr = optim::learning_rate(&train, step);
     AdamW::new(&layout).update(&mut params, &grads, scale, lr, step, &train);
     for spec in &layout.tensors {

@@ -12,7 +12,7 @@
 //! loss is not differentiable across a routing change) and retried with a
 //! smaller ε, then replaced by another entry.
 
-mod common;
+pub mod common;
 
 use common::{Lcg, gqa_config, random_batch};
 use rosetta_moe::{Batch, Model, ModelConfig};

@@ -1,6 +1,6 @@
 //! Intra-op threads change the speed, never the numbers.
 
-mod common;
+pub mod common;
 
 use common::random_batch;
 use rosetta_moe::{Model, ModelConfig, TrainConfig, Trainer, kernels};

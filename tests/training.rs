@@ -1,6 +1,6 @@
 //! Convergence (CONTRACT §11), determinism and checkpoint resume.
 
-mod common;
+pub mod common;
 
 use common::random_batch;
 use rosetta_moe::checkpoint::{self, load_model, load_training, save_model, save_training};

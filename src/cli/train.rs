@@ -175,14 +175,15 @@ fn start(args: &Args, source: String, text: &[u8]) -> Result<Run> {
         seed: args.seed,
         ..TrainConfig::default()
     };
-    let trainer = Trainer::new(Model::new(config, args.seed)?, train)?;
+    let sampler = WindowSampler::new(train.seed);
+    let trainer = Trainer::from_seed(config, train)?;
     fs::create_dir_all(&args.out).map_err(|e| MoeError::io(&args.out, e))?;
     tokenizer.save(&args.out.join(TOKENIZER_FILE))?;
     fs::write(args.out.join(METRICS_FILE), "").map_err(|e| MoeError::io(&args.out, e))?;
     Ok(Run {
         trainer,
         data,
-        sampler: WindowSampler::new(args.seed),
+        sampler,
         source,
         batch,
         seq,

@@ -1,5 +1,6 @@
-//! Helpers shared by the integration tests.
-#![allow(dead_code)]
+//! Helpers shared by the integration tests. Each test crate declares
+//! `pub mod common;`, so a crate using only some of them does not flag the
+//! others; every helper here is used by at least one test.
 
 use rosetta_moe::{Batch, ModelConfig};
 
@@ -7,7 +8,7 @@ use rosetta_moe::{Batch, ModelConfig};
 pub struct Lcg(pub u64);
 
 impl Lcg {
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self
             .0
             .wrapping_mul(6_364_136_223_846_793_005)
@@ -16,7 +17,7 @@ impl Lcg {
     }
 
     pub fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
+        (self.next_u64() % n as u64) as usize
     }
 }
 
@@ -42,4 +43,11 @@ pub fn gqa_config() -> ModelConfig {
         max_seq_len: 16,
         ..ModelConfig::tiny()
     }
+}
+
+/// The global L2 norm sqrt(Σ g²), summed in f64 in plain index order: an
+/// oracle independent of the fused, per-tensor sum of `loss_and_grads`.
+pub fn global_norm(grads: &[f32]) -> f32 {
+    let sum: f64 = grads.iter().map(|&g| f64::from(g) * f64::from(g)).sum();
+    sum.sqrt() as f32
 }

@@ -1,0 +1,188 @@
+//! The equation map (docs/equations.md) names only code that exists: every
+//! `[`path` · `function`](link)` reference names a file that exists and a
+//! function defined in it (a method or nested item as `Type::method`, or
+//! `outer.inner` in Python), every derivation link lands on a heading of
+//! docs/derivations.md, and every backward row has one. A rename breaks this test.
+
+use std::fs;
+use std::path::Path;
+
+const MAP: &str = "docs/equations.md";
+const DERIVATIONS: &str = "docs/derivations.md";
+
+/// One code reference of the map: the file and the (possibly qualified) item.
+#[derive(Debug)]
+struct CodeRef {
+    path: String,
+    item: String,
+    link: String,
+}
+
+/// Every `[`path` · `item`](link)` in `text`.
+fn code_refs(text: &str) -> Vec<CodeRef> {
+    let mut refs = Vec::new();
+    for piece in text.split("[`").skip(1) {
+        let Some((path, rest)) = piece.split_once("` · `") else {
+            continue;
+        };
+        let (item, rest) = rest
+            .split_once("`](")
+            .expect("a reference ends in `](link)");
+        let (link, _) = rest.split_once(')').expect("a link is closed");
+        refs.push(CodeRef {
+            path: path.into(),
+            item: item.into(),
+            link: link.into(),
+        });
+    }
+    refs
+}
+
+/// Leading spaces of a line.
+fn indent(line: &str) -> usize {
+    line.len() - line.trim_start().len()
+}
+
+/// True when the (trimmed) line defines function `name` in Rust or Python.
+fn defines(line: &str, name: &str, python: bool) -> bool {
+    let line = line.trim_start();
+    let line = line
+        .strip_prefix("pub(crate) ")
+        .or_else(|| line.strip_prefix("pub "))
+        .unwrap_or(line);
+    let keyword = if python { "def " } else { "fn " };
+    line.strip_prefix(keyword)
+        .and_then(|rest| rest.strip_prefix(name))
+        .is_some_and(|rest| rest.starts_with('(') || rest.starts_with('<'))
+}
+
+/// True when the line opens the container `name`: `impl … Name … {`,
+/// `mod name {` (Rust) or `def name(` (Python).
+fn opens(line: &str, name: &str, python: bool) -> bool {
+    if python {
+        return defines(line, name, true);
+    }
+    let t = line.trim_start();
+    let t = t.strip_prefix("pub ").unwrap_or(t);
+    if let Some(rest) = t.strip_prefix("mod ") {
+        return rest.trim_end_matches(" {").trim() == name;
+    }
+    if !t.starts_with("impl") || !t.ends_with('{') {
+        return false;
+    }
+    // The implemented type: after " for " if any, else after `impl<…>`.
+    let target = match t.split_once(" for ") {
+        Some((_, ty)) => ty,
+        None => t
+            .trim_start_matches("impl")
+            .trim_start_matches(|c| c != ' '),
+    };
+    let ident: String = target
+        .trim_start()
+        .chars()
+        .take_while(|c| c.is_alphanumeric() || *c == '_')
+        .collect();
+    ident == name
+}
+
+/// Whether `source` defines `item` (`f`, `Type::f`, `module::f`, `outer.f`).
+fn has_item(source: &str, item: &str, python: bool) -> bool {
+    let separator = if python { "." } else { "::" };
+    let lines: Vec<&str> = source.lines().collect();
+    let Some((container, name)) = item.rsplit_once(separator) else {
+        // An unqualified name is a top-level function.
+        return lines
+            .iter()
+            .any(|l| indent(l) == 0 && defines(l, item, python));
+    };
+    for (i, line) in lines.iter().enumerate() {
+        if !opens(line, container, python) {
+            continue;
+        }
+        let depth = indent(line);
+        // The container's body: the lines indented deeper, up to its end.
+        let body = lines[i + 1..]
+            .iter()
+            .take_while(|l| l.trim().is_empty() || indent(l) > depth);
+        if body.into_iter().any(|l| defines(l, name, python)) {
+            return true;
+        }
+    }
+    false
+}
+
+/// GitHub's anchor of a heading: lower case, spaces to '-', other punctuation dropped.
+fn slug(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter_map(|c| match c {
+            ' ' => Some('-'),
+            c if c.is_alphanumeric() || c == '-' || c == '_' => Some(c),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn every_function_the_map_names_exists_in_its_file() {
+    let map = fs::read_to_string(MAP).unwrap();
+    let refs = code_refs(&map);
+    assert!(refs.len() > 60, "only {} references parsed", refs.len());
+    let mut missing = Vec::new();
+    for r in &refs {
+        assert_eq!(r.link, format!("../{}", r.path), "link of {r:?}");
+        let source = fs::read_to_string(&r.path)
+            .unwrap_or_else(|e| panic!("{} (named in {MAP}): {e}", r.path));
+        if !has_item(&source, &r.item, r.path.ends_with(".py")) {
+            missing.push(format!("{} · {}", r.path, r.item));
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "named in {MAP} but not found: {missing:#?}"
+    );
+}
+
+#[test]
+fn every_backward_row_links_to_a_derivation_that_exists() {
+    let map = fs::read_to_string(MAP).unwrap();
+    let derivations = fs::read_to_string(DERIVATIONS).unwrap();
+    let anchors: Vec<String> = derivations
+        .lines()
+        .filter_map(|l| l.strip_prefix("## "))
+        .map(slug)
+        .collect();
+    let rows: Vec<&str> = map.lines().filter(|l| l.starts_with("| B")).collect();
+    assert!(rows.len() >= 13, "{} backward rows", rows.len());
+    for row in rows {
+        let (_, rest) = row
+            .split_once("(derivations.md#")
+            .unwrap_or_else(|| panic!("no derivation link in: {row}"));
+        let anchor = rest.split(')').next().unwrap();
+        assert!(
+            anchors.iter().any(|a| a == anchor),
+            "#{anchor} is not a heading of {DERIVATIONS}"
+        );
+    }
+}
+
+#[test]
+fn the_readme_links_the_map_and_the_checker_sees_a_renamed_function() {
+    let readme = fs::read_to_string("README.md").unwrap();
+    assert!(readme.contains("(docs/equations.md)"));
+    assert!(Path::new(DERIVATIONS).exists());
+    // The checker itself: it finds what exists and misses what does not.
+    let source = "impl<'a> Router<'a> {\n    pub fn backward(&self) {}\n}\n\
+                  pub mod reference {\n    pub fn adamw() {}\n}\nfn route() {}\n";
+    assert!(has_item(source, "Router::backward", false));
+    assert!(has_item(source, "reference::adamw", false));
+    assert!(has_item(source, "route", false));
+    assert!(!has_item(source, "Router::forward", false));
+    assert!(!has_item(source, "reference::route", false));
+    assert!(!has_item(source, "routes", false));
+    let python = "def moe(x):\n    def expert(e):\n        return e\n    return x\n";
+    assert!(has_item(python, "moe.expert", true));
+    assert!(!has_item(python, "expert", true));
+}
