@@ -107,6 +107,10 @@ def fmt_time(ns, unit="ms"):
     return f"{ns / 1e6:.3f}" if unit == "ms" else f"{ns / 1e3:.2f}"
 
 
+def fmt_ms(ns):
+    return "—" if ns is None else f"{ns / 1e6:.4g}"
+
+
 def fmt_bytes(n):
     if n is None:
         return "—"
@@ -238,10 +242,10 @@ def markdown(report, plots):
         "",
         "## Every scenario",
         "",
-        "Median ms per run (median over rounds).",
+        "Median ms per run (median over rounds), four significant digits.",
         "",
         *table(["scenario", *names],
-               [[f"`{sid}`", *[fmt_time(l["scenarios"].get(sid, {}).get("median_ns")) for l in
+               [[f"`{sid}`", *[fmt_ms(l["scenarios"].get(sid, {}).get("median_ns")) for l in
                                report["languages"].values()]]
                 for sid in next(iter(report["languages"].values()))["scenarios"]]),
         "",
@@ -319,27 +323,13 @@ def main():
     ap.add_argument("--quick", action="store_true", help="quick suites (3 trials after 1 warm-up)")
     ap.add_argument("--scenario", default="*", help="only scenario ids matching this glob")
     ap.add_argument("--no-peers", action="store_true", help="leave the framework peers out")
+    ap.add_argument("--from", dest="source", metavar="JSON",
+                    help="do not run: render the Markdown and plots from an earlier --json")
     args = ap.parse_args()
     if args.rounds < 1:
         ap.error("--rounds must be ≥ 1")
-    suites = languages(args.quick, args.scenario)
-    results = {name: [] for name in suites}
-    started = time.time()
-    with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.rounds):
-            order = list(suites)[r % len(suites):] + list(suites)[:r % len(suites)]
-            print(f"round {r + 1}/{args.rounds}: {', '.join(order)}", file=sys.stderr, flush=True)
-            for name in order:
-                results[name].append(run_suite(name, suites[name], Path(tmp) / f"{name}-{r}.json"))
-    report = {
-        "command": "tracks/report " + shlex.join(sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%d", time.gmtime()),
-        "rounds": args.rounds, "quick": args.quick, "scenario": args.scenario,
-        "languages": {name: aggregate(rounds) for name, rounds in results.items()},
-        "peers": None if args.no_peers else run_peers(args.rounds, args.scenario),
-        "seconds": round(time.time() - started),
-    }
-    if args.json:
+    report = json.loads(Path(args.source).read_text()) if args.source else measure(args)
+    if args.json and not args.source:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
     plot_dir = None
@@ -354,6 +344,27 @@ def main():
         print(f"wrote {args.markdown}", file=sys.stderr)
     else:
         print(text)
+
+
+def measure(args):
+    """Runs every suite in interleaved rounds (and the peers); returns the report."""
+    suites = languages(args.quick, args.scenario)
+    results = {name: [] for name in suites}
+    started = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            order = list(suites)[r % len(suites):] + list(suites)[:r % len(suites)]
+            print(f"round {r + 1}/{args.rounds}: {', '.join(order)}", file=sys.stderr, flush=True)
+            for name in order:
+                results[name].append(run_suite(name, suites[name], Path(tmp) / f"{name}-{r}.json"))
+    return {
+        "command": "tracks/report " + shlex.join(sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "rounds": args.rounds, "quick": args.quick, "scenario": args.scenario,
+        "languages": {name: aggregate(rounds) for name, rounds in results.items()},
+        "peers": None if args.no_peers else run_peers(args.rounds, args.scenario),
+        "seconds": round(time.time() - started),
+    }
 
 
 if __name__ == "__main__":

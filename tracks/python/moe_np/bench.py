@@ -355,12 +355,16 @@ def measure(s, trials, warmup, seed):
 
 
 def metadata(trials, warmup, seed, command):
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
-               "unknown")
+    try:
+        cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
+                   "unknown")
+        distro = platform.freedesktop_os_release().get("PRETTY_NAME", "Linux")
+    except OSError:
+        cpu, distro = "unknown", platform.system()
     return {
         "language": "python",
         "language_version": f"CPython {platform.python_version()}, NumPy {np.__version__}",
-        "os": f"{platform.freedesktop_os_release().get('PRETTY_NAME', 'Linux')}, Linux {platform.release()}",
+        "os": f"{distro}, Linux {platform.release()}",
         "cpu_model": cpu, "threads": os.cpu_count(),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "n_trials": trials, "n_warmup": warmup, "seed": seed, "fma_peak_gflops": None,
