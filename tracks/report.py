@@ -261,8 +261,8 @@ def markdown(report, plots):
                                                    if "median_ms" in r["results"].get(c, {}) else "—"
                                                    for c in cols]] for r in peers["rows"]]), ""]
     else:
-        lines += ["Framework peers (PyTorch, JAX): not included — `bench/peers/.venv` was absent "
-                  "when this report was made (see docs/peers.md).", ""]
+        lines += ["Framework peers (PyTorch, JAX): not in this report — they join when "
+                  "`bench/peers/.venv` exists and `--no-peers` is not given (see docs/peers.md).", ""]
     return "\n".join(lines)
 
 
