@@ -317,23 +317,24 @@ def measure(s, trials, warmup, seed):
     once = time.perf_counter_ns() - probe
     reps = 1_000_000 // max(once, 1) + 1 if once < 1_000_000 else 1
     clock = GcClock()
+    workers = runner if isinstance(runner, Parallel) else None  # their CPU and GC time count too
+    worker_cpu = lambda: workers.extra_cpu_ns if workers else 0
     wall, cpu = [], []
-    extra = lambda: getattr(runner, "extra_cpu_ns", 0)
     for _ in range(trials):
-        cpu0, start = cpu_time_ns() + extra(), time.perf_counter_ns()
+        cpu0, start = cpu_time_ns() + worker_cpu(), time.perf_counter_ns()
         for _ in range(reps):
             runner.run()
         wall.append((time.perf_counter_ns() - start) // reps)
-        cpu.append((cpu_time_ns() + extra() - cpu0) // reps)
-    gc_count = clock.count + getattr(runner, "extra_gc_count", 0)
-    gc_ns = clock.ns + getattr(runner, "extra_gc_ns", 0)
+        cpu.append((cpu_time_ns() + worker_cpu() - cpu0) // reps)
+    gc_count = clock.count + (workers.extra_gc_count if workers else 0)
+    gc_ns = clock.ns + (workers.extra_gc_ns if workers else 0)
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
     runner.run()
     alloc = max(tracemalloc.get_traced_memory()[1] - base, 0)
     tracemalloc.stop()
     out = np.asarray(runner.output(), np.float64).ravel()
-    rss = peak_rss_bytes() + (runner.close() if isinstance(runner, Parallel) else 0)
+    rss = peak_rss_bytes() + (workers.close() if workers else 0)
     stats = order_stats(wall)
     median_s = stats["median_ns"] / 1e9
     timed_ns = sum(wall) * reps
