@@ -38,6 +38,9 @@ pub struct ModelConfig {
     pub rope_base: f64,
     /// NTK-aware RoPE scaling factor (≤ 1 means no scaling).
     pub rope_alpha: f64,
+    /// RMSNorm ε inside the square root (Hugging Face Mixtral uses 1e-5).
+    #[serde(default = "ModelConfig::default_rms_norm_eps")]
+    pub rms_norm_eps: f64,
 }
 
 impl ModelConfig {
@@ -56,7 +59,13 @@ impl ModelConfig {
             max_seq_len: 512,
             rope_base: 10000.0,
             rope_alpha: 1.0,
+            rms_norm_eps: Self::default_rms_norm_eps(),
         }
+    }
+
+    /// RMSNorm ε of configs that do not name one (CONTRACT §3).
+    pub fn default_rms_norm_eps() -> f64 {
+        1e-6
     }
 
     /// The `small` preset: h = 256, 2 layers, 4 experts (7,134,464 parameters).
@@ -85,6 +94,7 @@ impl ModelConfig {
             max_seq_len: 32768,
             rope_base: 10000.0,
             rope_alpha: 8.0,
+            rms_norm_eps: Self::default_rms_norm_eps(),
         }
     }
 
@@ -199,6 +209,12 @@ impl ModelConfig {
             return bad(format!(
                 "rope_alpha = {} must be finite and > 0",
                 self.rope_alpha
+            ));
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
+            return bad(format!(
+                "rms_norm_eps = {} must be finite and > 0",
+                self.rms_norm_eps
             ));
         }
         if self.rope_alpha > 1.0 && self.head_dim == 2 {

@@ -421,6 +421,7 @@ impl Model {
             &mut ws.final_rms[..1],
             &x[last],
             gamma,
+            config.rms_norm_eps as f32,
         );
         let w = weights.linear(layout.lm_head.clone());
         let (logits, xn) = (&mut ws.logits[..vocab], &ws.xn_final[..h]);
@@ -564,7 +565,8 @@ impl Model {
         }
         let xn = &mut ws.xn_final[..tokens * h];
         let gamma = &params[layout.final_norm.clone()];
-        layers::rmsnorm_forward(xn, &mut ws.final_rms[..tokens], x, gamma);
+        let eps = config.rms_norm_eps as f32;
+        layers::rmsnorm_forward(xn, &mut ws.final_rms[..tokens], x, gamma, eps);
         let logits = &mut ws.logits[..tokens * vocab];
         let w = weights.linear(layout.lm_head.clone());
         layers::linear_forward(logits, xn, w, tokens, h, vocab, Write::Overwrite);
@@ -661,7 +663,8 @@ fn block_forward(
     acts.x_in[..tokens * h].copy_from_slice(x);
     let xn = &mut acts.xn_attn[..tokens * h];
     let gamma = weights.raw(ranges.attn_norm.clone());
-    layers::rmsnorm_forward(xn, &mut acts.attn_rms[..tokens], x, gamma);
+    let eps = config.rms_norm_eps as f32;
+    layers::rmsnorm_forward(xn, &mut acts.attn_rms[..tokens], x, gamma, eps);
     let qkv = &mut acts.qkv[..tokens * width];
     let w = weights.linear(ranges.qkv.clone());
     layers::linear_forward(qkv, xn, w, tokens, h, width, Write::Overwrite);
@@ -722,7 +725,7 @@ fn block_forward(
     acts.x_mid[..tokens * h].copy_from_slice(x);
     let xn = &mut acts.xn_moe[..tokens * h];
     let gamma = weights.raw(ranges.moe_norm.clone());
-    layers::rmsnorm_forward(xn, &mut acts.moe_rms[..tokens], x, gamma);
+    layers::rmsnorm_forward(xn, &mut acts.moe_rms[..tokens], x, gamma, eps);
     let dims = MoeDims::new(config);
     moe::moe_forward(x, &mut acts.moe, xn, weights, ranges, tokens, dims);
 }
