@@ -226,6 +226,17 @@ impl ModelConfig {
         Ok(())
     }
 
+    /// The RoPE base after NTK scaling (CONTRACT §3):
+    /// b' = base if α ≤ 1 else base·α^(d/(d−2)).
+    pub fn effective_rope_base(&self) -> f64 {
+        let d = self.head_dim as f64;
+        if self.rope_alpha <= 1.0 {
+            self.rope_base
+        } else {
+            self.rope_base * self.rope_alpha.powf(d / (d - 2.0))
+        }
+    }
+
     /// Number of query heads sharing one key/value head, H / Hkv.
     pub fn group_size(&self) -> usize {
         self.n_heads / self.n_kv_heads

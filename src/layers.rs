@@ -208,11 +208,7 @@ impl Rope {
     /// Angles are computed in f64 and rounded once to f32.
     pub fn new(config: &ModelConfig) -> Self {
         let d = config.head_dim as f64;
-        let base = if config.rope_alpha <= 1.0 {
-            config.rope_base
-        } else {
-            config.rope_base * config.rope_alpha.powf(d / (d - 2.0))
-        };
+        let base = config.effective_rope_base();
         let pairs = config.head_dim / 2;
         let len = config.max_seq_len * pairs;
         let (mut cos, mut sin) = (Vec::with_capacity(len), Vec::with_capacity(len));

@@ -3,6 +3,7 @@
 mod bench;
 mod convergence;
 mod dump;
+mod export;
 mod generate;
 mod init;
 mod train;
@@ -26,6 +27,7 @@ enum Command {
     Bench(bench::Args),
     Convergence(convergence::Args),
     Dump(dump::Args),
+    Export(export::Args),
     Generate(generate::Args),
     Init(init::Args),
     Train(train::Args),
@@ -37,6 +39,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::Convergence(args) => convergence::run(args),
         Command::Dump(args) => dump::run(args),
+        Command::Export(args) => export::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Init(args) => init::run(args),
         Command::Train(args) => train::run(args),
