@@ -265,3 +265,63 @@ fn moe_export_then_dump_gives_the_original_logits() {
     assert!(diff <= 1e-5, "{diff}");
     assert!(hf::is_hf_dir(&hf_dir) && !hf::is_hf_dir(&ck));
 }
+
+#[test]
+fn a_transformers_model_is_evaluated_and_trained_from() {
+    let work = tempfile::tempdir().unwrap();
+    let text = work.path().join("text.txt");
+    let lines: String = (0..40)
+        .map(|i| format!("To be, or not to be, that is the question {i}.\n"))
+        .collect();
+    std::fs::write(&text, lines).unwrap();
+    let dir = fixture("hf_tiny");
+    let eval = |seq: &str, stride: &str| -> serde_json::Value {
+        let out = Command::new(MOE)
+            .args(["eval", "--checkpoint"])
+            .arg(&dir)
+            .arg("--data")
+            .arg(&text)
+            .args(["--seq", seq, "--stride", stride, "--json"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let (plain, strided) = (eval("32", "32"), eval("32", "8"));
+    assert_eq!(
+        plain["tokens"], strided["tokens"],
+        "every token scored once"
+    );
+    assert!(strided["windows"].as_u64() > plain["windows"].as_u64());
+    let loss = plain["loss"].as_f64().unwrap();
+    assert!((plain["perplexity"].as_f64().unwrap() - loss.exp()).abs() < 1e-9);
+    assert!(plain["bits_per_byte"].as_f64().unwrap() > 0.0);
+    let run = work.path().join("run");
+    let out = Command::new(MOE)
+        .args(["train", "--init-from"])
+        .arg(&dir)
+        .arg("--data")
+        .arg(&text)
+        .arg("--out")
+        .arg(&run)
+        .args(["--steps", "2", "--batch", "2", "--seq", "16", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let trained = rosetta_moe::checkpoint::load_model(&run).unwrap();
+    let start = hf::import(&dir).unwrap();
+    assert_eq!(trained.config(), start.config());
+    assert_ne!(
+        trained.params(),
+        start.params(),
+        "two steps moved the weights"
+    );
+}

@@ -3,6 +3,7 @@
 mod bench;
 mod convergence;
 mod dump;
+mod eval;
 mod export;
 mod generate;
 mod init;
@@ -27,6 +28,7 @@ enum Command {
     Bench(bench::Args),
     Convergence(convergence::Args),
     Dump(dump::Args),
+    Eval(eval::Args),
     Export(export::Args),
     Generate(generate::Args),
     Init(init::Args),
@@ -39,6 +41,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::Convergence(args) => convergence::run(args),
         Command::Dump(args) => dump::run(args),
+        Command::Eval(args) => eval::run(args),
         Command::Export(args) => export::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Init(args) => init::run(args),

@@ -58,6 +58,11 @@ pub struct Args {
     /// Continue the run saved in this directory (bit-identical to never stopping).
     #[arg(long, value_name = "DIR")]
     resume: Option<PathBuf>,
+    /// Start from the weights and tokenizer of this checkpoint (ours or a
+    /// Hugging Face Mixtral directory) with fresh optimizer state, instead of
+    /// a random initialisation.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["resume", "config"])]
+    init_from: Option<PathBuf>,
     /// Seed of the initialisation and of the window sampler.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -158,15 +163,25 @@ fn read_text(path: Option<&Path>) -> Result<(String, Vec<u8>)> {
 }
 
 fn start(args: &Args, source: String, text: &[u8]) -> Result<Run> {
-    let config = ModelConfig::from_preset_or_file(args.config.as_deref().unwrap_or("tiny"))?;
+    let initial = args.init_from.as_deref().map(initial_model).transpose()?;
+    let config = match &initial {
+        Some((model, _)) => model.config().clone(),
+        None => ModelConfig::from_preset_or_file(args.config.as_deref().unwrap_or("tiny"))?,
+    };
     let (batch, seq) = (args.batch.unwrap_or(8), args.seq.unwrap_or(64));
     check_shape(&config, batch, seq)?;
     super::ensure_fresh_dir(&args.out, args.force)?;
-    let spinner = super::progress(0, "{spinner} training a {msg}-token BPE tokenizer…");
-    spinner.set_message(config.vocab_size.to_string());
-    spinner.enable_steady_tick(std::time::Duration::from_millis(120));
-    let tokenizer = Tokenizer::train(text, config.vocab_size)?;
-    spinner.finish_and_clear();
+    let (model, tokenizer) = match initial {
+        Some(initial) => initial,
+        None => {
+            let spinner = super::progress(0, "{spinner} training a {msg}-token BPE tokenizer…");
+            spinner.set_message(config.vocab_size.to_string());
+            spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+            let tokenizer = Tokenizer::train(text, config.vocab_size)?;
+            spinner.finish_and_clear();
+            (Model::new(config, args.seed)?, tokenizer)
+        }
+    };
     let data = TextData::new(text, &tokenizer, seq)?;
     let train = TrainConfig {
         lr: args.lr,
@@ -175,7 +190,7 @@ fn start(args: &Args, source: String, text: &[u8]) -> Result<Run> {
         seed: args.seed,
         ..TrainConfig::default()
     };
-    let trainer = Trainer::new(Model::new(config, args.seed)?, train)?;
+    let trainer = Trainer::new(model, train)?;
     fs::create_dir_all(&args.out).map_err(|e| MoeError::io(&args.out, e))?;
     tokenizer.save(&args.out.join(TOKENIZER_FILE))?;
     fs::write(args.out.join(METRICS_FILE), "").map_err(|e| MoeError::io(&args.out, e))?;
@@ -188,6 +203,29 @@ fn start(args: &Args, source: String, text: &[u8]) -> Result<Run> {
         seq,
         dir: args.out.clone(),
     })
+}
+
+/// The model and tokenizer of `--init-from DIR`.
+fn initial_model(dir: &Path) -> Result<(Model, Tokenizer)> {
+    let model = rosetta_moe::hf::load_model(dir)?;
+    let tokenizer = checkpoint_tokenizer(dir, model.config().vocab_size)?;
+    Ok((model, tokenizer))
+}
+
+/// The tokenizer saved with a checkpoint; its tokens must fit the model's vocabulary.
+fn checkpoint_tokenizer(dir: &Path, vocab_size: usize) -> Result<Tokenizer> {
+    let path = dir.join(TOKENIZER_FILE);
+    let tokenizer = Tokenizer::load(&path)?;
+    if tokenizer.vocab_size() > vocab_size {
+        return Err(MoeError::checkpoint(
+            &path,
+            format!(
+                "{} tokens do not fit the model's vocab_size {vocab_size}",
+                tokenizer.vocab_size()
+            ),
+        ));
+    }
+    Ok(tokenizer)
 }
 
 fn resume(args: &Args, dir: &Path, source: String, text: &[u8]) -> Result<Run> {
@@ -216,17 +254,7 @@ fn resume(args: &Args, dir: &Path, source: String, text: &[u8]) -> Result<Run> {
             ));
         }
     }
-    let tokenizer = Tokenizer::load(&dir.join(TOKENIZER_FILE))?;
-    if tokenizer.vocab_size() > config.vocab_size {
-        return Err(MoeError::checkpoint(
-            dir.join(TOKENIZER_FILE),
-            format!(
-                "{} tokens do not fit the model's vocab_size {}",
-                tokenizer.vocab_size(),
-                config.vocab_size
-            ),
-        ));
-    }
+    let tokenizer = checkpoint_tokenizer(dir, config.vocab_size)?;
     let data = TextData::new(text, &tokenizer, data_state.seq_len)?;
     if data.fingerprint != data_state.fingerprint {
         return Err(MoeError::checkpoint(
