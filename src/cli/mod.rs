@@ -32,7 +32,7 @@ enum Command {
     Export(export::Args),
     Generate(generate::Args),
     Init(init::Args),
-    Train(train::Args),
+    Train(Box<train::Args>),
 }
 
 /// Runs the parsed command.
@@ -45,7 +45,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Export(args) => export::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Init(args) => init::run(args),
-        Command::Train(args) => train::run(args),
+        Command::Train(args) => train::run(*args),
     }
 }
 
