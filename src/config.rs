@@ -39,7 +39,12 @@ pub struct ModelConfig {
     /// NTK-aware RoPE scaling factor (≤ 1 means no scaling).
     pub rope_alpha: f64,
     /// RMSNorm ε inside the square root (Hugging Face Mixtral uses 1e-5).
-    #[serde(default = "ModelConfig::default_rms_norm_eps")]
+    /// Written only when it is not the default, so configs of the contract's
+    /// twelve keys stay readable by every strict reader (the Rosetta tracks).
+    #[serde(
+        default = "ModelConfig::default_rms_norm_eps",
+        skip_serializing_if = "ModelConfig::has_default_rms_norm_eps"
+    )]
     pub rms_norm_eps: f64,
 }
 
@@ -66,6 +71,10 @@ impl ModelConfig {
     /// RMSNorm ε of configs that do not name one (CONTRACT §3).
     pub fn default_rms_norm_eps() -> f64 {
         1e-6
+    }
+
+    fn has_default_rms_norm_eps(eps: &f64) -> bool {
+        *eps == Self::default_rms_norm_eps()
     }
 
     /// The `small` preset: h = 256, 2 layers, 4 experts (7,134,464 parameters).

@@ -325,3 +325,14 @@ fn a_transformers_model_is_evaluated_and_trained_from() {
         "two steps moved the weights"
     );
 }
+
+#[test]
+fn rms_norm_eps_is_written_only_when_it_is_not_the_default() {
+    assert!(!ModelConfig::tiny().to_json().contains("rms_norm_eps"));
+    let hf_eps = ModelConfig {
+        rms_norm_eps: 1e-5,
+        ..ModelConfig::tiny()
+    };
+    let back = ModelConfig::from_json(&hf_eps.to_json()).unwrap();
+    assert_eq!(back, hf_eps);
+}
