@@ -38,6 +38,14 @@ pub struct ModelConfig {
     pub rope_base: f64,
     /// NTK-aware RoPE scaling factor (≤ 1 means no scaling).
     pub rope_alpha: f64,
+    /// RMSNorm ε inside the square root (Hugging Face Mixtral uses 1e-5).
+    /// Written only when it is not the default, so configs of the contract's
+    /// twelve keys stay readable by every strict reader (the Rosetta tracks).
+    #[serde(
+        default = "ModelConfig::default_rms_norm_eps",
+        skip_serializing_if = "ModelConfig::has_default_rms_norm_eps"
+    )]
+    pub rms_norm_eps: f64,
 }
 
 impl ModelConfig {
@@ -56,7 +64,17 @@ impl ModelConfig {
             max_seq_len: 512,
             rope_base: 10000.0,
             rope_alpha: 1.0,
+            rms_norm_eps: Self::default_rms_norm_eps(),
         }
+    }
+
+    /// RMSNorm ε of configs that do not name one (CONTRACT §3).
+    pub fn default_rms_norm_eps() -> f64 {
+        1e-6
+    }
+
+    fn has_default_rms_norm_eps(eps: &f64) -> bool {
+        *eps == Self::default_rms_norm_eps()
     }
 
     /// The `small` preset: h = 256, 2 layers, 4 experts (7,134,464 parameters).
@@ -85,6 +103,7 @@ impl ModelConfig {
             max_seq_len: 32768,
             rope_base: 10000.0,
             rope_alpha: 8.0,
+            rms_norm_eps: Self::default_rms_norm_eps(),
         }
     }
 
@@ -201,6 +220,12 @@ impl ModelConfig {
                 self.rope_alpha
             ));
         }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
+            return bad(format!(
+                "rms_norm_eps = {} must be finite and > 0",
+                self.rms_norm_eps
+            ));
+        }
         if self.rope_alpha > 1.0 && self.head_dim == 2 {
             return bad("NTK RoPE scaling (rope_alpha > 1) needs head_dim > 2".into());
         }
@@ -208,6 +233,17 @@ impl ModelConfig {
             return bad("parameter count overflows usize".into());
         }
         Ok(())
+    }
+
+    /// The RoPE base after NTK scaling (CONTRACT §3):
+    /// b' = base if α ≤ 1 else base·α^(d/(d−2)).
+    pub fn effective_rope_base(&self) -> f64 {
+        let d = self.head_dim as f64;
+        if self.rope_alpha <= 1.0 {
+            self.rope_base
+        } else {
+            self.rope_base * self.rope_alpha.powf(d / (d - 2.0))
+        }
     }
 
     /// Number of query heads sharing one key/value head, H / Hkv.

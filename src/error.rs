@@ -89,6 +89,20 @@ pub enum MoeError {
         reason: String,
     },
 
+    /// A Hugging Face model feature our model cannot represent (sliding-window
+    /// attention, biases, RoPE scaling, tied embeddings, …).
+    #[error("{path}: `{field}` = {value} cannot be represented: {reason}")]
+    HfUnsupported {
+        /// The file concerned.
+        path: PathBuf,
+        /// The config field or tensor name.
+        field: String,
+        /// Its value, as JSON (or a description).
+        value: String,
+        /// What our model does instead.
+        reason: String,
+    },
+
     /// A JSON document (config, batch, training settings) that does not parse.
     #[error("{path}: {reason}")]
     Json {

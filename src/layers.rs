@@ -13,9 +13,6 @@ use std::ops::Range;
 use crate::kernels::{self, Mat, MatMut, PackedWeight, Write};
 use crate::params::Grads;
 
-/// RMSNorm epsilon (CONTRACT §3).
-pub const RMS_EPS: f32 = 1e-6;
-
 /// Embedding lookup.
 /// x [T, h] ← table [V, h] rows `ids` [T]. Ids are validated by the caller.
 pub fn embedding_forward(x: &mut [f32], table: &[f32], ids: &[u32], h: usize) {
@@ -37,9 +34,9 @@ pub fn embedding_backward(dtable: &mut [f32], dx: &[f32], ids: &[u32], h: usize)
 
 /// RMSNorm forward, row by row.
 /// x [T, h], gamma [h] → y [T, h], inv_rms [T] (saved for backward).
-/// r_t = 1 / sqrt(mean_j x_tj² + ε);  y_tj = γ_j · x_tj · r_t
-pub fn rmsnorm_forward(y: &mut [f32], inv_rms: &mut [f32], x: &[f32], gamma: &[f32]) {
-    kernels::rmsnorm(y, inv_rms, x, gamma, RMS_EPS);
+/// r_t = 1 / sqrt(mean_j x_tj² + ε);  y_tj = γ_j · x_tj · r_t   (ε = `rms_norm_eps`)
+pub fn rmsnorm_forward(y: &mut [f32], inv_rms: &mut [f32], x: &[f32], gamma: &[f32], eps: f32) {
+    kernels::rmsnorm(y, inv_rms, x, gamma, eps);
 }
 
 /// RMSNorm backward.
@@ -214,11 +211,7 @@ impl Rope {
     /// Angles are computed in f64 and rounded once to f32.
     pub fn new(config: &ModelConfig) -> Self {
         let d = config.head_dim as f64;
-        let base = if config.rope_alpha <= 1.0 {
-            config.rope_base
-        } else {
-            config.rope_base * config.rope_alpha.powf(d / (d - 2.0))
-        };
+        let base = config.effective_rope_base();
         let pairs = config.head_dim / 2;
         let len = config.max_seq_len * pairs;
         let (mut cos, mut sin) = (Vec::with_capacity(len), Vec::with_capacity(len));
@@ -329,12 +322,14 @@ impl Embedding<'_> {
 pub struct RmsNorm<'a> {
     /// The gain γ [h].
     pub weight: Param<'a>,
+    /// ε under the square root (`rms_norm_eps`).
+    pub eps: f32,
 }
 
 impl RmsNorm<'_> {
     /// y [T, h] = γ ⊙ x·r, inv_rms r [T] saved (see [`rmsnorm_forward`]).
     pub fn forward(&self, y: &mut [f32], inv_rms: &mut [f32], x: &[f32]) {
-        rmsnorm_forward(y, inv_rms, x, self.weight.values);
+        rmsnorm_forward(y, inv_rms, x, self.weight.values, self.eps);
     }
 
     /// dx [T, h] += dL/dx from dy [T, h]; dγ into `grads` (see [`rmsnorm_backward`]).
@@ -424,8 +419,8 @@ mod tests {
     fn rmsnorm_forward_normalises() {
         let x = [3.0, 4.0];
         let (mut y, mut r) = ([0.0; 2], [0.0; 1]);
-        rmsnorm_forward(&mut y, &mut r, &x, &[1.0, 2.0]);
-        let rms = (12.5f32 + RMS_EPS).sqrt();
+        rmsnorm_forward(&mut y, &mut r, &x, &[1.0, 2.0], 0.5);
+        let rms = (12.5f32 + 0.5).sqrt();
         assert!((y[0] - 3.0 / rms).abs() < 1e-6 && (y[1] - 8.0 / rms).abs() < 1e-6);
     }
 

@@ -28,6 +28,8 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod eval;
+pub mod hf;
 pub mod kernels;
 pub mod layers;
 pub mod loss;

@@ -158,10 +158,12 @@ impl<'a> DecoderLayer<'a> {
         DecoderLayer {
             attn_norm: RmsNorm {
                 weight: Param::new(weights, &ranges.attn_norm),
+                eps: config.rms_norm_eps as f32,
             },
             attn: Attention::new(weights, ranges, config, rope),
             moe_norm: RmsNorm {
                 weight: Param::new(weights, &ranges.moe_norm),
+                eps: config.rms_norm_eps as f32,
             },
             moe: MoeBlock::new(weights, ranges, MoeDims::new(config)),
             hidden: config.hidden_dim,
@@ -247,6 +249,7 @@ impl<'a> ModelView<'a> {
             },
             final_norm: RmsNorm {
                 weight: Param::new(weights, &layout.final_norm),
+                eps: config.rms_norm_eps as f32,
             },
             lm_head: Linear::new(weights, &layout.lm_head, vocab, h),
         }

@@ -154,6 +154,10 @@ fn invalid_configs() {
             ..base.clone()
         },
         ModelConfig {
+            rms_norm_eps: 0.0,
+            ..base.clone()
+        },
+        ModelConfig {
             n_experts: usize::MAX / 2,
             ..base.clone()
         },

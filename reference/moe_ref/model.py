@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file
 
-RMS_EPS = 1e-6
+# RMSNorm ε of a config.json without "rms_norm_eps" (CONTRACT §3).
+DEFAULT_RMS_EPS = 1e-6
 
 
 def load_checkpoint(directory, dtype=jnp.float32):
@@ -24,9 +25,10 @@ def load_checkpoint(directory, dtype=jnp.float32):
     return config, {name: jnp.asarray(value, dtype=dtype) for name, value in tensors.items()}
 
 
-def rms_norm(x, gain):
-    """y = γ · x / sqrt(mean(x²) + ε) over the last axis."""
-    return gain * (x / jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True) + RMS_EPS))
+def rms_norm(x, gain, config):
+    """y = γ · x / sqrt(mean(x²) + ε) over the last axis, ε = config's rms_norm_eps."""
+    eps = config.get("rms_norm_eps", DEFAULT_RMS_EPS)
+    return gain * (x / jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps))
 
 
 def rope_tables(config, seq_len, dtype):
@@ -103,12 +105,12 @@ def forward(params, config, ids):
     balances, routes = [], []
     for layer in range(config["n_layers"]):
         norm = lambda name: params[f"layers.{layer}.{name}.weight"]
-        x = x + attention(params, layer, config, rms_norm(x, norm("attn_norm")))
-        out, balance, chosen = moe(params, layer, config, rms_norm(x, norm("moe_norm")).reshape(B * S, h))
+        x = x + attention(params, layer, config, rms_norm(x, norm("attn_norm"), config))
+        out, balance, chosen = moe(params, layer, config, rms_norm(x, norm("moe_norm"), config).reshape(B * S, h))
         x = x + out.reshape(B, S, h)
         balances.append(balance)
         routes.append(chosen)
-    logits = rms_norm(x, params["final_norm.weight"]) @ params["lm_head.weight"].T
+    logits = rms_norm(x, params["final_norm.weight"], config) @ params["lm_head.weight"].T
     return logits, balances, routes
 
 

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use rosetta_moe::checkpoint;
+use rosetta_moe::hf;
 use rosetta_moe::optim::AdamW;
 use rosetta_moe::{Batch, MoeError, Result, TrainConfig, Trainer};
 use safetensors::tensor::{Dtype, TensorView};
@@ -54,7 +54,7 @@ pub fn run(args: Args) -> Result<()> {
         None => TrainConfig::default(),
     };
     let batch = Batch::load(&args.batch)?;
-    let mut model = checkpoint::load_model(&args.checkpoint)?;
+    let mut model = hf::load_model(&args.checkpoint)?;
     let config = model.config().clone();
     let layout = model.layout().clone();
     let (b, s, v, k) = (

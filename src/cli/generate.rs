@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use rosetta_moe::sampling::{self, SamplingStrategy};
-use rosetta_moe::{MoeError, Result, Tokenizer, checkpoint};
+use rosetta_moe::{MoeError, Result, Tokenizer, hf};
 use serde::Serialize;
 
 use super::train::TOKENIZER_FILE;
@@ -96,7 +96,7 @@ pub fn run(args: Args) -> Result<()> {
             t: args.temperature,
         },
     };
-    let mut model = checkpoint::load_model(&args.checkpoint)?;
+    let mut model = hf::load_model(&args.checkpoint)?;
     let tokenizer_path = args.checkpoint.join(TOKENIZER_FILE);
     if !tokenizer_path.exists() {
         return Err(MoeError::checkpoint(

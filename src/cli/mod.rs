@@ -3,6 +3,8 @@
 mod bench;
 mod convergence;
 mod dump;
+mod eval;
+mod export;
 mod generate;
 mod init;
 mod train;
@@ -26,9 +28,11 @@ enum Command {
     Bench(bench::Args),
     Convergence(convergence::Args),
     Dump(dump::Args),
+    Eval(eval::Args),
+    Export(export::Args),
     Generate(generate::Args),
     Init(init::Args),
-    Train(train::Args),
+    Train(Box<train::Args>),
 }
 
 /// Runs the parsed command.
@@ -37,9 +41,11 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::Convergence(args) => convergence::run(args),
         Command::Dump(args) => dump::run(args),
+        Command::Eval(args) => eval::run(args),
+        Command::Export(args) => export::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Init(args) => init::run(args),
-        Command::Train(args) => train::run(args),
+        Command::Train(args) => train::run(*args),
     }
 }
 

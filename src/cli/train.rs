@@ -2,7 +2,7 @@
 //! validation, checkpoints, a metrics log and a loss curve.
 
 use std::fs;
-use std::io::Write as _;
+use std::io::{IsTerminal as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -58,6 +58,11 @@ pub struct Args {
     /// Continue the run saved in this directory (bit-identical to never stopping).
     #[arg(long, value_name = "DIR")]
     resume: Option<PathBuf>,
+    /// Start from the weights and tokenizer of this checkpoint (ours or a
+    /// Hugging Face Mixtral directory) with fresh optimizer state, instead of
+    /// a random initialisation.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["resume", "config"])]
+    init_from: Option<PathBuf>,
     /// Seed of the initialisation and of the window sampler.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -80,6 +85,124 @@ pub struct Args {
     /// Print the final summary as JSON.
     #[arg(long)]
     json: bool,
+    /// When stderr is not a terminal, print a plain progress line every N steps.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
+    log_every: u64,
+    #[command(flatten)]
+    hyper: HyperFlags,
+    #[command(flatten)]
+    shape: ShapeFlags,
+}
+
+/// CONTRACT §6 hyper-parameters of a new run [defaults: CONTRACT §6].
+#[derive(Debug, clap::Args)]
+struct HyperFlags {
+    /// AdamW decoupled weight decay (2-D weights only) [default: 0.1].
+    #[arg(long, conflicts_with = "resume")]
+    weight_decay: Option<f64>,
+    /// Global gradient-norm clipping threshold, ≤ 0 disables [default: 1.0].
+    #[arg(long, conflicts_with = "resume")]
+    grad_clip: Option<f64>,
+    /// AdamW first-moment decay β1 [default: 0.9].
+    #[arg(long, conflicts_with = "resume")]
+    beta1: Option<f64>,
+    /// AdamW second-moment decay β2 [default: 0.95].
+    #[arg(long, conflicts_with = "resume")]
+    beta2: Option<f64>,
+    /// AdamW denominator ε [default: 1e-8].
+    #[arg(long, conflicts_with = "resume")]
+    adam_eps: Option<f64>,
+    /// Weight α of the load-balancing loss [default: 0.01].
+    #[arg(long, conflicts_with = "resume")]
+    aux_alpha: Option<f64>,
+}
+
+impl HyperFlags {
+    /// `train` with every given flag applied.
+    fn apply(&self, train: TrainConfig) -> TrainConfig {
+        TrainConfig {
+            weight_decay: self.weight_decay.unwrap_or(train.weight_decay),
+            grad_clip: self.grad_clip.unwrap_or(train.grad_clip),
+            beta1: self.beta1.unwrap_or(train.beta1),
+            beta2: self.beta2.unwrap_or(train.beta2),
+            eps: self.adam_eps.unwrap_or(train.eps),
+            aux_loss_alpha: self.aux_alpha.unwrap_or(train.aux_loss_alpha),
+            ..train
+        }
+    }
+}
+
+/// Model shape flags: each overrides the --config preset or file.
+#[derive(Debug, clap::Args)]
+struct ShapeFlags {
+    /// Transformer blocks.
+    #[arg(long, conflicts_with = "resume")]
+    layers: Option<usize>,
+    /// Residual width h (head_dim follows as h / heads).
+    #[arg(long, conflicts_with = "resume")]
+    hidden: Option<usize>,
+    /// Query heads H (head_dim follows as h / heads).
+    #[arg(long, conflicts_with = "resume")]
+    heads: Option<usize>,
+    /// Key/value heads (1 = multi-query attention).
+    #[arg(long, conflicts_with = "resume")]
+    kv_heads: Option<usize>,
+    /// Experts per MoE layer.
+    #[arg(long, conflicts_with = "resume")]
+    experts: Option<usize>,
+    /// Experts each token is routed to.
+    #[arg(long, conflicts_with = "resume")]
+    top_k: Option<usize>,
+    /// Hidden size of one SwiGLU expert.
+    #[arg(long, conflicts_with = "resume")]
+    ffn: Option<usize>,
+    /// Vocabulary size (the tokenizer is trained to at most this many tokens).
+    #[arg(long, conflicts_with = "resume")]
+    vocab: Option<usize>,
+}
+
+impl ShapeFlags {
+    fn any(&self) -> bool {
+        [
+            self.layers,
+            self.hidden,
+            self.heads,
+            self.kv_heads,
+            self.experts,
+            self.top_k,
+            self.ffn,
+            self.vocab,
+        ]
+        .iter()
+        .any(Option::is_some)
+    }
+
+    /// `config` with every given flag applied, validated.
+    fn apply(&self, config: ModelConfig) -> Result<ModelConfig> {
+        let (hidden, heads) = (
+            self.hidden.unwrap_or(config.hidden_dim),
+            self.heads.unwrap_or(config.n_heads),
+        );
+        let head_dim = if self.hidden.is_some() || self.heads.is_some() {
+            hidden / heads.max(1)
+        } else {
+            config.head_dim
+        };
+        let shaped = ModelConfig {
+            n_layers: self.layers.unwrap_or(config.n_layers),
+            hidden_dim: hidden,
+            n_heads: heads,
+            head_dim,
+            n_kv_heads: self.kv_heads.unwrap_or(config.n_kv_heads),
+            n_experts: self.experts.unwrap_or(config.n_experts),
+            top_k: self.top_k.unwrap_or(config.top_k),
+            ffn_dim: self.ffn.unwrap_or(config.ffn_dim),
+            vocab_size: self.vocab.unwrap_or(config.vocab_size),
+            ..config
+        };
+        shaped.validate()?;
+        Ok(shaped)
+    }
 }
 
 /// One line of `metrics.jsonl`.
@@ -158,25 +281,42 @@ fn read_text(path: Option<&Path>) -> Result<(String, Vec<u8>)> {
 }
 
 fn start(args: &Args, source: String, text: &[u8]) -> Result<Run> {
-    let config = ModelConfig::from_preset_or_file(args.config.as_deref().unwrap_or("tiny"))?;
+    let initial = args.init_from.as_deref().map(initial_model).transpose()?;
+    let config = match &initial {
+        Some((model, _)) => model.config().clone(),
+        None => args.shape.apply(ModelConfig::from_preset_or_file(
+            args.config.as_deref().unwrap_or("tiny"),
+        )?)?,
+    };
+    if initial.is_some() && args.shape.any() {
+        return Err(MoeError::InvalidConfig(
+            "shape flags cannot change a model loaded by --init-from".into(),
+        ));
+    }
     let (batch, seq) = (args.batch.unwrap_or(8), args.seq.unwrap_or(64));
     check_shape(&config, batch, seq)?;
     super::ensure_fresh_dir(&args.out, args.force)?;
-    let spinner = super::progress(0, "{spinner} training a {msg}-token BPE tokenizer…");
-    spinner.set_message(config.vocab_size.to_string());
-    spinner.enable_steady_tick(std::time::Duration::from_millis(120));
-    let tokenizer = Tokenizer::train(text, config.vocab_size)?;
-    spinner.finish_and_clear();
+    let (model, tokenizer) = match initial {
+        Some(initial) => initial,
+        None => {
+            let spinner = super::progress(0, "{spinner} training a {msg}-token BPE tokenizer…");
+            spinner.set_message(config.vocab_size.to_string());
+            spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+            let tokenizer = Tokenizer::train(text, config.vocab_size)?;
+            spinner.finish_and_clear();
+            (Model::new(config, args.seed)?, tokenizer)
+        }
+    };
     let data = TextData::new(text, &tokenizer, seq)?;
     let train = TrainConfig {
         lr: args.lr,
         warmup_steps: args.warmup.unwrap_or((args.steps / 10).clamp(1, 100)),
         total_steps: args.schedule_steps.unwrap_or(args.steps),
         seed: args.seed,
-        ..TrainConfig::default()
+        ..args.hyper.apply(TrainConfig::default())
     };
     let sampler = WindowSampler::new(train.seed);
-    let trainer = Trainer::from_seed(config, train)?;
+    let trainer = Trainer::new(model, train)?;
     fs::create_dir_all(&args.out).map_err(|e| MoeError::io(&args.out, e))?;
     tokenizer.save(&args.out.join(TOKENIZER_FILE))?;
     fs::write(args.out.join(METRICS_FILE), "").map_err(|e| MoeError::io(&args.out, e))?;
@@ -189,6 +329,29 @@ fn start(args: &Args, source: String, text: &[u8]) -> Result<Run> {
         seq,
         dir: args.out.clone(),
     })
+}
+
+/// The model and tokenizer of `--init-from DIR`.
+fn initial_model(dir: &Path) -> Result<(Model, Tokenizer)> {
+    let model = rosetta_moe::hf::load_model(dir)?;
+    let tokenizer = checkpoint_tokenizer(dir, model.config().vocab_size)?;
+    Ok((model, tokenizer))
+}
+
+/// The tokenizer saved with a checkpoint; its tokens must fit the model's vocabulary.
+fn checkpoint_tokenizer(dir: &Path, vocab_size: usize) -> Result<Tokenizer> {
+    let path = dir.join(TOKENIZER_FILE);
+    let tokenizer = Tokenizer::load(&path)?;
+    if tokenizer.vocab_size() > vocab_size {
+        return Err(MoeError::checkpoint(
+            &path,
+            format!(
+                "{} tokens do not fit the model's vocab_size {vocab_size}",
+                tokenizer.vocab_size()
+            ),
+        ));
+    }
+    Ok(tokenizer)
 }
 
 fn resume(args: &Args, dir: &Path, source: String, text: &[u8]) -> Result<Run> {
@@ -217,17 +380,7 @@ fn resume(args: &Args, dir: &Path, source: String, text: &[u8]) -> Result<Run> {
             ));
         }
     }
-    let tokenizer = Tokenizer::load(&dir.join(TOKENIZER_FILE))?;
-    if tokenizer.vocab_size() > config.vocab_size {
-        return Err(MoeError::checkpoint(
-            dir.join(TOKENIZER_FILE),
-            format!(
-                "{} tokens do not fit the model's vocab_size {}",
-                tokenizer.vocab_size(),
-                config.vocab_size
-            ),
-        ));
-    }
+    let tokenizer = checkpoint_tokenizer(dir, config.vocab_size)?;
     let data = TextData::new(text, &tokenizer, data_state.seq_len)?;
     if data.fingerprint != data_state.fingerprint {
         return Err(MoeError::checkpoint(
@@ -306,10 +459,12 @@ fn train(args: &Args, run: &mut Run) -> Result<()> {
     let train_eval_batches = evenly_spaced_batches(&run.data.train, b, s, args.eval_batches)?;
     let mut batch = Batch::new(vec![0; b * s], vec![0; b * s], b)?;
     let first = run.trainer.step() + 1;
+    // At most 80 columns: 20 + 1 + message (≤ 46) + 1 + "12:34<56:07" (11).
     let bar = super::progress(
         args.steps - run.trainer.step(),
-        "{bar:30} step {msg} [{elapsed_precise} < {eta_precise}]",
+        "{bar:20} {msg} {elapsed}<{eta}",
     );
+    let terminal = std::io::stderr().is_terminal();
     let mut metrics = fs::OpenOptions::new()
         .append(true)
         .create(true)
@@ -320,7 +475,7 @@ fn train(args: &Args, run: &mut Run) -> Result<()> {
     let (mut smoothed, mut last_val, mut last_train_eval) = (None::<f32>, None::<f32>, None::<f32>);
     for step in first..=args.steps {
         if interrupted.load(Ordering::SeqCst) {
-            bar.abandon();
+            bar.finish_and_clear();
             save(run)?;
             eprintln!(
                 "interrupted: checkpoint at step {} saved in {}; continue with `moe train --resume {} --steps {}`",
@@ -365,10 +520,17 @@ fn train(args: &Args, run: &mut Run) -> Result<()> {
         smoothed = Some(ema);
         let val = last_val.map_or("-".into(), |v| format!("{v:.3}"));
         bar.set_message(format!(
-            "{step}/{}  loss {ema:.3}  val {val}  {tokens_per_sec:.0} tok/s",
+            "{step}/{} loss {ema:.3} val {val} {tokens_per_sec:.0} tok/s",
             args.steps
         ));
         bar.inc(1);
+        if !terminal && (step % args.log_every == 0 || step == args.steps) {
+            let eta = bar.eta().as_secs_f64();
+            eprintln!(
+                "step {step}/{} loss {ema:.3} val {val} {tokens_per_sec:.0} tok/s ETA {eta:.0} s",
+                args.steps
+            );
+        }
         if step % args.save_every == 0 && step != args.steps {
             save(run)?;
         }
@@ -427,15 +589,12 @@ fn plot(metrics: &Path, out: &Path) -> Result<()> {
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
-    let train: Vec<(f64, f64)> = lines
+    let train: Vec<(u64, f64)> = lines.iter().map(|m| (m.step, f64::from(m.ce))).collect();
+    let val: Vec<(u64, f64)> = lines
         .iter()
-        .map(|m| (m.step as f64, f64::from(m.ce)))
+        .filter_map(|m| m.val_loss.map(|v| (m.step, f64::from(v))))
         .collect();
-    let val: Vec<(f64, f64)> = lines
-        .iter()
-        .filter_map(|m| m.val_loss.map(|v| (m.step as f64, f64::from(v))))
-        .collect();
-    let max_step = train.last().map_or(1.0, |p| p.0.max(1.0));
+    let max_step = train.last().map_or(1, |p| p.0.max(1));
     let max_loss = train.iter().chain(&val).map(|p| p.1).fold(0.0, f64::max) * 1.05;
     let tmp = out.with_extension("svg.tmp");
     {
@@ -445,9 +604,10 @@ fn plot(metrics: &Path, out: &Path) -> Result<()> {
         let mut chart = ChartBuilder::on(&root)
             .caption("rosetta-moe training loss", ("sans-serif", 20))
             .margin(12)
+            .margin_right(170)
             .x_label_area_size(36)
             .y_label_area_size(48)
-            .build_cartesian_2d(0.0..max_step, 0.0..max_loss.max(1e-3))
+            .build_cartesian_2d(0..max_step, 0.0..max_loss.max(1e-3))
             .map_err(|e| draw(e.to_string()))?;
         chart
             .configure_mesh()
@@ -455,22 +615,22 @@ fn plot(metrics: &Path, out: &Path) -> Result<()> {
             .y_desc("cross-entropy (nats/token)")
             .draw()
             .map_err(|e| draw(e.to_string()))?;
+        let (train_color, val_color) = (BLUE.mix(0.6), RED.to_rgba());
         chart
-            .draw_series(LineSeries::new(train, &BLUE.mix(0.6)))
-            .map_err(|e| draw(e.to_string()))?
-            .label("train (per step)")
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLUE));
-        chart
-            .draw_series(LineSeries::new(val, RED.stroke_width(2)))
-            .map_err(|e| draw(e.to_string()))?
-            .label("validation")
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], RED));
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
+            .draw_series(LineSeries::new(train, train_color))
             .map_err(|e| draw(e.to_string()))?;
+        chart
+            .draw_series(LineSeries::new(val, val_color.stroke_width(2)))
+            .map_err(|e| draw(e.to_string()))?;
+        // The legend sits in the right margin, outside the data.
+        let legend = [("train (per step)", train_color), ("validation", val_color)];
+        for (i, (label, color)) in legend.into_iter().enumerate() {
+            let y = 60 + 22 * i as i32;
+            let line = PathElement::new(vec![(645, y), (665, y)], color.stroke_width(2));
+            root.draw(&line).map_err(|e| draw(e.to_string()))?;
+            let text = Text::new(label, (672, y - 6), ("sans-serif", 13));
+            root.draw(&text).map_err(|e| draw(e.to_string()))?;
+        }
         root.present().map_err(|e| draw(e.to_string()))?;
     }
     fs::rename(&tmp, out).map_err(|e| MoeError::io(out, e))

@@ -486,7 +486,8 @@ impl RmsNormRun {
 
 impl Runner for RmsNormRun {
     fn run(&mut self) -> Result<()> {
-        layers::rmsnorm_forward(&mut self.y, &mut self.inv_rms, &self.x, &self.gamma);
+        let eps = ModelConfig::default_rms_norm_eps() as f32;
+        layers::rmsnorm_forward(&mut self.y, &mut self.inv_rms, &self.x, &self.gamma, eps);
         Ok(())
     }
     fn output(&mut self) -> Vec<f32> {

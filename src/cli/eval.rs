@@ -1,0 +1,124 @@
+//! `moe eval`: loss, perplexity and bits per byte over a whole text file.
+
+use std::io::IsTerminal as _;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use rosetta_moe::eval::{self, EvalReport};
+use rosetta_moe::{MoeError, Result, Tokenizer, hf, kernels};
+use serde::Serialize;
+
+use super::train::TOKENIZER_FILE;
+
+/// Evaluate a checkpoint (ours or a Hugging Face Mixtral directory) on a
+/// text file: loss in nats/token, perplexity and bits per byte, scoring every
+/// token once with strided windows.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Checkpoint directory with tokenizer.json.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Text file to evaluate on (all of it).
+    #[arg(long, value_name = "FILE")]
+    data: PathBuf,
+    /// Tokens per window [default: the model's max_seq_len, at most 256].
+    #[arg(long)]
+    seq: Option<usize>,
+    /// Tokens between window starts; a smaller stride gives each scored
+    /// token more context [default: --seq, no overlap].
+    #[arg(long)]
+    stride: Option<usize>,
+    /// Threads for large matrix multiplies.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=8))]
+    threads: u64,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize)]
+struct Report {
+    checkpoint: PathBuf,
+    data: PathBuf,
+    seq: usize,
+    stride: usize,
+    seconds: f64,
+    #[serde(flatten)]
+    figures: EvalReport,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    kernels::set_threads(args.threads as usize);
+    let mut model = hf::load_model(&args.checkpoint)?;
+    let max = model.config().max_seq_len;
+    let seq = args.seq.unwrap_or(max.min(256));
+    if seq > max {
+        return Err(MoeError::SequenceTooLong { len: seq, max });
+    }
+    let stride = args.stride.unwrap_or(seq);
+    let tokenizer_path = args.checkpoint.join(TOKENIZER_FILE);
+    if !tokenizer_path.exists() {
+        return Err(MoeError::checkpoint(
+            &tokenizer_path,
+            "missing: `moe eval` needs the checkpoint's tokenizer",
+        ));
+    }
+    let tokenizer = Tokenizer::load(&tokenizer_path)?;
+    let text = std::fs::read(&args.data).map_err(|e| MoeError::io(&args.data, e))?;
+    let tokens = tokenizer.encode(&text)?;
+    let start = Instant::now();
+    let bar = super::progress(
+        0,
+        "{bar:30} window {pos}/{len} [{elapsed_precise} < {eta_precise}]",
+    );
+    let terminal = std::io::stderr().is_terminal();
+    let mut next_log = 0.0;
+    let figures = eval::evaluate(
+        &mut model,
+        &tokens,
+        seq,
+        stride,
+        |id| tokenizer.token_bytes(id).len(),
+        |done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+            let fraction = done as f64 / total as f64;
+            if !terminal && fraction >= next_log {
+                eprintln!(
+                    "eval: window {done}/{total} ({:.0} s)",
+                    start.elapsed().as_secs_f64()
+                );
+                next_log += 0.1;
+            }
+        },
+    )?;
+    bar.finish_and_clear();
+    let report = Report {
+        checkpoint: args.checkpoint,
+        data: args.data,
+        seq,
+        stride,
+        seconds: start.elapsed().as_secs_f64(),
+        figures,
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string(&report).expect("report serialises")
+        );
+    } else {
+        println!(
+            "{}: {} tokens ({} bytes) in {} windows of {seq} (stride {stride}), {:.1} s",
+            report.data.display(),
+            figures.tokens,
+            figures.bytes,
+            figures.windows,
+            report.seconds
+        );
+        println!(
+            "loss {:.4} nats/token   perplexity {:.2}   {:.4} bits/byte",
+            figures.loss, figures.perplexity, figures.bits_per_byte
+        );
+    }
+    Ok(())
+}
