@@ -288,8 +288,8 @@ pub struct AttnActs {
     pub qkv: Vec<f32>,
     /// Attention weights [B, H, S, L].
     pub probs: Vec<f32>,
-    /// Attention output before o_proj [T, H·d].
-    pub out: Vec<f32>,
+    /// The heads' outputs side by side, before o_proj [T, H·d].
+    pub heads: Vec<f32>,
 }
 
 impl AttnActs {
@@ -299,15 +299,15 @@ impl AttnActs {
         self.xn.resize(tokens * hidden, 0.0);
         self.qkv.resize(tokens * dims.qkv_width(), 0.0);
         self.probs.resize(tokens * dims.n_heads * keys, 0.0);
-        self.out.resize(tokens * dims.q_width(), 0.0);
+        self.heads.resize(tokens * dims.q_width(), 0.0);
     }
 }
 
 /// Scratch of the attention backward.
 #[derive(Debug, Default, Clone)]
 pub struct AttnScratch {
-    /// dL/d(attention output before o_proj) [T, H·d].
-    dout: Vec<f32>,
+    /// dL/d(the heads' outputs before o_proj) [T, H·d].
+    dheads: Vec<f32>,
     /// dL/d(q|k|v) [T, (H + 2·Hkv)·d].
     dqkv: Vec<f32>,
     /// dL/dP, then dL/d(scores), of one head [S, S].
@@ -318,7 +318,7 @@ impl AttnScratch {
     /// Sizes the buffers for `shape`.
     pub fn plan(&mut self, shape: Shape, dims: AttnDims) {
         let tokens = shape.tokens();
-        self.dout.resize(tokens * dims.q_width(), 0.0);
+        self.dheads.resize(tokens * dims.q_width(), 0.0);
         self.dqkv.resize(tokens * dims.qkv_width(), 0.0);
         self.dprobs.resize(shape.seq * shape.seq, 0.0);
     }
@@ -369,13 +369,13 @@ impl<'a> Attention<'a> {
         let per_seq_probs = dims.n_heads * seq * (offset + seq);
         for b in 0..shape.batch {
             let view = kv.view(&qkv[b * seq * width..(b + 1) * seq * width], dims);
-            let out = &mut acts.out[b * seq * q_width..(b + 1) * seq * q_width];
+            let out = &mut acts.heads[b * seq * q_width..(b + 1) * seq * q_width];
             let probs = &mut acts.probs[b * per_seq_probs..(b + 1) * per_seq_probs];
             attention_forward(out, probs, view, seq, offset, dims);
         }
-        // x += out · W_oᵀ (the residual)
+        // x += heads · W_oᵀ (the residual)
         self.o_proj
-            .forward(x, &acts.out[..tokens * q_width], Write::Accumulate);
+            .forward(x, &acts.heads[..tokens * q_width], Write::Accumulate);
     }
 
     /// Backward from dout [T, h] = dL/d(the sublayer's output): dxn [T, h] =
@@ -392,11 +392,11 @@ impl<'a> Attention<'a> {
     ) {
         let (dims, seq, tokens) = (self.dims, shape.seq, shape.tokens());
         let (width, q_width) = (dims.qkv_width(), dims.q_width());
-        let dattn = &mut scratch.dout[..tokens * q_width];
+        let dheads = &mut scratch.dheads[..tokens * q_width];
         self.o_proj.backward(
-            dattn,
+            dheads,
             dout,
-            &acts.out[..tokens * q_width],
+            &acts.heads[..tokens * q_width],
             Write::Overwrite,
             grads,
         );
@@ -406,8 +406,8 @@ impl<'a> Attention<'a> {
             let view = Qkv::fused(&acts.qkv[b * seq * width..(b + 1) * seq * width], dims);
             let grad = QkvGrad::fused(&mut dqkv[b * seq * width..(b + 1) * seq * width], dims);
             let probs = &acts.probs[b * per_seq_probs..(b + 1) * per_seq_probs];
-            let dout_b = &dattn[b * seq * q_width..(b + 1) * seq * q_width];
-            attention_backward(grad, &mut scratch.dprobs, dout_b, probs, view, seq, dims);
+            let dheads_b = &dheads[b * seq * q_width..(b + 1) * seq * q_width];
+            attention_backward(grad, &mut scratch.dprobs, dheads_b, probs, view, seq, dims);
         }
         // RoPE backward: the inverse rotation Rᵀ of dq and dk.
         self.rotate(dqkv, seq, 0, RopeDirection::Backward);
