@@ -66,24 +66,6 @@ pub enum Weight<'a> {
     Packed(PackedWeight<'a>),
 }
 
-/// Linear forward (PyTorch convention, weight stored [out, in]).
-/// y [T, out] (=|+=) x [T, in] · Wᵀ, with W [out, in].
-pub fn linear_forward(
-    y: &mut [f32],
-    x: &[f32],
-    w: Weight<'_>,
-    tokens: usize,
-    d_in: usize,
-    d_out: usize,
-    write: Write,
-) {
-    let (y, x) = (MatMut::new(y, tokens, d_out), Mat::new(x, tokens, d_in));
-    match w {
-        Weight::Plain(w) => kernels::matmul(y, x, Mat::new(w, d_out, d_in).t(), write),
-        Weight::Packed(w) => kernels::matmul_packed(y, x, w, write),
-    }
-}
-
 /// Packed copies of a model's linear weights, for models that run many
 /// forwards between weight changes (inference, evaluation, generation):
 /// packing is then paid once instead of in every product. The products are
@@ -162,36 +144,6 @@ impl<'a> Weights<'a> {
     pub fn raw(&self, range: Range<usize>) -> &'a [f32] {
         &self.params[range]
     }
-}
-
-/// Linear backward.
-/// dy [T, out], x [T, in], W [out, in] →
-///   dW [out, in] = dyᵀ · x (overwritten)
-///   dx [T, in]  = dy · W   (overwritten or added, as `dx_write` says)
-#[allow(clippy::too_many_arguments)]
-pub fn linear_backward(
-    dx: &mut [f32],
-    dw: &mut [f32],
-    dy: &[f32],
-    x: &[f32],
-    w: &[f32],
-    tokens: usize,
-    d_in: usize,
-    d_out: usize,
-    dx_write: Write,
-) {
-    kernels::matmul(
-        MatMut::new(dw, d_out, d_in),
-        Mat::new(dy, tokens, d_out).t(),
-        Mat::new(x, tokens, d_in),
-        Write::Overwrite,
-    );
-    kernels::matmul(
-        MatMut::new(dx, tokens, d_in),
-        Mat::new(dy, tokens, d_out),
-        Mat::new(w, d_out, d_in),
-        dx_write,
-    );
 }
 
 /// Precomputed rotary-embedding angles for every position up to max_seq_len.
@@ -376,10 +328,15 @@ impl<'a> Linear<'a> {
         &self.param.range
     }
 
-    /// y [T, out] (=|+=) x [T, in] · Wᵀ.
+    /// y [T, out] (=|+=) x [T, in] · Wᵀ  (PyTorch's convention: W stored [out, in]).
     pub fn forward(&self, y: &mut [f32], x: &[f32], write: Write) {
-        let tokens = x.len() / self.d_in;
-        linear_forward(y, x, self.weight, tokens, self.d_in, self.d_out, write);
+        let (d_in, d_out) = (self.d_in, self.d_out);
+        let tokens = x.len() / d_in;
+        let (y, x) = (MatMut::new(y, tokens, d_out), Mat::new(x, tokens, d_in));
+        match self.weight {
+            Weight::Plain(w) => kernels::matmul(y, x, Mat::new(w, d_out, d_in).t(), write),
+            Weight::Packed(w) => kernels::matmul_packed(y, x, w, write),
+        }
     }
 
     /// dW [out, in] = dyᵀ·x into `dw`; dx [T, in] (=|+=) dy·W. dy [T, out], x [T, in].
@@ -391,9 +348,22 @@ impl<'a> Linear<'a> {
         x: &[f32],
         dx_write: Write,
     ) {
-        let tokens = x.len() / self.d_in;
-        let w = self.param.values;
-        linear_backward(dx, dw, dy, x, w, tokens, self.d_in, self.d_out, dx_write);
+        let (d_in, d_out) = (self.d_in, self.d_out);
+        let tokens = x.len() / d_in;
+        //   dW [out, in] = dyᵀ · x   (overwritten)
+        kernels::matmul(
+            MatMut::new(dw, d_out, d_in),
+            Mat::new(dy, tokens, d_out).t(),
+            Mat::new(x, tokens, d_in),
+            Write::Overwrite,
+        );
+        //   dx [T, in] = dy · W      (overwritten or added, as `dx_write` says)
+        kernels::matmul(
+            MatMut::new(dx, tokens, d_in),
+            Mat::new(dy, tokens, d_out),
+            Mat::new(self.param.values, d_out, d_in),
+            dx_write,
+        );
     }
 
     /// As [`Linear::backward_into`], with dW written into (and counted by) `grads`.
