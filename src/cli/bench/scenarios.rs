@@ -207,13 +207,14 @@ impl Traffic {
         }
     }
 
-    /// `n` independent copies.
+    /// `n` independent copies, one per core (each streams from the level its
+    /// own working set fits in).
     fn times(self, n: usize) -> Self {
         let n = n as f64;
         Traffic {
             overlapped: self.overlapped * n,
             streaming: self.streaming * n,
-            working_set: self.working_set * n,
+            ..self
         }
     }
 }
