@@ -84,9 +84,10 @@ pub(super) enum Path {
 /// Rows of A up to which packing B does not pay (the training step's tokens
 /// and an expert's routed rows are below it).
 const FEW_ROWS: usize = 32;
-/// Rows of A up to which [`Path::WeightRows`] streams W fewer times than
-/// packing would cost.
-const WEIGHT_ROWS_MAX: usize = 64;
+/// Rows of A up to which [`Path::WeightRows`] beats packing: one block of
+/// 16 tokens streams W once; more blocks would stream it again each
+/// (`examples/gemm_compare`: 32 × 1024 × 256 took twice as long that way).
+const WEIGHT_ROWS_MAX: usize = TOKENS;
 /// Depth of one block read in place: a `KC_IN_PLACE × NR` strip of B is 16 KB,
 /// so it stays in L1 while every row tile of A passes over it.
 const KC_IN_PLACE: usize = 128;
