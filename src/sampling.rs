@@ -83,6 +83,9 @@ pub fn pick_token(logits: &[f32], strategy: SamplingStrategy, rng: &mut ChaCha8R
         return Err(MoeError::EmptyInput("logits"));
     }
     strategy.validate(logits.len())?;
+    if !logits.iter().all(|z| z.is_finite()) {
+        return Err(MoeError::NonFiniteValue { what: "logits" });
+    }
     let t = strategy.temperature();
     if t <= 0.0 {
         return Ok(argmax(logits));

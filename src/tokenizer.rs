@@ -75,7 +75,7 @@ impl Tokenizer {
             .inner
             .to_string(true)
             .map_err(|e| MoeError::checkpoint(path, format!("cannot serialise tokenizer: {e}")))?;
-        crate::checkpoint::write_atomic(path, json.as_bytes())
+        crate::atomic_write::write_atomic(path, json.as_bytes())
     }
 
     fn from_inner(inner: tokenizers::Tokenizer) -> Result<Self> {

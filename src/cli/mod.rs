@@ -63,13 +63,17 @@ pub fn progress(len: u64, template: &str) -> ProgressBar {
 /// Writes `value` as pretty JSON to `path`, atomically.
 pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
     let text = serde_json::to_string_pretty(value).expect("reports serialise");
-    rosetta_moe::checkpoint::write_atomic(path, text.as_bytes())
+    rosetta_moe::atomic_write::write_atomic(path, text.as_bytes())
 }
 
-/// Refuses to write into `dir` when it already holds files, unless `force`.
+/// Refuses to write into `dir` when it already holds files (other than a lock
+/// file left by an earlier run), unless `force`.
 pub fn ensure_fresh_dir(dir: &PathBuf, force: bool) -> Result<()> {
     let occupied = std::fs::read_dir(dir)
-        .map(|mut d| d.next().is_some())
+        .map(|d| {
+            d.flatten()
+                .any(|e| e.file_name() != rosetta_moe::error::LOCK_FILE)
+        })
         .unwrap_or(false);
     if occupied && !force {
         return Err(MoeError::io(
