@@ -106,6 +106,7 @@ pub fn run(args: Args) -> Result<()> {
     }
     let tokenizer = Tokenizer::load(&tokenizer_path)?;
     let prompt = tokenizer.encode(args.prompt.as_bytes())?;
+    strategy.validate(model.config().vocab_size)?;
     let max_seq_len = model.config().max_seq_len;
     if prompt.is_empty() {
         return Err(MoeError::EmptyInput("prompt"));
