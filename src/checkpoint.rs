@@ -418,13 +418,13 @@ fn read_tensors(
                 )));
             }
             // A second moment is a running mean of squares: never negative.
-            if *suffix == ".v" {
-                if let Some(i) = out.iter().position(|v| *v < 0.0) {
-                    return Err(bad(format!(
-                        "{name}: negative second moment {} at index {i}",
-                        out[i]
-                    )));
-                }
+            if *suffix == ".v"
+                && let Some(i) = out.iter().position(|v| *v < 0.0)
+            {
+                return Err(bad(format!(
+                    "{name}: negative second moment {} at index {i}",
+                    out[i]
+                )));
             }
         }
         buffers.push(flat);

@@ -5,7 +5,7 @@ pub mod common;
 use std::fs;
 
 use common::{convergence_batch, random_batch};
-use rosetta_moe::checkpoint::{self, load_model, load_training, save_model, save_training};
+use rosetta_moe::checkpoint::{self, load_model, load_training, save_training};
 use rosetta_moe::{Batch, KvCache, Model, ModelConfig, MoeError, TrainConfig, Trainer};
 
 fn tiny() -> Model {
