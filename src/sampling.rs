@@ -179,6 +179,14 @@ pub fn generate_streaming(
             max_len,
         ));
     }
+    if let Some(position) = prompt.iter().position(|&t| t as usize >= config.vocab_size) {
+        return Err(MoeError::TokenOutOfRange {
+            what: "token",
+            id: prompt[position],
+            position,
+            vocab_size: config.vocab_size,
+        });
+    }
     let mut tokens = prompt.to_vec();
     if max_len == prompt.len() {
         return Ok(tokens);
