@@ -89,6 +89,15 @@ pub enum MoeError {
         what: &'static str,
     },
 
+    /// Cases of the numerical stability report failed.
+    #[error("{failed} of {total} stability cases failed (see the report)")]
+    StabilityFailed {
+        /// Cases that failed.
+        failed: usize,
+        /// Cases run.
+        total: usize,
+    },
+
     /// More memory than the machine has available.
     #[error("{what} needs {} GB; {} GB available{hint}", gb(*need), gb(*available))]
     OutOfMemory {

@@ -40,6 +40,7 @@ pub mod moe;
 pub mod optim;
 pub mod params;
 pub mod sampling;
+pub mod stability;
 pub mod tokenizer;
 pub mod train;
 

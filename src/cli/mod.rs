@@ -7,6 +7,7 @@ mod eval;
 mod export;
 mod generate;
 mod init;
+mod stability;
 mod train;
 
 use std::path::{Path, PathBuf};
@@ -32,6 +33,7 @@ enum Command {
     Export(export::Args),
     Generate(generate::Args),
     Init(init::Args),
+    Stability(stability::Args),
     Train(Box<train::Args>),
 }
 
@@ -45,6 +47,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Export(args) => export::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Init(args) => init::run(args),
+        Command::Stability(args) => stability::run(args),
         Command::Train(args) => train::run(*args),
     }
 }
