@@ -170,9 +170,10 @@ fn equal_logits() -> Result<(bool, String)> {
 
 fn zero_hidden() -> Result<(bool, String)> {
     let h = 64;
+    let eps = ModelConfig::default_rms_norm_eps() as f32;
     let (x, gamma, dy) = (vec![0.0f32; 2 * h], vec![1.0f32; h], vec![1.0f32; 2 * h]);
     let (mut y, mut inv_rms) = (vec![0.0; 2 * h], vec![0.0; 2]);
-    layers::rmsnorm_forward(&mut y, &mut inv_rms, &x, &gamma);
+    layers::rmsnorm_forward(&mut y, &mut inv_rms, &x, &gamma, eps);
     let (mut dx, mut dgamma) = (vec![0.0; 2 * h], vec![0.0; h]);
     layers::rmsnorm_backward(&mut dx, &mut dgamma, &dy, &x, &inv_rms, &gamma);
     let ok = y.iter().all(|&v| v == 0.0)
