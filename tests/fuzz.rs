@@ -8,7 +8,7 @@
 //! FUZZ_CASES=100000 cargo test --release --test fuzz
 //! ```
 
-mod common;
+pub mod common;
 
 use std::fs;
 use std::sync::OnceLock;
@@ -132,10 +132,10 @@ proptest! {
             .map(|(n, s)| (n.to_string(), (*s).into())).collect();
         json.insert("rope_base".into(), serde_json::json!(base));
         json.insert("rope_alpha".into(), serde_json::json!(alpha));
-        if let Ok(config) = ModelConfig::from_json(&serde_json::Value::Object(json).to_string()) {
-            if config.model_bytes() < 50_000_000 {
-                let _ = Model::new(config, 1);
-            }
+        if let Ok(config) = ModelConfig::from_json(&serde_json::Value::Object(json).to_string())
+            && config.model_bytes() < 50_000_000
+        {
+            let _ = Model::new(config, 1);
         }
     }
 

@@ -2,7 +2,7 @@
 //! checkpoint transactions and their recovery, the refusal of non-finite
 //! updates, moments and logits, memory needs refused before allocating.
 
-mod common;
+pub mod common;
 
 use std::fs;
 use std::path::Path;
