@@ -451,6 +451,9 @@ fn killed_runs_resume_bit_identically(kills: usize) {
                 child = spawn_train(&f, true, STEPS);
                 assert!(child.wait().unwrap().success());
             }
+            // A kill after the last commit point may leave its files in the
+            // commit directory; the next writer (as here) moves them into place.
+            rosetta_moe::checkpoint::recover(&f.path("run")).unwrap();
             for name in ["model.safetensors", "optimizer.safetensors", "state.json"] {
                 assert!(
                     file(&f.path("straight").join(name)) == file(&f.path("run").join(name)),
@@ -472,7 +475,10 @@ fn killed_runs_resume_bit_identically(kills: usize) {
             // Finished before enough kills: start over.
             std::fs::remove_dir_all(f.path("run")).unwrap();
             restarts += 1;
-            assert!(restarts < 20, "the run keeps finishing before it is killed");
+            assert!(
+                restarts <= 3 + killed,
+                "the run keeps finishing before it is killed"
+            );
             child = spawn_train(&f, false, STEPS);
             wait_for(&f.path("run/state.json"));
             continue;
