@@ -5,22 +5,35 @@
 //! - for training, `optimizer.safetensors` (AdamW moments as `<name>.m` and
 //!   `<name>.v`) and `state.json` (step, training settings, data and sampler state).
 //!
-//! Every file is written to a temporary file in the same directory and renamed
-//! into place, `state.json` last; both safetensors files record the step in
-//! their metadata, so a directory whose files come from different saves is
-//! detected on load. A missing, truncated, corrupt or mismatched file gives a
+//! A save is a transaction. The whole set is written and synced into a fresh
+//! staging directory `.checkpoint-new/`, which one rename turns into
+//! `.checkpoint-commit/`: that rename is the commit point. The files are then
+//! moved over the old ones (`state.json` last) and the commit directory is
+//! removed. A crash before the commit point leaves the previous checkpoint as
+//! it was (the staging directory is deleted by the next save or
+//! [`recover`]); a crash after it is rolled forward by the next save or
+//! [`recover`], and meanwhile readers take each file from the commit directory
+//! when it is still there, so they always see one complete set. Both
+//! safetensors files also record the step in their metadata, so a directory
+//! whose files come from different saves (e.g. copied by hand) is detected on
+//! load. A missing, truncated, corrupt or mismatched file gives a
 //! [`MoeError::Checkpoint`] naming the file and the problem.
+//!
+//! One writer per directory is assumed (`moe train` holds a lock on it).
 
 use std::collections::{BTreeSet, HashMap};
-use std::io::Write as _;
-use std::path::Path;
+use std::fs;
+use std::path::{Path, PathBuf};
 
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
 
+use crate::atomic_write::{readable_by_all, sync_dir, sync_file};
 use crate::config::{ModelConfig, TrainConfig};
 use crate::data::DataState;
-use crate::error::{MoeError, Result};
+use crate::error::{LOCK_FILE, MoeError, Result};
 use crate::model::Model;
 use crate::optim::AdamW;
 use crate::params::ParamLayout;
@@ -40,30 +53,6 @@ pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 /// Step, settings and RNG state.
 pub const STATE_FILE: &str = "state.json";
 
-/// The position of a ChaCha random stream, enough to continue it exactly.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RngState {
-    /// The seed the stream started from.
-    pub seed: u64,
-    /// The stream number.
-    pub stream: u64,
-    /// Words consumed so far (as a decimal string: JSON numbers cannot hold u128).
-    #[serde(with = "u128_string")]
-    pub word_pos: u128,
-}
-
-mod u128_string {
-    use serde::{Deserialize, Deserializer, Serializer, de::Error};
-
-    pub fn serialize<S: Serializer>(v: &u128, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&v.to_string())
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u128, D::Error> {
-        String::deserialize(d)?.parse().map_err(D::Error::custom)
-    }
-}
-
 /// Contents of `state.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -76,49 +65,190 @@ pub struct TrainState {
     pub data: Option<DataState>,
 }
 
+/// Where a save builds its set before the commit point.
+const STAGING_DIR: &str = ".checkpoint-new";
+/// A complete set whose files are being moved into place.
+const COMMIT_DIR: &str = ".checkpoint-commit";
+/// The files of a set, in the order they are moved into place.
+const SET_FILES: [&str; 4] = [CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE];
+
 /// Writes `config.json` and `model.safetensors` for `model` into `dir`
-/// (created if needed).
+/// (created if needed), as one transaction.
 pub fn save_model(model: &Model, dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| MoeError::io(dir, e))?;
-    write_atomic(&dir.join(CONFIG_FILE), model.config().to_json().as_bytes())?;
-    write_tensors(
-        &dir.join(MODEL_FILE),
-        model.layout(),
-        &[("", model.params())],
-        0,
-    )
+    save_set(dir, |staging| {
+        write_new(
+            &staging.join(CONFIG_FILE),
+            model.config().to_json().as_bytes(),
+        )?;
+        write_tensors(
+            &staging.join(MODEL_FILE),
+            model.layout(),
+            &[("", model.params())],
+            0,
+        )
+    })
 }
 
 /// Reads a model from `dir`, checking every name, shape and value.
 pub fn load_model(dir: &Path) -> Result<Model> {
     let config = load_config(dir)?;
     let layout = ParamLayout::new(&config);
-    let (mut tensors, _) = read_tensors(&dir.join(MODEL_FILE), &layout, &[""])?;
+    let (mut tensors, _) = read_tensors(dir, MODEL_FILE, &layout, &[""])?;
     Model::from_params(config, tensors.remove(0))
 }
 
-/// Writes a full training checkpoint: model, optimizer moments and state.
+/// Writes a full training checkpoint — model, optimizer moments and state —
+/// as one transaction: afterwards `dir` holds either this set or, if the save
+/// failed, the previous one untouched.
 pub fn save_training(trainer: &Trainer, data: Option<&DataState>, dir: &Path) -> Result<()> {
     let model = trainer.model();
     let step = trainer.step();
-    std::fs::create_dir_all(dir).map_err(|e| MoeError::io(dir, e))?;
-    write_atomic(&dir.join(CONFIG_FILE), model.config().to_json().as_bytes())?;
-    write_tensors(
-        &dir.join(MODEL_FILE),
-        model.layout(),
-        &[("", model.params())],
-        step,
-    )?;
-    let opt = trainer.optimizer();
-    let moments = [(".m", opt.m.as_slice()), (".v", opt.v.as_slice())];
-    write_tensors(&dir.join(OPTIMIZER_FILE), model.layout(), &moments, step)?;
     let state = TrainState {
         step,
         train: trainer.config().clone(),
         data: data.cloned(),
     };
     let json = serde_json::to_string_pretty(&state).expect("state always serialises");
-    write_atomic(&dir.join(STATE_FILE), json.as_bytes())
+    let opt = trainer.optimizer();
+    save_set(dir, |staging| {
+        write_new(
+            &staging.join(CONFIG_FILE),
+            model.config().to_json().as_bytes(),
+        )?;
+        write_tensors(
+            &staging.join(MODEL_FILE),
+            model.layout(),
+            &[("", model.params())],
+            step,
+        )?;
+        let moments = [(".m", opt.m.as_slice()), (".v", opt.v.as_slice())];
+        write_tensors(
+            &staging.join(OPTIMIZER_FILE),
+            model.layout(),
+            &moments,
+            step,
+        )?;
+        write_new(&staging.join(STATE_FILE), json.as_bytes())
+    })
+}
+
+/// Makes `dir` hold one complete checkpoint again after a crash: finishes a
+/// committed save and deletes an uncommitted one and any stray temporary
+/// file. For the directory's one writer (a reader needs no recovery).
+pub fn recover(dir: &Path) -> Result<()> {
+    finish_commit(dir)?;
+    remove_if_present(&dir.join(STAGING_DIR))?;
+    let entries = fs::read_dir(dir).map_err(|e| MoeError::io(dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| MoeError::io(dir, e))?;
+        // `.tmpXXXXXX` is how `tempfile` (used by atomic writes) names its files.
+        if entry.file_name().to_string_lossy().starts_with(".tmp") {
+            remove_if_present(&entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// The exclusive right to write a checkpoint directory, held until dropped
+/// (an advisory `flock` on its lock file, released by the kernel even when
+/// the process is killed).
+#[derive(Debug)]
+pub struct WriterLock {
+    _lock: Flock<fs::File>,
+}
+
+/// Takes the writer's lock on the directory `dir`, or fails at once with
+/// [`MoeError::DirectoryBusy`] when another process holds it.
+pub fn lock(dir: &Path) -> Result<WriterLock> {
+    if !dir.is_dir() {
+        return Err(MoeError::checkpoint(dir, "not a directory"));
+    }
+    let path = dir.join(LOCK_FILE);
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| MoeError::io(&path, e))?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(WriterLock { _lock: lock }),
+        Err((_, Errno::EWOULDBLOCK)) => Err(MoeError::DirectoryBusy { path: dir.into() }),
+        Err((_, errno)) => Err(MoeError::io(&path, errno.into())),
+    }
+}
+
+/// The transaction: `write` fills the staging directory; the rename to the
+/// commit directory commits it; then the files move into place.
+fn save_set(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    fs::create_dir_all(dir).map_err(|e| MoeError::io(dir, e))?;
+    recover(dir)?;
+    let staging = dir.join(STAGING_DIR);
+    fs::create_dir(&staging).map_err(|e| MoeError::io(&staging, e))?;
+    let commit = dir.join(COMMIT_DIR);
+    let committed = write(&staging)
+        .and_then(|()| sync_dir(&staging))
+        .and_then(|()| fs::rename(&staging, &commit).map_err(|e| MoeError::io(&commit, e)));
+    if let Err(e) = committed {
+        // Not committed: the previous set is untouched; drop the partial one.
+        let _ = fs::remove_dir_all(&staging);
+        return Err(e);
+    }
+    sync_dir(dir)?;
+    finish_commit(dir)
+}
+
+/// Moves the files of a committed set over the old ones, then removes the
+/// commit directory. Idempotent: a crash part-way is finished by a rerun.
+fn finish_commit(dir: &Path) -> Result<()> {
+    let commit = dir.join(COMMIT_DIR);
+    if !commit.is_dir() {
+        return Ok(());
+    }
+    for name in SET_FILES {
+        let from = commit.join(name);
+        if from.exists() {
+            let to = dir.join(name);
+            fs::rename(&from, &to).map_err(|e| MoeError::io(&to, e))?;
+        }
+    }
+    sync_dir(dir)?;
+    fs::remove_dir_all(&commit).map_err(|e| MoeError::io(&commit, e))?;
+    sync_dir(dir)
+}
+
+/// Deletes a file or directory tree if it exists.
+fn remove_if_present(path: &Path) -> Result<()> {
+    let removed = match fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => Err(e),
+        Ok(meta) if meta.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+    };
+    removed.map_err(|e| MoeError::io(path, e))
+}
+
+/// The current version of checkpoint file `name` in `dir`: the committed copy
+/// while a save is moving files into place, else the file itself.
+fn current(dir: &Path, name: &str) -> PathBuf {
+    let committed = dir.join(COMMIT_DIR).join(name);
+    if committed.exists() {
+        committed
+    } else {
+        dir.join(name)
+    }
+}
+
+/// Reads checkpoint file `name` of `dir` (see [`current`]); a file moved into
+/// place between the look and the read is read at its new place.
+fn read_current(dir: &Path, name: &str) -> std::io::Result<Vec<u8>> {
+    fs::read(current(dir, name)).or_else(|_| fs::read(dir.join(name)))
+}
+
+/// Writes a new file of a staging directory and syncs it.
+fn write_new(path: &Path, bytes: &[u8]) -> Result<()> {
+    fs::write(path, bytes).map_err(|e| MoeError::io(path, e))?;
+    fs::set_permissions(path, readable_by_all()).map_err(|e| MoeError::io(path, e))?;
+    sync_file(path)
 }
 
 /// Reads a full training checkpoint; continuing from it is bit-identical to
@@ -126,12 +256,9 @@ pub fn save_training(trainer: &Trainer, data: Option<&DataState>, dir: &Path) ->
 pub fn load_training(dir: &Path) -> Result<(Trainer, TrainState)> {
     let config = load_config(dir)?;
     let layout = ParamLayout::new(&config);
-    let state_path = dir.join(STATE_FILE);
-    let text = std::fs::read_to_string(&state_path).map_err(|e| MoeError::io(&state_path, e))?;
-    let state: TrainState = serde_json::from_str(&text)
-        .map_err(|e| MoeError::checkpoint(&state_path, format!("unreadable: {e}")))?;
-    let (mut params, model_step) = read_tensors(&dir.join(MODEL_FILE), &layout, &[""])?;
-    let (mut moments, opt_step) = read_tensors(&dir.join(OPTIMIZER_FILE), &layout, &[".m", ".v"])?;
+    let state = load_state(dir, &config)?;
+    let (mut params, model_step) = read_tensors(dir, MODEL_FILE, &layout, &[""])?;
+    let (mut moments, opt_step) = read_tensors(dir, OPTIMIZER_FILE, &layout, &[".m", ".v"])?;
     for (file, step) in [(MODEL_FILE, model_step), (OPTIMIZER_FILE, opt_step)] {
         if step != state.step {
             return Err(MoeError::checkpoint(
@@ -151,16 +278,40 @@ pub fn load_training(dir: &Path) -> Result<(Trainer, TrainState)> {
     Ok((trainer, state))
 }
 
+/// Reads `state.json` and checks its data shape against the model.
+fn load_state(dir: &Path, config: &ModelConfig) -> Result<TrainState> {
+    let path = dir.join(STATE_FILE);
+    let bad = |reason: String| MoeError::checkpoint(&path, reason);
+    let bytes = read_current(dir, STATE_FILE).map_err(|e| bad(format!("cannot read: {e}")))?;
+    let state: TrainState =
+        serde_json::from_slice(&bytes).map_err(|e| bad(format!("unreadable: {e}")))?;
+    state
+        .train
+        .validate()
+        .map_err(|e| bad(format!("invalid training settings: {e}")))?;
+    if let Some(data) = &state.data {
+        let (b, s) = (data.batch_size, data.seq_len);
+        if b == 0 || s == 0 || s > config.max_seq_len || b.checked_mul(s).is_none() {
+            return Err(bad(format!(
+                "batch_size {b} × seq_len {s} is not a valid batch for max_seq_len {}",
+                config.max_seq_len
+            )));
+        }
+    }
+    Ok(state)
+}
+
 /// Reads and validates `config.json` of a checkpoint directory.
 pub fn load_config(dir: &Path) -> Result<ModelConfig> {
     let path = dir.join(CONFIG_FILE);
     if !dir.is_dir() {
         return Err(MoeError::checkpoint(dir, "not a directory"));
     }
-    ModelConfig::load(&path).map_err(|e| match e {
-        MoeError::Io { source, .. } => {
-            MoeError::checkpoint(&path, format!("cannot read: {source}"))
-        }
+    let bytes = read_current(dir, CONFIG_FILE)
+        .map_err(|e| MoeError::checkpoint(&path, format!("cannot read: {e}")))?;
+    let text = String::from_utf8(bytes)
+        .map_err(|_| MoeError::checkpoint(&path, "unreadable: not UTF-8"))?;
+    ModelConfig::from_json(&text).map_err(|e| match e {
         MoeError::Json { reason, .. } => {
             MoeError::checkpoint(&path, format!("unreadable: {reason}"))
         }
@@ -169,26 +320,6 @@ pub fn load_config(dir: &Path) -> Result<ModelConfig> {
         }
         other => other,
     })
-}
-
-/// Writes `bytes` to `path` via a temporary file in the same directory, synced
-/// and then renamed over `path`: readers see the old file or the new, never half.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let mut tmp = tempfile::Builder::new()
-        .permissions(readable_by_all())
-        .tempfile_in(dir)
-        .map_err(|e| MoeError::io(dir, e))?;
-    tmp.write_all(bytes)
-        .map_err(|e| MoeError::io(tmp.path(), e))?;
-    tmp.as_file()
-        .sync_all()
-        .map_err(|e| MoeError::io(tmp.path(), e))?;
-    tmp.persist(path).map_err(|e| MoeError::io(path, e.error))?;
-    Ok(())
 }
 
 /// Writes one safetensors file holding, for each (suffix, buffer), every
@@ -211,29 +342,25 @@ fn write_tensors(
     // One metadata key only: safetensors writes the metadata map in HashMap
     // order, so two keys would make identical checkpoints differ byte-wise.
     let metadata = HashMap::from([("step".to_string(), step.to_string())]);
-    // serialize_to_file writes a temporary file in the same directory and
-    // renames it into place; it creates that file owner-only, so widen it after.
+    // serialize_to_file creates the file owner-only, so widen it after.
     safetensors::serialize_to_file(views, Some(metadata), path)
         .map_err(|e| MoeError::checkpoint(path, format!("cannot write: {e}")))?;
-    std::fs::set_permissions(path, readable_by_all()).map_err(|e| MoeError::io(path, e))
-}
-
-/// rw-r--r--: checkpoints are data to share, like any file `cp` would write.
-fn readable_by_all() -> std::fs::Permissions {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::Permissions::from_mode(0o644)
+    fs::set_permissions(path, readable_by_all()).map_err(|e| MoeError::io(path, e))?;
+    sync_file(path)
 }
 
 /// Reads a safetensors file that must hold exactly `<name><suffix>` for every
 /// tensor of `layout` and every suffix, f32 and of the right shape; returns one
 /// flat buffer per suffix and the step recorded in the metadata.
 fn read_tensors(
-    path: &Path,
+    dir: &Path,
+    name: &str,
     layout: &ParamLayout,
     suffixes: &[&str],
 ) -> Result<(Vec<Vec<f32>>, u64)> {
+    let path = &dir.join(name);
     let bad = |reason: String| MoeError::checkpoint(path, reason);
-    let bytes = std::fs::read(path).map_err(|e| bad(format!("cannot read: {e}")))?;
+    let bytes = read_current(dir, name).map_err(|e| bad(format!("cannot read: {e}")))?;
     let (_, metadata) = SafeTensors::read_metadata(&bytes)
         .map_err(|e| bad(format!("truncated or corrupt safetensors file: {e}")))?;
     let file = SafeTensors::deserialize(&bytes)
@@ -287,6 +414,15 @@ fn read_tensors(
             if let Some(i) = out.iter().position(|v| !v.is_finite()) {
                 return Err(bad(format!(
                     "{name}: non-finite value {} at index {i}",
+                    out[i]
+                )));
+            }
+            // A second moment is a running mean of squares: never negative.
+            if *suffix == ".v"
+                && let Some(i) = out.iter().position(|v| *v < 0.0)
+            {
+                return Err(bad(format!(
+                    "{name}: negative second moment {} at index {i}",
                     out[i]
                 )));
             }

@@ -229,8 +229,8 @@ impl ModelConfig {
         if self.rope_alpha > 1.0 && self.head_dim == 2 {
             return bad("NTK RoPE scaling (rope_alpha > 1) needs head_dim > 2".into());
         }
-        if self.checked_param_count().is_none() {
-            return bad("parameter count overflows usize".into());
+        if self.checked_param_count().is_none() || self.checked_model_bytes().is_none() {
+            return bad("the parameter count or the model's size in bytes overflows".into());
         }
         Ok(())
     }
@@ -266,6 +266,63 @@ impl ModelConfig {
     pub fn active_param_count(&self) -> usize {
         let idle = self.n_experts - self.top_k;
         self.param_count() - self.n_layers * idle * 3 * self.ffn_dim * self.hidden_dim
+    }
+
+    /// Bytes of the parameters in f32.
+    pub fn weight_bytes(&self) -> u64 {
+        self.param_count() as u64 * 4
+    }
+
+    /// Bytes a model takes in memory: its weights and RoPE tables (cos and
+    /// sin of max_seq_len × head_dim/2 angles), f32. Training adds three times
+    /// the weights (gradients and the two AdamW moments).
+    pub fn model_bytes(&self) -> u64 {
+        self.checked_model_bytes()
+            .expect("validated configs do not overflow")
+    }
+
+    fn checked_model_bytes(&self) -> Option<u64> {
+        let params = u64::try_from(self.checked_param_count()?).ok()?;
+        let rope = (self.max_seq_len as u64).checked_mul(self.head_dim as u64)?;
+        // ×16 must fit too: a trainer holds weights, gradients and two moments.
+        params.checked_add(rope)?.checked_mul(16)?;
+        params.checked_add(rope)?.checked_mul(4)
+    }
+
+    /// Bytes of the activations of a forward over `batch` × `seq` tokens whose
+    /// attention reads `keys` positions, with everything backward needs when
+    /// `train` (f32; `None` when the size overflows u64):
+    ///   per layer and token  6h + (H + 2·Hkv)·d + E + k·(2h + 3F) + O(1)
+    ///   per layer            B·H·S·keys attention probabilities
+    ///   per token            (1 + train)·V logits (+ their gradient)
+    pub fn activation_bytes(
+        &self,
+        batch: usize,
+        seq: usize,
+        keys: usize,
+        train: bool,
+    ) -> Option<u64> {
+        let n = |x: usize| x as u64;
+        let (h, k) = (n(self.hidden_dim), n(self.top_k));
+        let tokens = n(batch).checked_mul(n(seq))?;
+        let expert = k.checked_mul(2 * h + 3 * n(self.ffn_dim) + 4)?;
+        let per_token = (6 * h + n(self.qkv_dim()) + n(self.n_experts) + 2).checked_add(expert)?;
+        let probs = tokens.checked_mul(n(self.n_heads))?.checked_mul(n(keys))?;
+        let layer = tokens.checked_mul(per_token)?.checked_add(probs)?;
+        let layers = if train { n(self.n_layers) } else { 1 };
+        let logits = tokens.checked_mul(n(self.vocab_size) * (1 + u64::from(train)) + h + 1)?;
+        let backward = if train {
+            tokens
+                .checked_mul(per_token)?
+                .checked_add(n(seq).checked_mul(n(seq))?)?
+        } else {
+            0
+        };
+        layers
+            .checked_mul(layer)?
+            .checked_add(logits)?
+            .checked_add(backward)?
+            .checked_mul(4)
     }
 
     fn checked_param_count(&self) -> Option<usize> {

@@ -6,7 +6,6 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::batch::Batch;
-use crate::checkpoint::RngState;
 use crate::error::{MoeError, Result};
 use crate::tokenizer::Tokenizer;
 
@@ -95,6 +94,30 @@ fn window_batch(tokens: &[u32], starts: impl Iterator<Item = usize>, seq: usize)
         rows += 1;
     }
     Batch::new(ids, targets, rows)
+}
+
+/// The position of a ChaCha random stream, enough to continue it exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RngState {
+    /// The seed the stream started from.
+    pub seed: u64,
+    /// The stream number.
+    pub stream: u64,
+    /// Words consumed so far (as a decimal string: JSON numbers cannot hold u128).
+    #[serde(with = "u128_string")]
+    pub word_pos: u128,
+}
+
+mod u128_string {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub fn serialize<S: Serializer>(v: &u128, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&v.to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u128, D::Error> {
+        String::deserialize(d)?.parse().map_err(D::Error::custom)
+    }
 }
 
 /// Draws training batches of random contiguous windows from a seeded stream.

@@ -69,14 +69,46 @@ pub enum MoeError {
     #[error("invalid training setting: {0}")]
     InvalidTraining(String),
 
-    /// The loss or a gradient was NaN or infinite; the step was refused and the
-    /// weights were left untouched.
-    #[error("non-finite {what} at step {step}: the step was refused, weights are unchanged")]
+    /// The loss, a gradient or the updated weights or moments were NaN or
+    /// infinite; the step was refused and weights and moments were left untouched.
+    #[error(
+        "non-finite {what} at step {step}: the step was refused, weights and moments are unchanged (lower the learning rate?)"
+    )]
     NonFinite {
-        /// "loss" or "gradient".
+        /// "loss", "gradient", "weights" or "moments".
         what: &'static str,
         /// The step number that was refused.
         step: u64,
+    },
+
+    /// A computation outside training produced NaN or infinity (e.g. the
+    /// logits of a diverged model).
+    #[error("non-finite {what}: the model has diverged (NaN or infinite values)")]
+    NonFiniteValue {
+        /// What was non-finite: "loss" or "logits".
+        what: &'static str,
+    },
+
+    /// Cases of the numerical stability report failed.
+    #[error("{failed} of {total} stability cases failed (see the report)")]
+    StabilityFailed {
+        /// Cases that failed.
+        failed: usize,
+        /// Cases run.
+        total: usize,
+    },
+
+    /// More memory than the machine has available.
+    #[error("{what} needs {} GB; {} GB available{hint}", gb(*need), gb(*available))]
+    OutOfMemory {
+        /// What the memory is for.
+        what: String,
+        /// Bytes needed.
+        need: u64,
+        /// Bytes available (MemAvailable).
+        available: u64,
+        /// How to run it anyway, or "".
+        hint: &'static str,
     },
 
     /// A checkpoint that cannot be read, is truncated or corrupt, or does not
@@ -103,6 +135,15 @@ pub enum MoeError {
         reason: String,
     },
 
+    /// Another process holds the writer's lock on a run directory.
+    #[error(
+        "{path} is in use by another `moe train` (it holds {path}/{LOCK_FILE}); wait for it to finish or write elsewhere"
+    )]
+    DirectoryBusy {
+        /// The run directory.
+        path: PathBuf,
+    },
+
     /// A JSON document (config, batch, training settings) that does not parse.
     #[error("{path}: {reason}")]
     Json {
@@ -120,6 +161,14 @@ pub enum MoeError {
         /// The operating system's error.
         source: std::io::Error,
     },
+}
+
+/// The advisory lock file of a run directory (see `checkpoint::lock`).
+pub const LOCK_FILE: &str = ".lock";
+
+/// Bytes as decimal gigabytes with one decimal ("27.5").
+fn gb(bytes: u64) -> String {
+    format!("{:.1}", bytes as f64 / 1e9)
 }
 
 /// Shorthand used throughout the crate.

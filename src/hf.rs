@@ -425,7 +425,7 @@ pub fn export(
     let config = model.config();
     let hf = hf_config(config, aux_alpha);
     let text = serde_json::to_string_pretty(&hf).expect("json values serialise");
-    checkpoint::write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())?;
+    crate::atomic_write::write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())?;
     write_hf_tensors(model, &dir.join(MODEL_FILE))?;
     if let Some(tokenizer) = tokenizer {
         tokenizer.save(&dir.join(TOKENIZER_FILE))?;
@@ -435,7 +435,7 @@ pub fn export(
             "clean_up_tokenization_spaces": false,
         });
         let text = serde_json::to_string_pretty(&tokenizer_config).expect("json values serialise");
-        checkpoint::write_atomic(&dir.join(TOKENIZER_CONFIG_FILE), text.as_bytes())?;
+        crate::atomic_write::write_atomic(&dir.join(TOKENIZER_CONFIG_FILE), text.as_bytes())?;
     }
     Ok(())
 }

@@ -22,6 +22,7 @@
 
 #![deny(missing_docs)]
 
+pub mod atomic_write;
 pub mod attention;
 pub mod batch;
 pub mod checkpoint;
@@ -33,11 +34,13 @@ pub mod hf;
 pub mod kernels;
 pub mod layers;
 pub mod loss;
+pub mod memory;
 pub mod model;
 pub mod moe;
 pub mod optim;
 pub mod params;
 pub mod sampling;
+pub mod stability;
 pub mod tokenizer;
 pub mod train;
 

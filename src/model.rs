@@ -14,6 +14,7 @@ use crate::error::{MoeError, Result};
 use crate::kernels::Write;
 use crate::layers::{Embedding, Linear, PackedWeights, Param, RmsNorm, Rope, Shape, Weights};
 use crate::loss;
+use crate::memory;
 use crate::moe::{MoeActs, MoeBlock, MoeDims, MoeScratch};
 use crate::params::{Grads, LayerRanges, ParamLayout};
 
@@ -91,6 +92,8 @@ struct Workspace {
     x: Vec<f32>,
     /// One entry per layer when training; inference reuses entry 0.
     layers: Vec<LayerActs>,
+    /// Entries of `layers` the last forward filled, one per layer (1 for inference).
+    kept_layers: usize,
     /// 1/rms of the final hidden state [T].
     final_rms: Vec<f32>,
     /// RMSNorm_final(x) [T, h].
@@ -107,6 +110,7 @@ impl Workspace {
     fn plan(&mut self, config: &ModelConfig, shape: Shape, keys: usize, n_acts: usize) {
         let (tokens, h) = (shape.tokens(), config.hidden_dim);
         self.shape = shape;
+        self.kept_layers = n_acts;
         self.x.resize(tokens * h, 0.0);
         if self.layers.len() < n_acts {
             self.layers.resize_with(n_acts, LayerActs::default);
@@ -312,6 +316,7 @@ impl Model {
     /// A freshly initialised model (CONTRACT §2): same seed, same weights.
     pub fn new(config: ModelConfig, seed: u64) -> Result<Self> {
         config.validate()?;
+        ensure_model_fits(&config)?;
         let layout = ParamLayout::new(&config);
         let params = layout.init(seed);
         Ok(Self::assemble(config, layout, params))
@@ -320,6 +325,7 @@ impl Model {
     /// A model with the given parameters (flat, in [`ParamLayout`] order).
     pub fn from_params(config: ModelConfig, params: Vec<f32>) -> Result<Self> {
         config.validate()?;
+        ensure_model_fits(&config)?;
         let layout = ParamLayout::new(&config);
         if params.len() != layout.len {
             return Err(MoeError::shape("parameters", layout.len, params.len()));
@@ -396,7 +402,7 @@ impl Model {
     /// Logits [B, S, V] for token ids [B, S] (flat, `ids.len() = B·S`), without
     /// keeping what backward needs.
     pub fn forward(&mut self, ids: &[u32], batch: usize) -> Result<&[f32]> {
-        let seq = self.check_ids(ids, batch)?;
+        let seq = self.check_ids(ids, batch, false)?;
         self.ensure_packed();
         self.run_forward(ids, Shape { batch, seq }, Pass::Infer);
         Ok(&self.ws.logits[..ids.len() * self.config.vocab_size])
@@ -405,7 +411,7 @@ impl Model {
     /// Logits [V] of the last of `ids` (one sequence), reading and extending
     /// `cache`: each token costs one position, earlier ones are not recomputed.
     pub fn forward_cached(&mut self, ids: &[u32], cache: &mut KvCache) -> Result<&[f32]> {
-        self.check_ids(ids, 1)?;
+        self.check_ids(ids, 1, false)?;
         let cache_width = self.config.n_kv_heads * self.config.head_dim;
         if cache.keys.len() != self.config.n_layers
             || cache.keys.first().map(Vec::len) != Some(cache.capacity * cache_width)
@@ -450,10 +456,7 @@ impl Model {
         }
         let losses = self.losses(batch, aux_alpha)?;
         if !losses.total().is_finite() {
-            return Err(MoeError::NonFinite {
-                what: "loss",
-                step: 0,
-            });
+            return Err(MoeError::NonFiniteValue { what: "loss" });
         }
         let mut grads = Grads::new(grads);
         self.backward(aux_alpha, &mut grads);
@@ -463,7 +466,7 @@ impl Model {
     /// The losses of `batch` (a forward that keeps activations; `dL/dlogits`
     /// is left in the workspace for the backward of [`Model::loss_and_grads`]).
     pub fn losses(&mut self, batch: &Batch, aux_alpha: f32) -> Result<Losses> {
-        let seq = self.check_ids(&batch.ids, batch.batch_size)?;
+        let seq = self.check_ids(&batch.ids, batch.batch_size, true)?;
         check_range(&batch.targets, self.config.vocab_size, "target")?;
         if batch.targets.len() != batch.ids.len() {
             return Err(MoeError::shape(
@@ -504,15 +507,20 @@ impl Model {
         &self.ws.logits[..self.ws.shape.tokens() * self.config.vocab_size]
     }
 
-    /// The experts chosen in `layer` by the last training forward, [T, k], in
-    /// descending router probability.
+    /// The experts chosen in `layer` by the last forward, [T, k], in
+    /// descending router probability; `None` for a layer the last forward did
+    /// not keep (an inference forward keeps none of a multi-layer model's).
     pub fn routes(&self, layer: usize) -> Option<&[u32]> {
+        if self.ws.kept_layers < self.config.n_layers {
+            return None;
+        }
         let acts = self.ws.layers.get(layer)?;
         Some(&acts.moe.experts[..self.ws.shape.tokens() * self.config.top_k])
     }
 
-    /// Checks ids against the vocabulary and length limits; returns S.
-    fn check_ids(&self, ids: &[u32], batch: usize) -> Result<usize> {
+    /// Checks ids against the vocabulary, length and memory limits (of a
+    /// training forward when `train`); returns S.
+    fn check_ids(&self, ids: &[u32], batch: usize, train: bool) -> Result<usize> {
         if ids.is_empty() || batch == 0 {
             return Err(MoeError::EmptyInput("token ids"));
         }
@@ -531,6 +539,12 @@ impl Model {
             });
         }
         check_range(ids, self.config.vocab_size, "token")?;
+        let need = self.config.activation_bytes(batch, seq, seq, train);
+        memory::ensure_fits(
+            || format!("a forward over {batch} × {seq} tokens"),
+            need,
+            "",
+        )?;
         Ok(seq)
     }
 
@@ -591,6 +605,15 @@ impl Model {
         }
         view.embed.backward(&back.dx[..tokens * h], &ws.ids, grads);
     }
+}
+
+/// Refuses a config whose weights and tables do not fit in memory.
+fn ensure_model_fits(config: &ModelConfig) -> Result<()> {
+    memory::ensure_fits(
+        || format!("a model of {} parameters", config.param_count()),
+        Some(config.model_bytes()),
+        " (training needs 4× the weights: gradients and two AdamW moments)",
+    )
 }
 
 /// Every id must be < `vocab`.

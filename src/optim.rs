@@ -66,6 +66,12 @@ impl AdamW {
     ///   g ← s·g;  m ← β1·m + (1−β1)·g;  v ← β2·v + (1−β2)·g²
     ///   p ← p − lr·wd·p            (2-D weights only)
     ///   p ← p − lr·(m/(1−β1ᵗ)) / (sqrt(v/(1−β2ᵗ)) + eps)
+    ///
+    /// Nothing non-finite is ever stored: the update is first computed on
+    /// copies, a chunk at a time on the stack, and when any new weight or
+    /// moment would be NaN or infinite it is refused with the name of what
+    /// overflowed ("weights" or "moments"), leaving `params` and the moments
+    /// untouched. Both passes run the same kernel on the same inputs.
     pub fn update(
         &mut self,
         params: &mut [f32],
@@ -74,24 +80,12 @@ impl AdamW {
         lr: f64,
         t: u64,
         config: &TrainConfig,
-    ) {
-        let t = i32::try_from(t).unwrap_or(i32::MAX);
-        let step = AdamWStep {
-            grad_scale,
-            beta1: config.beta1 as f32,
-            beta2: config.beta2 as f32,
-            inv_bias1: (1.0 / (1.0 - config.beta1.powi(t))) as f32,
-            inv_bias2: (1.0 / (1.0 - config.beta2.powi(t))) as f32,
-            lr: lr as f32,
-            eps: config.eps as f32,
-            decay: 0.0,
-        };
-        let decay = (lr * config.weight_decay) as f32;
-        for (range, decayed) in &self.segments {
-            let step = AdamWStep {
-                decay: if *decayed { decay } else { 0.0 },
-                ..step
-            };
+    ) -> Result<(), &'static str> {
+        for (range, step) in tensor_steps(&self.segments, grad_scale, lr, t, config) {
+            let (m, v) = (&self.m[range.clone()], &self.v[range.clone()]);
+            dry_run(&params[range.clone()], &grads[range.clone()], m, v, step)?;
+        }
+        for (range, step) in tensor_steps(&self.segments, grad_scale, lr, t, config) {
             let (m, v) = (&mut self.m[range.clone()], &mut self.v[range.clone()]);
             kernels::adamw(
                 &mut params[range.clone()],
@@ -101,7 +95,65 @@ impl AdamW {
                 step,
             );
         }
+        Ok(())
     }
+}
+
+/// Every tensor's range with its AdamW constants (decay on 2-D weights only).
+fn tensor_steps(
+    segments: &[(Range<usize>, bool)],
+    grad_scale: f32,
+    lr: f64,
+    t: u64,
+    config: &TrainConfig,
+) -> impl Iterator<Item = (Range<usize>, AdamWStep)> {
+    let t = i32::try_from(t).unwrap_or(i32::MAX);
+    let step = AdamWStep {
+        grad_scale,
+        beta1: config.beta1 as f32,
+        beta2: config.beta2 as f32,
+        inv_bias1: (1.0 / (1.0 - config.beta1.powi(t))) as f32,
+        inv_bias2: (1.0 / (1.0 - config.beta2.powi(t))) as f32,
+        lr: lr as f32,
+        eps: config.eps as f32,
+        decay: 0.0,
+    };
+    let decay = (lr * config.weight_decay) as f32;
+    segments.iter().map(move |(range, decayed)| {
+        let decay = if *decayed { decay } else { 0.0 };
+        (range.clone(), AdamWStep { decay, ..step })
+    })
+}
+
+/// Elements of one dry-run chunk (a multiple of the kernels' 16 lanes).
+const DRY_RUN_CHUNK: usize = 256;
+
+/// Runs the AdamW kernel on stack copies of (p, m, v) chunk by chunk and
+/// reports what would become non-finite, without writing anything.
+fn dry_run(
+    p: &[f32],
+    g: &[f32],
+    m: &[f32],
+    v: &[f32],
+    step: AdamWStep,
+) -> Result<(), &'static str> {
+    let mut buf = [[0.0f32; DRY_RUN_CHUNK]; 3];
+    for start in (0..p.len()).step_by(DRY_RUN_CHUNK) {
+        let n = DRY_RUN_CHUNK.min(p.len() - start);
+        let [bp, bm, bv] = &mut buf;
+        let (bp, bm, bv) = (&mut bp[..n], &mut bm[..n], &mut bv[..n]);
+        bp.copy_from_slice(&p[start..start + n]);
+        bm.copy_from_slice(&m[start..start + n]);
+        bv.copy_from_slice(&v[start..start + n]);
+        kernels::adamw(bp, &g[start..start + n], bm, bv, step);
+        if !bm.iter().chain(bv.iter()).all(|x| x.is_finite()) {
+            return Err("moments");
+        }
+        if !bp.iter().all(|x| x.is_finite()) {
+            return Err("weights");
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -137,7 +189,7 @@ mod tests {
             weight_decay: 0.0,
             ..TrainConfig::default()
         };
-        opt.update(&mut p, &g, 1.0, 1e-3, 1, &config);
+        opt.update(&mut p, &g, 1.0, 1e-3, 1, &config).unwrap();
         // Bias-corrected first step: m̂/sqrt(v̂) = sign(g).
         assert!((p[0] - (1.0 - 1e-3)).abs() < 1e-6);
         assert!((p[1] - (1.0 + 1e-3)).abs() < 1e-6);

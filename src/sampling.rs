@@ -83,6 +83,9 @@ pub fn pick_token(logits: &[f32], strategy: SamplingStrategy, rng: &mut ChaCha8R
         return Err(MoeError::EmptyInput("logits"));
     }
     strategy.validate(logits.len())?;
+    if !logits.iter().all(|z| z.is_finite()) {
+        return Err(MoeError::NonFiniteValue { what: "logits" });
+    }
     let t = strategy.temperature();
     if t <= 0.0 {
         return Ok(argmax(logits));
@@ -175,6 +178,14 @@ pub fn generate_streaming(
             format!("≥ prompt length {}", prompt.len()),
             max_len,
         ));
+    }
+    if let Some(position) = prompt.iter().position(|&t| t as usize >= config.vocab_size) {
+        return Err(MoeError::TokenOutOfRange {
+            what: "token",
+            id: prompt[position],
+            position,
+            vocab_size: config.vocab_size,
+        });
     }
     let mut tokens = prompt.to_vec();
     if max_len == prompt.len() {

@@ -64,8 +64,15 @@ impl Tokenizer {
 
     /// Reads a `tokenizer.json` written by [`Tokenizer::save`].
     pub fn load(path: &Path) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| MoeError::checkpoint(path, format!("unreadable tokenizer: {e}")))?;
+        let bad =
+            |reason: String| MoeError::checkpoint(path, format!("unreadable tokenizer: {reason}"));
+        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+        // `tokenizers` panics on some malformed JSON (an unwrap in its decoder
+        // visitor): reject what is not JSON first, and contain any panic left.
+        serde_json::from_str::<serde_json::Value>(&text).map_err(|e| bad(e.to_string()))?;
+        let parsed = std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>())
+            .map_err(|_| bad("malformed tokenizer JSON".into()))?;
+        let inner = parsed.map_err(|e| bad(e.to_string()))?;
         Self::from_inner(inner).map_err(|e| MoeError::checkpoint(path, e.to_string()))
     }
 
@@ -75,7 +82,7 @@ impl Tokenizer {
             .inner
             .to_string(true)
             .map_err(|e| MoeError::checkpoint(path, format!("cannot serialise tokenizer: {e}")))?;
-        crate::checkpoint::write_atomic(path, json.as_bytes())
+        crate::atomic_write::write_atomic(path, json.as_bytes())
     }
 
     fn from_inner(inner: tokenizers::Tokenizer) -> Result<Self> {

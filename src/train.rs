@@ -34,6 +34,7 @@ pub struct Trainer {
 impl Trainer {
     /// A trainer at step 0 with zeroed optimizer moments.
     pub fn new(model: Model, config: TrainConfig) -> Result<Self> {
+        ensure_training_fits(model.config(), 3)?;
         let optimizer = AdamW::new(model.layout());
         Self::resume(model, config, optimizer, 0)
     }
@@ -52,6 +53,7 @@ impl Trainer {
         if optimizer.m.len() != n || optimizer.v.len() != n {
             return Err(MoeError::shape("optimizer moments", n, optimizer.m.len()));
         }
+        ensure_training_fits(model.config(), 1)?;
         Ok(Trainer {
             grads: vec![0.0; n],
             model,
@@ -61,9 +63,10 @@ impl Trainer {
         })
     }
 
-    /// One step on `batch`. A non-finite loss or gradient refuses the step
-    /// with [`MoeError::NonFinite`]: weights, moments and the step counter stay
-    /// as they were.
+    /// One step on `batch`. A non-finite loss or gradient, or an update that
+    /// would make a weight or moment non-finite, refuses the step with
+    /// [`MoeError::NonFinite`]: weights, moments and the step counter stay as
+    /// they were.
     pub fn train_step(&mut self, batch: &Batch) -> Result<StepStats> {
         let t = self.step + 1;
         let alpha = self.config.aux_loss_alpha as f32;
@@ -71,14 +74,15 @@ impl Trainer {
             .model
             .loss_and_grads(batch, alpha, &mut self.grads)
             .map_err(|e| match e {
-                MoeError::NonFinite { what, .. } => MoeError::NonFinite { what, step: t },
+                MoeError::NonFiniteValue { what } => MoeError::NonFinite { what, step: t },
                 other => other,
             })?;
         self.apply_gradients(losses, grad_norm)
     }
 
     /// Clips the gradients in `self.grads` (whose global norm is `grad_norm`)
-    /// and takes one AdamW step, unless the norm is not finite.
+    /// and takes one AdamW step, unless the norm or the update's result is not
+    /// finite.
     fn apply_gradients(&mut self, losses: Losses, grad_norm: f32) -> Result<StepStats> {
         let t = self.step + 1;
         if !grad_norm.is_finite() {
@@ -89,14 +93,16 @@ impl Trainer {
         }
         let lr = optim::learning_rate(&self.config, t);
         let scale = optim::clip_scale(grad_norm, self.config.grad_clip);
-        self.optimizer.update(
-            self.model.params_mut(),
-            &self.grads,
-            scale,
-            lr,
-            t,
-            &self.config,
-        );
+        self.optimizer
+            .update(
+                self.model.params_mut(),
+                &self.grads,
+                scale,
+                lr,
+                t,
+                &self.config,
+            )
+            .map_err(|what| MoeError::NonFinite { what, step: t })?;
         self.step = t;
         Ok(StepStats {
             loss: losses.total(),
@@ -149,6 +155,16 @@ impl Trainer {
     pub fn into_model(self) -> Model {
         self.model
     }
+}
+
+/// Refuses a trainer whose `copies` more weight-sized buffers (gradients,
+/// moments) do not fit in memory.
+fn ensure_training_fits(config: &crate::ModelConfig, copies: u64) -> Result<()> {
+    crate::memory::ensure_fits(
+        || format!("training a model of {} parameters", config.param_count()),
+        config.weight_bytes().checked_mul(copies),
+        "",
+    )
 }
 
 /// The convergence check of CONTRACT §11: the tiny model (seed 42), default

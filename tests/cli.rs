@@ -4,6 +4,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use rosetta_moe::ModelConfig;
+
 const MOE: &str = env!("CARGO_BIN_EXE_moe");
 
 fn moe(args: &[&str]) -> Output {
@@ -327,9 +329,10 @@ fn generate_refuses_bad_requests() {
     for (args, expect) in [
         (vec!["--prompt", ""], "empty"),
         (vec!["--prompt", &long_prompt], "exceeds max_seq_len"),
+        (vec!["--prompt", "hi", "--max-new", "100"], "--max-new"),
         (
-            vec!["--prompt", "hi", "--max-new", "100"],
-            "exceeds max_seq_len",
+            vec!["--prompt", "hi", "--max-new", "18446744073709551615"],
+            "minus the prompt's",
         ),
         (
             vec!["--prompt", "hi", "--strategy", "top-p", "--top-p", "1.5"],
@@ -360,4 +363,297 @@ fn generate_refuses_bad_requests() {
     assert!(moe(&["init", "--out", &init]).status.success());
     let out = moe(&["generate", "--checkpoint", &init, "--prompt", "hi"]);
     assert!(stderr(&out).contains("tokenizer.json"), "{}", stderr(&out));
+}
+
+/// Waits until `path` exists (a run's first checkpoint), at most a minute.
+fn wait_for(path: &Path) {
+    let start = Instant::now();
+    while !path.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// `moe train` on the fixture as a child process (saving every step).
+fn spawn_train(f: &Fixture, resume: bool, steps: &str) -> std::process::Child {
+    let (data, config, run) = (f.s("text.txt"), f.s("config.json"), f.s("run"));
+    let mut args = vec![
+        "train",
+        "--data",
+        &data,
+        "--steps",
+        steps,
+        "--save-every",
+        "1",
+    ];
+    if resume {
+        args.extend(["--resume", &run]);
+    } else {
+        args.extend([
+            "--config", &config, "--out", &run, "--batch", "2", "--seq", "16",
+        ]);
+    }
+    Command::new(MOE)
+        .args(&args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// The step a run directory resumes from (it must load).
+fn saved_step(dir: &Path) -> u64 {
+    match rosetta_moe::checkpoint::load_training(dir) {
+        Ok((_, state)) => state.step,
+        Err(e) => panic!("the run does not resume: {e}"),
+    }
+}
+
+/// Kills `moe train --save-every 1` with SIGKILL at `kills` random moments:
+/// after each kill the directory loads (never further back than before), and
+/// training on to the end reproduces an uninterrupted run bit for bit.
+fn killed_runs_resume_bit_identically(kills: usize) {
+    const STEPS: &str = "60";
+    let f = Fixture::new();
+    let straight = f.train("straight", &["--steps", STEPS, "--save-every", "1"]);
+    assert!(straight.status.success(), "{}", stderr(&straight));
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("kill moments seeded with {seed}");
+    let mut rng = seed | 1;
+    let (mut killed, mut restarts) = (0, 0);
+    let mut child = spawn_train(&f, false, STEPS);
+    wait_for(&f.path("run/state.json"));
+    loop {
+        rng = rng
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        std::thread::sleep(Duration::from_micros((rng >> 33) % 250_000));
+        let finished = child.try_wait().unwrap().is_some();
+        if !finished {
+            child.kill().unwrap();
+            killed += 1;
+        }
+        let status = child.wait().unwrap();
+        assert!(!finished || status.success(), "{status}");
+        let step = saved_step(&f.path("run"));
+        // Killed after the last save: the run is complete (resuming would be
+        // refused as already at --steps).
+        let complete = finished || step == 60;
+        if complete || killed >= kills {
+            if !complete {
+                child = spawn_train(&f, true, STEPS);
+                assert!(child.wait().unwrap().success());
+            }
+            // A kill after the last commit point may leave its files in the
+            // commit directory; the next writer (as here) moves them into place.
+            rosetta_moe::checkpoint::recover(&f.path("run")).unwrap();
+            for name in ["model.safetensors", "optimizer.safetensors", "state.json"] {
+                assert!(
+                    file(&f.path("straight").join(name)) == file(&f.path("run").join(name)),
+                    "{name} differs from the uninterrupted run after {killed} kills"
+                );
+            }
+            let losses = |dir: &str| -> Vec<(u64, f64)> {
+                String::from_utf8(file(&f.path(dir).join("metrics.jsonl")))
+                    .unwrap()
+                    .lines()
+                    .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+                    .map(|m| (m["step"].as_u64().unwrap(), m["loss"].as_f64().unwrap()))
+                    .collect()
+            };
+            assert_eq!(losses("straight"), losses("run"));
+            if killed >= kills {
+                break;
+            }
+            // Finished before enough kills: start over.
+            std::fs::remove_dir_all(f.path("run")).unwrap();
+            restarts += 1;
+            assert!(
+                restarts <= 3 + killed,
+                "the run keeps finishing before it is killed"
+            );
+            child = spawn_train(&f, false, STEPS);
+            wait_for(&f.path("run/state.json"));
+            continue;
+        }
+        assert!(step <= 60);
+        child = spawn_train(&f, true, STEPS);
+    }
+    assert!(!f.path("run/.checkpoint-new").exists() && !f.path("run/.checkpoint-commit").exists());
+}
+
+#[test]
+fn sigkill_during_saves_never_loses_the_run_20_times() {
+    killed_runs_resume_bit_identically(20);
+}
+
+/// The heavy variant: `cargo test --release --test cli -- --ignored`.
+#[test]
+#[ignore = "heavy: 200 kills, a few minutes"]
+fn sigkill_during_saves_never_loses_the_run_200_times() {
+    killed_runs_resume_bit_identically(200);
+}
+
+#[test]
+fn a_second_trainer_on_the_same_directory_fails_at_once() {
+    let f = Fixture::new();
+    let mut first = spawn_train(&f, false, "1000000");
+    wait_for(&f.path("run/state.json"));
+    let (data, config, run) = (f.s("text.txt"), f.s("config.json"), f.s("run"));
+    for args in [
+        vec!["train", "--data", &data, "--resume", &run],
+        vec![
+            "train", "--data", &data, "--config", &config, "--out", &run, "--force",
+        ],
+    ] {
+        let out = moe(&args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(
+            stderr(&out).contains("in use by another `moe train`"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    first.kill().unwrap();
+    first.wait().unwrap();
+    // The kernel released the lock with the process.
+    let next = (saved_step(&f.path("run")) + 1).to_string();
+    let out = moe(&["train", "--data", &data, "--resume", &run, "--steps", &next]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn a_save_that_runs_out_of_space_reports_it_and_keeps_the_previous_checkpoint() {
+    let f = Fixture::new();
+    assert!(f.train("run", &["--steps", "3"]).status.success());
+    let before = file(&f.path("run/model.safetensors"));
+    // No file may grow past 200 blocks (100 KB in dash's 512-byte blocks,
+    // 200 KB in bash's): the optimizer file (380 KB) cannot be written, as on
+    // a full disk. SIGXFSZ is ignored so the write fails with EFBIG instead of
+    // killing the process.
+    let (data, run) = (f.s("text.txt"), f.s("run"));
+    let script = format!(
+        "trap '' XFSZ; ulimit -f 200; exec {MOE} train --data {data} --resume {run} --steps 5"
+    );
+    let out = Command::new("sh").args(["-c", &script]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("too large"), "{}", stderr(&out));
+    assert_eq!(file(&f.path("run/model.safetensors")), before);
+    assert_eq!(saved_step(&f.path("run")), 3);
+    assert!(!f.path("run/.checkpoint-new").exists());
+    let out = moe(&["train", "--data", &data, "--resume", &run, "--steps", "5"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(saved_step(&f.path("run")), 5);
+}
+
+#[test]
+fn no_input_makes_moe_panic_or_abort() {
+    let f = Fixture::new();
+    assert!(f.train("run", &["--steps", "2"]).status.success());
+    let (data, run) = (f.s("text.txt"), f.s("run"));
+    let big = f.s("big.json");
+    std::fs::write(
+        &big,
+        ModelConfig {
+            max_seq_len: 1_000_000_000_000,
+            ..ModelConfig::tiny()
+        }
+        .to_json(),
+    )
+    .unwrap();
+    let cases: Vec<(Vec<&str>, i32, &str)> = vec![
+        (vec!["train", "--save-every", "0"], 2, "--save-every"),
+        (vec!["train", "--eval-every", "0"], 2, "--eval-every"),
+        (
+            vec![
+                "train",
+                "--data",
+                &data,
+                "--batch",
+                "9223372036854775807",
+                "--out",
+                "/nonexistent/x",
+            ],
+            1,
+            "needs",
+        ),
+        (
+            vec![
+                "train",
+                "--data",
+                &data,
+                "--batch",
+                "1000000",
+                "--seq",
+                "64",
+                "--out",
+                "/nonexistent/x",
+            ],
+            1,
+            "needs",
+        ),
+        (
+            vec!["init", "--config", &big, "--out", "/nonexistent/x"],
+            1,
+            "needs",
+        ),
+        (
+            vec![
+                "init",
+                "--config",
+                "default_6_9b",
+                "--out",
+                "/nonexistent/x",
+            ],
+            1,
+            "",
+        ),
+    ];
+    for (args, code, expect) in cases {
+        let out = moe(&args);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(expect), "{args:?}: {}", stderr(&out));
+    }
+    // A state.json whose window length is 0.
+    let state_path = f.path("run/state.json");
+    let mut state: serde_json::Value = serde_json::from_slice(&file(&state_path)).unwrap();
+    state["data"]["seq_len"] = 0.into();
+    std::fs::write(&state_path, state.to_string()).unwrap();
+    let out = moe(&["train", "--data", &data, "--resume", &run, "--steps", "4"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("seq_len 0"), "{}", stderr(&out));
+}
+
+#[test]
+fn generate_refuses_the_logits_of_a_diverged_checkpoint() {
+    let f = Fixture::new();
+    assert!(f.train("run", &["--steps", "2"]).status.success());
+    let dir = f.path("run");
+    let mut model = rosetta_moe::checkpoint::load_model(&dir).unwrap();
+    let head = model.layout().lm_head.clone();
+    model.params_mut()[head].iter_mut().for_each(|w| *w = 3e38);
+    rosetta_moe::checkpoint::save_model(&model, &dir).unwrap();
+    let run = f.s("run");
+    let out = moe(&[
+        "generate",
+        "--checkpoint",
+        &run,
+        "--prompt",
+        "the",
+        "--max-new",
+        "5",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("non-finite logits"),
+        "{}",
+        stderr(&out)
+    );
 }

@@ -5,7 +5,7 @@ pub mod common;
 use std::fs;
 
 use common::{convergence_batch, random_batch};
-use rosetta_moe::checkpoint::{self, load_model, load_training, save_model, save_training};
+use rosetta_moe::checkpoint::{self, load_model, load_training, save_training};
 use rosetta_moe::{Batch, KvCache, Model, ModelConfig, MoeError, TrainConfig, Trainer};
 
 fn tiny() -> Model {
@@ -281,16 +281,34 @@ fn checkpoint_files_from_different_saves_are_detected() {
 
 #[test]
 fn a_failed_save_leaves_the_previous_checkpoint_intact() {
-    let (dir, _) = saved_checkpoint();
+    let (dir, mut trainer) = saved_checkpoint();
     let before = fs::read(dir.path().join(checkpoint::MODEL_FILE)).unwrap();
-    // Saving a model into a path that is a file fails before touching `dir`.
-    let blocker = dir.path().join(checkpoint::STATE_FILE);
-    assert!(save_model(&tiny(), &blocker).is_err());
+    let batch = random_batch(&ModelConfig::tiny(), 2, 8, 2);
+    trainer.train_step(&batch).unwrap();
+    // A file where the save's commit directory must go: the whole new set is
+    // written and synced, then the commit rename fails.
+    let blocker = dir.path().join(".checkpoint-commit");
+    fs::write(&blocker, b"in the way").unwrap();
+    let err = save_training(&trainer, None, dir.path()).unwrap_err();
+    assert!(
+        matches!(err, MoeError::Io { ref path, .. } if path == &blocker),
+        "{err}"
+    );
     assert_eq!(
         fs::read(dir.path().join(checkpoint::MODEL_FILE)).unwrap(),
         before
     );
-    load_training(dir.path()).unwrap();
+    assert!(
+        !dir.path().join(".checkpoint-new").exists(),
+        "partial set left behind"
+    );
+    let (loaded, state) = load_training(dir.path()).unwrap();
+    assert_eq!(state.step, trainer.step() - 1);
+    assert_eq!(loaded.step(), state.step);
+    // Once the obstacle is gone the same save succeeds.
+    fs::remove_file(&blocker).unwrap();
+    save_training(&trainer, None, dir.path()).unwrap();
+    assert_eq!(load_training(dir.path()).unwrap().1.step, trainer.step());
 }
 
 #[test]

@@ -2,9 +2,9 @@
 
 use std::path::PathBuf;
 
-use rosetta_moe::hf;
 use rosetta_moe::optim::AdamW;
 use rosetta_moe::{Batch, MoeError, Result, TrainConfig, Trainer};
+use rosetta_moe::{checkpoint, hf};
 use safetensors::tensor::{Dtype, TensorView};
 
 /// Write logits, losses, every gradient, the routing and the weights after
@@ -12,15 +12,21 @@ use safetensors::tensor::{Dtype, TensorView};
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Checkpoint directory (config.json + model.safetensors).
-    #[arg(long)]
-    checkpoint: PathBuf,
+    #[arg(long, required_unless_present = "resume", conflicts_with = "resume")]
+    checkpoint: Option<PathBuf>,
+    /// A training checkpoint instead: the AdamW step continues its moments and
+    /// step count (t = its step + 1), and the moments before the step are
+    /// written as `m.<name>` / `v.<name>`.
+    #[arg(long, value_name = "DIR")]
+    resume: Option<PathBuf>,
     /// Batch as JSON: {"ids": [[...]], "targets": [[...]]}.
     #[arg(long)]
     batch: PathBuf,
     /// Output safetensors file.
     #[arg(long)]
     out: PathBuf,
-    /// Step number t of the one AdamW step (fresh moments; sets lr and bias correction).
+    /// Step number t of the one AdamW step (fresh moments; sets lr and bias
+    /// correction); ignored with --resume.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     step: u64,
     /// Training settings (JSON with CONTRACT §6 keys); defaults otherwise.
@@ -49,12 +55,26 @@ impl Entry {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let train = match &args.train {
-        Some(path) => TrainConfig::load(path)?,
-        None => TrainConfig::default(),
-    };
     let batch = Batch::load(&args.batch)?;
-    let mut model = hf::load_model(&args.checkpoint)?;
+    let (mut model, optimizer, step, saved_train) = match (&args.resume, &args.checkpoint) {
+        (Some(dir), _) => {
+            let (trainer, state) = checkpoint::load_training(dir)?;
+            let optimizer = trainer.optimizer().clone();
+            (
+                trainer.into_model(),
+                Some(optimizer),
+                state.step + 1,
+                Some(state.train),
+            )
+        }
+        (None, Some(dir)) => (hf::load_model(dir)?, None, args.step, None),
+        (None, None) => return Err(MoeError::EmptyInput("--checkpoint or --resume")),
+    };
+    let train = match (&args.train, saved_train) {
+        (Some(path), _) => TrainConfig::load(path)?,
+        (None, Some(saved)) => saved,
+        (None, None) => TrainConfig::default(),
+    };
     let config = model.config().clone();
     let layout = model.layout().clone();
     let (b, s, v, k) = (
@@ -66,6 +86,9 @@ pub fn run(args: Args) -> Result<()> {
 
     let mut grads = vec![0.0; layout.len];
     let (losses, _) = model.loss_and_grads(&batch, train.aux_loss_alpha as f32, &mut grads)?;
+    if !model.logits().iter().all(|z| z.is_finite()) {
+        return Err(MoeError::NonFiniteValue { what: "logits" });
+    }
     let mut entries = vec![
         Entry::f32("logits".into(), vec![b, s, v], model.logits()),
         Entry::f32("loss.ce".into(), vec![1], &[losses.ce]),
@@ -93,7 +116,20 @@ pub fn run(args: Args) -> Result<()> {
         ));
     }
 
-    let mut trainer = Trainer::resume(model, train, AdamW::new(&layout), args.step - 1)?;
+    if let Some(opt) = &optimizer {
+        for (prefix, moment) in [("m", &opt.m), ("v", &opt.v)] {
+            for spec in &layout.tensors {
+                let name = format!("{prefix}.{}", spec.name);
+                entries.push(Entry::f32(
+                    name,
+                    spec.shape.clone(),
+                    &moment[spec.range.clone()],
+                ));
+            }
+        }
+    }
+    let optimizer = optimizer.unwrap_or_else(|| AdamW::new(&layout));
+    let mut trainer = Trainer::resume(model, train, optimizer, step - 1)?;
     let stats = trainer.train_step(&batch)?;
     for spec in &layout.tensors {
         let name = format!("after.{}", spec.name);
@@ -116,7 +152,7 @@ pub fn run(args: Args) -> Result<()> {
         losses.aux,
         stats.grad_norm,
         stats.lr,
-        args.step
+        step
     );
     Ok(())
 }

@@ -106,6 +106,28 @@ pub fn run(args: Args) -> Result<()> {
     }
     let tokenizer = Tokenizer::load(&tokenizer_path)?;
     let prompt = tokenizer.encode(args.prompt.as_bytes())?;
+    strategy.validate(model.config().vocab_size)?;
+    let max_seq_len = model.config().max_seq_len;
+    if prompt.is_empty() {
+        return Err(MoeError::EmptyInput("prompt"));
+    }
+    if prompt.len() > max_seq_len {
+        return Err(MoeError::SequenceTooLong {
+            len: prompt.len(),
+            max: max_seq_len,
+        });
+    }
+    let room = max_seq_len - prompt.len();
+    if args.max_new > room {
+        return Err(MoeError::shape(
+            "--max-new",
+            format!(
+                "≤ {room} (max_seq_len {max_seq_len} minus the prompt's {} tokens)",
+                prompt.len()
+            ),
+            args.max_new,
+        ));
+    }
     let max_len = prompt.len() + args.max_new;
     let mut stdout = std::io::stdout().lock();
     if !args.json {

@@ -7,6 +7,7 @@ mod eval;
 mod export;
 mod generate;
 mod init;
+mod stability;
 mod train;
 
 use std::path::{Path, PathBuf};
@@ -32,6 +33,7 @@ enum Command {
     Export(export::Args),
     Generate(generate::Args),
     Init(init::Args),
+    Stability(stability::Args),
     Train(Box<train::Args>),
 }
 
@@ -45,6 +47,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Export(args) => export::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Init(args) => init::run(args),
+        Command::Stability(args) => stability::run(args),
         Command::Train(args) => train::run(*args),
     }
 }
@@ -63,13 +66,17 @@ pub fn progress(len: u64, template: &str) -> ProgressBar {
 /// Writes `value` as pretty JSON to `path`, atomically.
 pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
     let text = serde_json::to_string_pretty(value).expect("reports serialise");
-    rosetta_moe::checkpoint::write_atomic(path, text.as_bytes())
+    rosetta_moe::atomic_write::write_atomic(path, text.as_bytes())
 }
 
-/// Refuses to write into `dir` when it already holds files, unless `force`.
+/// Refuses to write into `dir` when it already holds files (other than a lock
+/// file left by an earlier run), unless `force`.
 pub fn ensure_fresh_dir(dir: &PathBuf, force: bool) -> Result<()> {
     let occupied = std::fs::read_dir(dir)
-        .map(|mut d| d.next().is_some())
+        .map(|d| {
+            d.flatten()
+                .any(|e| e.file_name() != rosetta_moe::error::LOCK_FILE)
+        })
         .unwrap_or(false);
     if occupied && !force {
         return Err(MoeError::io(

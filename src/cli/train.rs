@@ -13,7 +13,7 @@ use rosetta_moe::data::{
     BUILTIN_CORPUS, DataState, TextData, WindowSampler, evenly_spaced_batches,
 };
 use rosetta_moe::{
-    Batch, Model, ModelConfig, MoeError, Result, Tokenizer, TrainConfig, Trainer, kernels,
+    Batch, Model, ModelConfig, MoeError, Result, Tokenizer, TrainConfig, Trainer, kernels, memory,
 };
 use serde::Serialize;
 
@@ -66,14 +66,14 @@ pub struct Args {
     /// Seed of the initialisation and of the window sampler.
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// Evaluate validation loss every N steps.
-    #[arg(long, default_value_t = 100)]
+    /// Evaluate validation loss every N steps (N ≥ 1).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
     eval_every: u64,
     /// Batches in one evaluation.
     #[arg(long, default_value_t = 8)]
     eval_batches: usize,
-    /// Write a checkpoint every N steps (and always at the end).
-    #[arg(long, default_value_t = 500)]
+    /// Write a checkpoint every N steps, N ≥ 1 (and always at the start and the end).
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..))]
     save_every: u64,
     /// Threads for large matrix multiplies and the AdamW update (results are
     /// bit-identical for any count).
@@ -242,6 +242,8 @@ struct Run {
     batch: usize,
     seq: usize,
     dir: PathBuf,
+    /// This process's exclusive right to write `dir`.
+    _lock: checkpoint::WriterLock,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -249,7 +251,12 @@ pub fn run(args: Args) -> Result<()> {
     let (source, text) = read_text(args.data.as_deref())?;
     let mut run = match &args.resume {
         Some(dir) => resume(&args, dir, source, &text)?,
-        None => start(&args, source, &text)?,
+        None => {
+            let run = start(&args, source, &text)?;
+            // Step 0 is a checkpoint too: a run killed at any moment resumes.
+            save(&run)?;
+            run
+        }
     };
     if args.steps <= run.trainer.step() {
         return Err(MoeError::InvalidTraining(format!(
@@ -296,6 +303,9 @@ fn start(args: &Args, source: String, text: &[u8]) -> Result<Run> {
     let (batch, seq) = (args.batch.unwrap_or(8), args.seq.unwrap_or(64));
     check_shape(&config, batch, seq)?;
     super::ensure_fresh_dir(&args.out, args.force)?;
+    fs::create_dir_all(&args.out).map_err(|e| MoeError::io(&args.out, e))?;
+    let lock = checkpoint::lock(&args.out)?;
+    checkpoint::recover(&args.out)?;
     let (model, tokenizer) = match initial {
         Some(initial) => initial,
         None => {
@@ -317,7 +327,6 @@ fn start(args: &Args, source: String, text: &[u8]) -> Result<Run> {
     };
     let sampler = WindowSampler::new(train.seed);
     let trainer = Trainer::new(model, train)?;
-    fs::create_dir_all(&args.out).map_err(|e| MoeError::io(&args.out, e))?;
     tokenizer.save(&args.out.join(TOKENIZER_FILE))?;
     fs::write(args.out.join(METRICS_FILE), "").map_err(|e| MoeError::io(&args.out, e))?;
     Ok(Run {
@@ -328,6 +337,7 @@ fn start(args: &Args, source: String, text: &[u8]) -> Result<Run> {
         batch,
         seq,
         dir: args.out.clone(),
+        _lock: lock,
     })
 }
 
@@ -355,6 +365,8 @@ fn checkpoint_tokenizer(dir: &Path, vocab_size: usize) -> Result<Tokenizer> {
 }
 
 fn resume(args: &Args, dir: &Path, source: String, text: &[u8]) -> Result<Run> {
+    let lock = checkpoint::lock(dir)?;
+    checkpoint::recover(dir)?;
     let (trainer, state) = checkpoint::load_training(dir)?;
     let config = trainer.model().config().clone();
     let not_a_run =
@@ -400,10 +412,12 @@ fn resume(args: &Args, dir: &Path, source: String, text: &[u8]) -> Result<Run> {
         batch: data_state.batch_size,
         seq: data_state.seq_len,
         dir: dir.to_path_buf(),
+        _lock: lock,
     })
 }
 
-/// B, S and the vocabulary must suit the model.
+/// B and S must suit the model, and training them must fit in memory:
+/// weights, gradients, two moments and the activations of one step.
 fn check_shape(config: &ModelConfig, batch: usize, seq: usize) -> Result<()> {
     if batch == 0 || seq == 0 {
         return Err(MoeError::EmptyInput("--batch and --seq must be > 0"));
@@ -414,7 +428,14 @@ fn check_shape(config: &ModelConfig, batch: usize, seq: usize) -> Result<()> {
             max: config.max_seq_len,
         });
     }
-    Ok(())
+    let need = config
+        .activation_bytes(batch, seq, seq, true)
+        .and_then(|a| a.checked_add(config.model_bytes().checked_mul(4)?));
+    memory::ensure_fits(
+        || format!("training {batch} × {seq} tokens per step"),
+        need,
+        " (lower --batch or --seq)",
+    )
 }
 
 /// Keeps the metrics of steps ≤ `step` (later ones were not checkpointed).
@@ -425,7 +446,7 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
         .filter(|line| serde_json::from_str::<Metrics>(line).is_ok_and(|m| m.step <= step))
         .map(|line| format!("{line}\n"))
         .collect();
-    checkpoint::write_atomic(path, kept.as_bytes())
+    rosetta_moe::atomic_write::write_atomic(path, kept.as_bytes())
 }
 
 /// Mean cross-entropy over `batches` (nats/token).

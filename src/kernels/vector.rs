@@ -350,8 +350,12 @@ mod avx512 {
     #[target_feature(enable = "avx512f")]
     fn load(x: &[f32], i: usize) -> __m512 {
         debug_assert!(i < x.len());
-        // SAFETY: only the lanes below x.len() − i are read (the mask).
-        unsafe { _mm512_maskz_loadu_ps(lanes(x.len() - i), x.as_ptr().add(i)) }
+        // SAFETY: only the lanes below x.len() − i are read (the mask; none
+        // when i ≥ x.len(), so the pointer, formed without an out-of-bounds
+        // `add`, is then not dereferenced): sound for any i, in release too.
+        unsafe {
+            _mm512_maskz_loadu_ps(lanes(x.len().saturating_sub(i)), x.as_ptr().wrapping_add(i))
+        }
     }
 
     /// Writes the lanes of `v` that fall inside `x[i..]`.
@@ -359,8 +363,12 @@ mod avx512 {
     #[target_feature(enable = "avx512f")]
     fn store(x: &mut [f32], i: usize, v: __m512) {
         debug_assert!(i < x.len());
-        // SAFETY: only the lanes below x.len() − i are written (the mask).
-        unsafe { _mm512_mask_storeu_ps(x.as_mut_ptr().add(i), lanes(x.len() - i), v) }
+        // SAFETY: only the lanes below x.len() − i are written (the mask; none
+        // when i ≥ x.len(), as in `load`): sound for any i, in release too.
+        unsafe {
+            let n = x.len().saturating_sub(i);
+            _mm512_mask_storeu_ps(x.as_mut_ptr().wrapping_add(i), lanes(n), v)
+        }
     }
 
     #[inline]

@@ -102,7 +102,7 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(path) = &args.markdown {
         let plots = args.plots.as_deref().map(|dir| relative_to(dir, path));
         let text = report::markdown(&report, plots.as_deref());
-        rosetta_moe::checkpoint::write_atomic(path, text.as_bytes())?;
+        rosetta_moe::atomic_write::write_atomic(path, text.as_bytes())?;
         println!("wrote {}", path.display());
     }
     Ok(())
