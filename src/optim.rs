@@ -85,6 +85,21 @@ impl AdamW {
             let (m, v) = (&self.m[range.clone()], &self.v[range.clone()]);
             dry_run(&params[range.clone()], &grads[range.clone()], m, v, step)?;
         }
+        self.update_unchecked(params, grads, grad_scale, lr, t, config);
+        Ok(())
+    }
+
+    /// [`AdamW::update`] without the dry run, for a caller that has proved the
+    /// result finite (see `Trainer`): one pass over p, g, m, v.
+    pub(crate) fn update_unchecked(
+        &mut self,
+        params: &mut [f32],
+        grads: &[f32],
+        grad_scale: f32,
+        lr: f64,
+        t: u64,
+        config: &TrainConfig,
+    ) {
         for (range, step) in tensor_steps(&self.segments, grad_scale, lr, t, config) {
             let (m, v) = (&mut self.m[range.clone()], &mut self.v[range.clone()]);
             kernels::adamw(
@@ -95,7 +110,6 @@ impl AdamW {
                 step,
             );
         }
-        Ok(())
     }
 }
 
@@ -146,14 +160,23 @@ fn dry_run(
         bm.copy_from_slice(&m[start..start + n]);
         bv.copy_from_slice(&v[start..start + n]);
         kernels::adamw(bp, &g[start..start + n], bm, bv, step);
-        if !bm.iter().chain(bv.iter()).all(|x| x.is_finite()) {
+        if any_non_finite(bm) || any_non_finite(bv) {
             return Err("moments");
         }
-        if !bp.iter().all(|x| x.is_finite()) {
+        if any_non_finite(bp) {
             return Err("weights");
         }
     }
     Ok(())
+}
+
+/// True when some value is NaN or ±∞ (all exponent bits set), tested without
+/// branching so that the loop runs on vectors.
+fn any_non_finite(values: &[f32]) -> bool {
+    const EXPONENT: u32 = 0x7f80_0000;
+    values.iter().fold(0u32, |seen, x| {
+        seen | u32::from(x.to_bits() & EXPONENT == EXPONENT)
+    }) != 0
 }
 
 #[cfg(test)]

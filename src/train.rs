@@ -29,6 +29,27 @@ pub struct Trainer {
     grads: Vec<f32>,
     optimizer: AdamW,
     step: u64,
+    /// The moments came from this trainer's own finite updates (not from a
+    /// caller or a file), so [`update_stays_finite`] may vouch for the next one.
+    moments_checked: bool,
+}
+
+/// True when one AdamW update from finite weights and moments that this
+/// trainer produced is provably finite, so the dry run can be skipped:
+/// with |s·g| ≤ s·‖g‖ ≤ 1e18, g'² ≤ 1e36 is finite, and m ← β1·m + (1−β1)·g',
+/// v ← β2·v + (1−β2)·g'² are convex combinations of finite values (so |m| and
+/// v stay below 1e36 from zero moments); then |m̂/(√v̂ + ε)| ≤ 10·|m|/ε with
+/// β1 ≥ 0.9's bias correction ≤ 10 — below 1e36·10/1e-12 — and with lr ≤ 1
+/// and lr·wd ≤ 1 the new weight p·(1 − lr·wd) − lr·(…) stays finite unless p
+/// itself is within a hair of f32::MAX (such weights overflow the loss first).
+/// Anything else (a large lr, no clipping with a huge gradient, a tiny ε,
+/// moments from outside) runs the dry run.
+fn update_stays_finite(config: &TrainConfig, lr: f64, scaled_norm: f32) -> bool {
+    lr <= 1.0
+        && lr * config.weight_decay <= 1.0
+        && f64::from(scaled_norm) <= 1e18
+        && config.eps >= 1e-12
+        && config.beta1 >= 0.9
 }
 
 impl Trainer {
@@ -60,6 +81,7 @@ impl Trainer {
             config,
             optimizer,
             step,
+            moments_checked: false,
         })
     }
 
@@ -93,16 +115,16 @@ impl Trainer {
         }
         let lr = optim::learning_rate(&self.config, t);
         let scale = optim::clip_scale(grad_norm, self.config.grad_clip);
-        self.optimizer
-            .update(
-                self.model.params_mut(),
-                &self.grads,
-                scale,
-                lr,
-                t,
-                &self.config,
-            )
-            .map_err(|what| MoeError::NonFinite { what, step: t })?;
+        let (params, grads, config) = (self.model.params_mut(), &self.grads, &self.config);
+        if self.moments_checked && update_stays_finite(config, lr, scale * grad_norm) {
+            self.optimizer
+                .update_unchecked(params, grads, scale, lr, t, config);
+        } else {
+            self.optimizer
+                .update(params, grads, scale, lr, t, config)
+                .map_err(|what| MoeError::NonFinite { what, step: t })?;
+        }
+        self.moments_checked = true;
         self.step = t;
         Ok(StepStats {
             loss: losses.total(),
