@@ -75,18 +75,21 @@ const SET_FILES: [&str; 4] = [CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE, STATE_FIL
 /// Writes `config.json` and `model.safetensors` for `model` into `dir`
 /// (created if needed), as one transaction.
 pub fn save_model(model: &Model, dir: &Path) -> Result<()> {
-    save_set(dir, |staging| {
-        write_new(
-            &staging.join(CONFIG_FILE),
-            model.config().to_json().as_bytes(),
-        )?;
-        write_tensors(
-            &staging.join(MODEL_FILE),
-            model.layout(),
-            &[("", model.params())],
-            0,
-        )
-    })
+    save_set(dir, |staging| write_model_files(staging, model, 0))
+}
+
+/// `config.json` and `model.safetensors` of `model` into `staging`, tagged with `step`.
+fn write_model_files(staging: &Path, model: &Model, step: u64) -> Result<()> {
+    write_new(
+        &staging.join(CONFIG_FILE),
+        model.config().to_json().as_bytes(),
+    )?;
+    write_tensors(
+        &staging.join(MODEL_FILE),
+        model.layout(),
+        &[("", model.params())],
+        step,
+    )
 }
 
 /// Reads a model from `dir`, checking every name, shape and value.
@@ -111,16 +114,7 @@ pub fn save_training(trainer: &Trainer, data: Option<&DataState>, dir: &Path) ->
     let json = serde_json::to_string_pretty(&state).expect("state always serialises");
     let opt = trainer.optimizer();
     save_set(dir, |staging| {
-        write_new(
-            &staging.join(CONFIG_FILE),
-            model.config().to_json().as_bytes(),
-        )?;
-        write_tensors(
-            &staging.join(MODEL_FILE),
-            model.layout(),
-            &[("", model.params())],
-            step,
-        )?;
+        write_model_files(staging, model, step)?;
         let moments = [(".m", opt.m.as_slice()), (".v", opt.v.as_slice())];
         write_tensors(
             &staging.join(OPTIMIZER_FILE),
