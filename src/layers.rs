@@ -339,34 +339,8 @@ impl<'a> Linear<'a> {
         }
     }
 
-    /// dW [out, in] = dyᵀ·x into `dw`; dx [T, in] (=|+=) dy·W. dy [T, out], x [T, in].
-    pub fn backward_into(
-        &self,
-        dx: &mut [f32],
-        dw: &mut [f32],
-        dy: &[f32],
-        x: &[f32],
-        dx_write: Write,
-    ) {
-        let (d_in, d_out) = (self.d_in, self.d_out);
-        let tokens = x.len() / d_in;
-        //   dW [out, in] = dyᵀ · x   (overwritten)
-        kernels::matmul(
-            MatMut::new(dw, d_out, d_in),
-            Mat::new(dy, tokens, d_out).t(),
-            Mat::new(x, tokens, d_in),
-            Write::Overwrite,
-        );
-        //   dx [T, in] = dy · W      (overwritten or added, as `dx_write` says)
-        kernels::matmul(
-            MatMut::new(dx, tokens, d_in),
-            Mat::new(dy, tokens, d_out),
-            Mat::new(self.param.values, d_out, d_in),
-            dx_write,
-        );
-    }
-
-    /// As [`Linear::backward_into`], with dW written into (and counted by) `grads`.
+    /// dW [out, in] = dyᵀ·x into `grads` (counted; see [`Grads::outer`]);
+    /// dx [T, in] (=|+=) dy·W, as `dx_write` says. dy [T, out], x [T, in].
     pub fn backward(
         &self,
         dx: &mut [f32],
@@ -375,9 +349,17 @@ impl<'a> Linear<'a> {
         dx_write: Write,
         grads: &mut Grads<'_>,
     ) {
-        grads.write(&self.param.range, |dw| {
-            self.backward_into(dx, dw, dy, x, dx_write)
-        });
+        let (d_in, d_out) = (self.d_in, self.d_out);
+        let tokens = x.len() / d_in;
+        //   dW [out, in] = dyᵀ · x
+        grads.outer(&self.param.range, dy, x, d_out, d_in);
+        //   dx [T, in] = dy · W
+        kernels::matmul(
+            MatMut::new(dx, tokens, d_in),
+            Mat::new(dy, tokens, d_out),
+            Mat::new(self.param.values, d_out, d_in),
+            dx_write,
+        );
     }
 }
 

@@ -16,7 +16,7 @@ use crate::layers::{Embedding, Linear, PackedWeights, Param, RmsNorm, Rope, Shap
 use crate::loss;
 use crate::memory;
 use crate::moe::{MoeActs, MoeBlock, MoeDims, MoeScratch};
-use crate::params::{Grads, LayerRanges, ParamLayout};
+use crate::params::{Grads, LayerRanges, OuterGrads, ParamLayout};
 
 pub use crate::batch::Batch;
 
@@ -447,6 +447,27 @@ impl Model {
         aux_alpha: f32,
         grads: &mut [f32],
     ) -> Result<(Losses, f32)> {
+        self.check_gradient_buffer(grads)?;
+        self.loss_and_backward(batch, aux_alpha, Grads::new(grads))
+    }
+
+    /// As [`Model::loss_and_grads`], but a linear weight's gradient
+    /// dW = dyᵀ·x is kept in `factored` as dy and x whenever they are smaller
+    /// than dW (few tokens): its part of `grads` is then left as it was, and
+    /// the optimizer forms dW in cache ([`crate::kernels::adamw_outer`]).
+    /// The training step's path.
+    pub fn loss_and_factored_grads(
+        &mut self,
+        batch: &Batch,
+        aux_alpha: f32,
+        grads: &mut [f32],
+        factored: &mut OuterGrads,
+    ) -> Result<(Losses, f32)> {
+        self.check_gradient_buffer(grads)?;
+        self.loss_and_backward(batch, aux_alpha, Grads::factoring(grads, factored))
+    }
+
+    fn check_gradient_buffer(&self, grads: &[f32]) -> Result<()> {
         if grads.len() != self.params.len() {
             return Err(MoeError::shape(
                 "gradient buffer",
@@ -454,11 +475,20 @@ impl Model {
                 grads.len(),
             ));
         }
+        Ok(())
+    }
+
+    /// Losses, then the backward into `grads`; refuses a non-finite loss.
+    fn loss_and_backward(
+        &mut self,
+        batch: &Batch,
+        aux_alpha: f32,
+        mut grads: Grads<'_>,
+    ) -> Result<(Losses, f32)> {
         let losses = self.losses(batch, aux_alpha)?;
         if !losses.total().is_finite() {
             return Err(MoeError::NonFiniteValue { what: "loss" });
         }
-        let mut grads = Grads::new(grads);
         self.backward(aux_alpha, &mut grads);
         Ok((losses, grads.sum_sq().sqrt() as f32))
     }

@@ -292,18 +292,11 @@ impl Expert<'_> {
         grads: &mut Grads<'_>,
     ) {
         let (h, f) = (self.hidden, self.ffn);
-        let (down, gate_up) = (self.down_proj.range(), self.gate_up_proj.range());
-        if rows.is_empty() {
-            grads.tensor(gate_up).fill(0.0);
-            grads.tensor(down).fill(0.0);
-            return;
-        }
         let dact = &mut scratch.dact[rows.start * f..rows.end * f];
         let dye = &scratch.dye[rows.start * h..rows.end * h];
         let act = &acts.act[rows.start * f..rows.end * f];
-        let ddown = grads.tensor(down);
         self.down_proj
-            .backward_into(dact, ddown, dye, act, Write::Overwrite);
+            .backward(dact, dye, act, Write::Overwrite, grads);
         let dgate_up = &mut scratch.dgate_up[rows.start * 2 * f..rows.end * 2 * f];
         let saved = &acts.gate_up[rows.start * 2 * f..rows.end * 2 * f];
         kernels::swiglu_backward(dgate_up, dact, saved, f);
@@ -311,8 +304,6 @@ impl Expert<'_> {
         let xe = &acts.xe[rows.start * h..rows.end * h];
         self.gate_up_proj
             .backward(dxe, dgate_up, xe, Write::Overwrite, grads);
-        // Σ g² takes down_proj after gate_up_proj (the order the norm has always summed in).
-        grads.count(down);
     }
 }
 

@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use crate::config::TrainConfig;
 use crate::kernels::{self, AdamWStep};
-use crate::params::ParamLayout;
+use crate::params::{Gradients, ParamLayout};
 
 /// Learning rate at step `t` (1-based):
 ///   t ≤ warmup:  lr·t/warmup
@@ -75,40 +75,49 @@ impl AdamW {
     pub fn update(
         &mut self,
         params: &mut [f32],
-        grads: &[f32],
+        grads: Gradients<'_>,
         grad_scale: f32,
         lr: f64,
         t: u64,
         config: &TrainConfig,
     ) -> Result<(), &'static str> {
         for (range, step) in tensor_steps(&self.segments, grad_scale, lr, t, config) {
-            let (m, v) = (&self.m[range.clone()], &self.v[range.clone()]);
-            dry_run(&params[range.clone()], &grads[range.clone()], m, v, step)?;
+            let (p, m, v) = (
+                &params[range.clone()],
+                &self.m[range.clone()],
+                &self.v[range.clone()],
+            );
+            match grads.factored.get(&range) {
+                None => dry_run(p, &grads.values[range], m, v, step)?,
+                Some(product) => kernels::try_for_each_outer_block(product, |r0, g| {
+                    let at = r0 * product.x_width()..r0 * product.x_width() + g.len();
+                    dry_run(&p[at.clone()], g, &m[at.clone()], &v[at], step)
+                })?,
+            }
         }
         self.update_unchecked(params, grads, grad_scale, lr, t, config);
         Ok(())
     }
 
     /// [`AdamW::update`] without the dry run, for a caller that has proved the
-    /// result finite (see `Trainer`): one pass over p, g, m, v.
+    /// result finite (see `Trainer`): one pass over p, g, m, v — or, for a
+    /// gradient kept as factors, over p, m, v with g formed in cache.
     pub(crate) fn update_unchecked(
         &mut self,
         params: &mut [f32],
-        grads: &[f32],
+        grads: Gradients<'_>,
         grad_scale: f32,
         lr: f64,
         t: u64,
         config: &TrainConfig,
     ) {
         for (range, step) in tensor_steps(&self.segments, grad_scale, lr, t, config) {
+            let p = &mut params[range.clone()];
             let (m, v) = (&mut self.m[range.clone()], &mut self.v[range.clone()]);
-            kernels::adamw(
-                &mut params[range.clone()],
-                &grads[range.clone()],
-                m,
-                v,
-                step,
-            );
+            match grads.factored.get(&range) {
+                None => kernels::adamw(p, &grads.values[range], m, v, step),
+                Some(product) => kernels::adamw_outer(p, m, v, product, step),
+            }
         }
     }
 }
@@ -212,7 +221,8 @@ mod tests {
             weight_decay: 0.0,
             ..TrainConfig::default()
         };
-        opt.update(&mut p, &g, 1.0, 1e-3, 1, &config).unwrap();
+        opt.update(&mut p, g[..].into(), 1.0, 1e-3, 1, &config)
+            .unwrap();
         // Bias-corrected first step: m̂/sqrt(v̂) = sign(g).
         assert!((p[0] - (1.0 - 1e-3)).abs() < 1e-6);
         assert!((p[1] - (1.0 + 1e-3)).abs() < 1e-6);

@@ -17,7 +17,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
 use crate::config::ModelConfig;
-use crate::kernels;
+use crate::kernels::{self, Mat, MatMut, Outer, Write};
 
 /// One named tensor inside the flat parameter buffer.
 #[derive(Debug, Clone, PartialEq)]
@@ -129,21 +129,36 @@ impl ParamLayout {
 
 /// The flat gradient buffer (laid out like the parameters) and the running
 /// Σ g² of every tensor written so far, summed while the tensor is still in
-/// cache: the global norm for clipping costs no extra pass.
+/// cache: the global norm for clipping costs no extra pass. A training step
+/// may also keep linear weights' gradients as their factors ([`OuterGrads`]):
+/// those never reach the buffer.
 #[derive(Debug)]
 pub struct Grads<'g> {
     /// dL/dθ, flat, [`ParamLayout`] order.
     values: &'g mut [f32],
+    /// Where weight gradients are kept as factors, when the caller allows it.
+    factored: Option<&'g mut OuterGrads>,
     /// Σ g² so far.
     sum_sq: f64,
 }
 
 impl<'g> Grads<'g> {
-    /// A gradient buffer with nothing counted yet.
+    /// A gradient buffer with nothing counted yet; every gradient is written into it.
     pub fn new(values: &'g mut [f32]) -> Self {
         Grads {
             values,
+            factored: None,
             sum_sq: 0.0,
+        }
+    }
+
+    /// As [`Grads::new`], but a linear weight's gradient is kept in `factored`
+    /// as dy and x whenever that is smaller than dW (see [`Grads::outer`]).
+    pub fn factoring(values: &'g mut [f32], factored: &'g mut OuterGrads) -> Self {
+        factored.clear();
+        Grads {
+            factored: Some(factored),
+            ..Self::new(values)
         }
     }
 
@@ -164,6 +179,31 @@ impl<'g> Grads<'g> {
         self.count(range);
     }
 
+    /// The gradient of the [out, in] weight at `range` of y = x·Wᵀ,
+    ///   dW = dyᵀ·x   (dy [T, out], x [T, in]),
+    /// counted. Kept as its factors when the caller allows it and they are
+    /// smaller than the product, T·(out + in) ≤ out·in (their norm is then
+    /// read from Gram matrices, [`kernels::outer_sq_norm`]); otherwise
+    /// multiplied out into the buffer.
+    pub fn outer(&mut self, range: &Range<usize>, dy: &[f32], x: &[f32], out: usize, inp: usize) {
+        let tokens = x.len() / inp;
+        let (dy_mat, x_mat) = (Mat::new(dy, tokens, out), Mat::new(x, tokens, inp));
+        match self.factored.as_deref_mut() {
+            Some(factored) if tokens * (out + inp) <= out * inp => {
+                self.sum_sq += kernels::outer_sq_norm(Outer::new(dy_mat, x_mat));
+                factored.push(range, &dy[..tokens * out], &x[..tokens * inp], (out, inp));
+            }
+            _ => self.write(range, |dw| {
+                kernels::matmul(
+                    MatMut::new(dw, out, inp),
+                    dy_mat.t(),
+                    x_mat,
+                    Write::Overwrite,
+                )
+            }),
+        }
+    }
+
     /// Runs `part` with a fresh running sum, then adds its subtotal: one
     /// subtotal per decoder layer, the summation order the norm has always had.
     pub fn subtotal(&mut self, part: impl FnOnce(&mut Self)) {
@@ -175,6 +215,123 @@ impl<'g> Grads<'g> {
     /// Σ g² over every gradient counted.
     pub fn sum_sq(&self) -> f64 {
         self.sum_sq
+    }
+}
+
+/// Linear weights' gradients kept as the factors of dW = dyᵀ·x: with few
+/// tokens, dy [T, out] and x [T, in] are far smaller than dW [out, in], and
+/// the optimizer forms dW a block at a time in cache
+/// ([`kernels::adamw_outer`]) instead of streaming it through memory twice.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OuterGrads {
+    /// dy then x of every product, back to back.
+    factors: Vec<f32>,
+    /// One entry per weight, in the order the backward reached them.
+    products: Vec<Factored>,
+}
+
+/// Where one weight's factors sit in [`OuterGrads::factors`].
+#[derive(Debug, Clone, PartialEq)]
+struct Factored {
+    /// The weight's range in the parameter buffer.
+    range: Range<usize>,
+    /// First float of dy; x follows it.
+    start: usize,
+    tokens: usize,
+    out: usize,
+    inp: usize,
+}
+
+impl OuterGrads {
+    /// No gradients with capacity for `floats` factor values (so that steady
+    /// training steps allocate nothing).
+    pub fn reserve(&mut self, floats: usize, weights: usize) {
+        self.factors
+            .reserve(floats.saturating_sub(self.factors.len()));
+        self.products
+            .reserve(weights.saturating_sub(self.products.len()));
+    }
+
+    /// Forgets every gradient (keeping the capacity).
+    pub fn clear(&mut self) {
+        self.factors.clear();
+        self.products.clear();
+    }
+
+    /// Keeps dy [T, out] and x [T, in] (row-major) as the gradient at `range`.
+    fn push(&mut self, range: &Range<usize>, dy: &[f32], x: &[f32], (out, inp): (usize, usize)) {
+        let start = self.factors.len();
+        self.factors.extend_from_slice(dy);
+        self.factors.extend_from_slice(x);
+        let tokens = dy.len() / out;
+        self.products.push(Factored {
+            range: range.clone(),
+            start,
+            tokens,
+            out,
+            inp,
+        });
+    }
+
+    /// The factors of the gradient of the tensor at `range`, if it was kept
+    /// so: a whole weight, or a band of rows of a stacked one (`q_proj` of
+    /// `q|k|v`, `gate_proj` of `gate|up`).
+    pub fn get(&self, range: &Range<usize>) -> Option<Outer<'_>> {
+        let f = self
+            .products
+            .iter()
+            .find(|f| f.range.start <= range.start && range.end <= f.range.end)?;
+        let dy_len = f.tokens * f.out;
+        let dy = &self.factors[f.start..f.start + dy_len];
+        let x = &self.factors[f.start + dy_len..f.start + dy_len + f.tokens * f.inp];
+        let whole = Outer::new(Mat::new(dy, f.tokens, f.out), Mat::new(x, f.tokens, f.inp));
+        let (first, rows) = (range.start - f.range.start, range.len());
+        assert!(
+            first % f.inp == 0 && rows % f.inp == 0,
+            "a band of whole rows"
+        );
+        Some(whole.rows(first / f.inp, rows / f.inp))
+    }
+
+    /// Factor values a step over `tokens` tokens can keep at most: every
+    /// matrix's (out + in) per token, `top_k` times over (an expert sees up to
+    /// all of a step's T·k routed rows).
+    pub fn bound(layout: &ParamLayout, tokens: usize, top_k: usize) -> usize {
+        let per_token: usize = layout
+            .tensors
+            .iter()
+            .filter(|t| t.is_matrix())
+            .map(|t| t.shape.iter().sum::<usize>())
+            .sum();
+        per_token
+            .saturating_mul(tokens)
+            .saturating_mul(top_k.max(1))
+    }
+}
+
+/// A finished backward's gradients: the flat buffer, except for the weights
+/// whose gradient `factored` holds.
+#[derive(Debug, Clone, Copy)]
+pub struct Gradients<'a> {
+    /// dL/dθ, flat, [`ParamLayout`] order.
+    pub values: &'a [f32],
+    /// Weights whose gradient is kept as factors (their part of `values` is unused).
+    pub factored: &'a OuterGrads,
+}
+
+/// No factored gradients.
+static NONE_FACTORED: OuterGrads = OuterGrads {
+    factors: Vec::new(),
+    products: Vec::new(),
+};
+
+impl<'a> From<&'a [f32]> for Gradients<'a> {
+    /// Every gradient in the flat buffer.
+    fn from(values: &'a [f32]) -> Self {
+        Gradients {
+            values,
+            factored: &NONE_FACTORED,
+        }
     }
 }
 

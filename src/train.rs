@@ -5,6 +5,7 @@ use crate::config::{ModelConfig, TrainConfig};
 use crate::error::{MoeError, Result};
 use crate::model::{Losses, Model};
 use crate::optim::{self, AdamW};
+use crate::params::{Gradients, OuterGrads};
 
 /// What one training step reports.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -26,7 +27,10 @@ pub struct StepStats {
 pub struct Trainer {
     model: Model,
     config: TrainConfig,
+    /// Gradients written out (norms, embedding, and weights seen by many tokens).
     grads: Vec<f32>,
+    /// Linear weights' gradients kept as factors dyᵀ·x (few tokens).
+    factored: OuterGrads,
     optimizer: AdamW,
     step: u64,
     /// The moments came from this trainer's own finite updates (not from a
@@ -77,6 +81,7 @@ impl Trainer {
         ensure_training_fits(model.config(), 1)?;
         Ok(Trainer {
             grads: vec![0.0; n],
+            factored: OuterGrads::default(),
             model,
             config,
             optimizer,
@@ -92,9 +97,13 @@ impl Trainer {
     pub fn train_step(&mut self, batch: &Batch) -> Result<StepStats> {
         let t = self.step + 1;
         let alpha = self.config.aux_loss_alpha as f32;
+        let config = self.model.config();
+        let bound = OuterGrads::bound(self.model.layout(), batch.tokens(), config.top_k);
+        self.factored
+            .reserve(bound, self.model.layout().tensors.len());
         let (losses, grad_norm) = self
             .model
-            .loss_and_grads(batch, alpha, &mut self.grads)
+            .loss_and_factored_grads(batch, alpha, &mut self.grads, &mut self.factored)
             .map_err(|e| match e {
                 MoeError::NonFiniteValue { what } => MoeError::NonFinite { what, step: t },
                 other => other,
@@ -102,7 +111,7 @@ impl Trainer {
         self.apply_gradients(losses, grad_norm)
     }
 
-    /// Clips the gradients in `self.grads` (whose global norm is `grad_norm`)
+    /// Clips the gradients in `self.grads` and `self.factored` (whose global norm is `grad_norm`)
     /// and takes one AdamW step, unless the norm or the update's result is not
     /// finite.
     fn apply_gradients(&mut self, losses: Losses, grad_norm: f32) -> Result<StepStats> {
@@ -115,7 +124,11 @@ impl Trainer {
         }
         let lr = optim::learning_rate(&self.config, t);
         let scale = optim::clip_scale(grad_norm, self.config.grad_clip);
-        let (params, grads, config) = (self.model.params_mut(), &self.grads, &self.config);
+        let grads = Gradients {
+            values: &self.grads,
+            factored: &self.factored,
+        };
+        let (params, config) = (self.model.params_mut(), &self.config);
         if self.moments_checked && update_stays_finite(config, lr, scale * grad_norm) {
             self.optimizer
                 .update_unchecked(params, grads, scale, lr, t, config);
@@ -166,11 +179,6 @@ impl Trainer {
     /// The optimizer state (moments).
     pub fn optimizer(&self) -> &AdamW {
         &self.optimizer
-    }
-
-    /// Gradients of the last step, before clipping (flat, parameter layout).
-    pub fn grads(&self) -> &[f32] {
-        &self.grads
     }
 
     /// Gives back the model.
@@ -227,6 +235,7 @@ mod tests {
             .model
             .loss_and_grads(&batch, 0.01, &mut trainer.grads)
             .unwrap();
+        trainer.factored.clear();
         trainer.grads[123] = f32::NAN;
         let norm = crate::kernels::sum_of_squares(&trainer.grads).sqrt() as f32;
         assert!(norm.is_nan());

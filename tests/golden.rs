@@ -140,7 +140,7 @@ fn adamw_step_matches_the_reference_given_the_same_gradients() {
     let scale = optim::clip_scale(common::global_norm(&grads), train.grad_clip);
     let lr = optim::learning_rate(&train, step);
     AdamW::new(&layout)
-        .update(&mut params, &grads, scale, lr, step, &train)
+        .update(&mut params, grads[..].into(), scale, lr, step, &train)
         .unwrap();
     for spec in &layout.tensors {
         let want = reference.get(&format!("after.{}", spec.name));

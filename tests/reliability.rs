@@ -177,13 +177,13 @@ fn an_update_that_would_overflow_is_refused_with_weights_and_moments_untouched()
     grads[layout.len - 1] = 1e20;
     let config = TrainConfig::default();
     assert_eq!(
-        opt.update(&mut params, &grads, 1.0, 1e-3, 1, &config),
+        opt.update(&mut params, grads[..].into(), 1.0, 1e-3, 1, &config),
         Err("moments")
     );
     assert_eq!(bits(&params), before);
     assert!(opt.m.iter().chain(&opt.v).all(|&x| x == 0.0));
     grads[layout.len - 1] = 1e10;
-    opt.update(&mut params, &grads, 1.0, 1e-3, 1, &config)
+    opt.update(&mut params, grads[..].into(), 1.0, 1e-3, 1, &config)
         .unwrap();
     assert_ne!(bits(&params), before);
 }

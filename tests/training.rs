@@ -29,7 +29,10 @@ fn convergence_check_reaches_the_contract_floor_and_trains_the_router() {
         first.get_or_insert(stats);
         last = Some(stats);
         for (seen, range) in expert_got_gradient.iter_mut().zip(&experts) {
-            *seen |= trainer.grads()[range.clone()].iter().any(|&g| g != 0.0);
+            // m ← β1·m + (1−β1)·g: non-zero once the expert has had a gradient.
+            *seen |= trainer.optimizer().m[range.clone()]
+                .iter()
+                .any(|&m| m != 0.0);
         }
     }
     let (first, last) = (first.unwrap(), last.unwrap());
@@ -183,4 +186,63 @@ fn packed_inference_weights_give_the_training_forward_logits_to_the_bit() {
             .zip(&before)
             .all(|(a, b)| (a - 2.0 * b).abs() <= 1e-4 * b.abs().max(1.0))
     );
+}
+
+/// The trainer keeps few-token weight gradients as their factors dyᵀ·x and
+/// lets the optimizer form them in cache: its steps must be AdamW on the
+/// gradients written out by `loss_and_grads` — to the bit with clipping off
+/// (the same products, the same kernel), and to rounding with clipping on
+/// (the norm then comes from Gram matrices instead of Σ g²).
+#[test]
+fn training_steps_equal_adamw_on_the_gradients_written_out() {
+    use rosetta_moe::optim::{AdamW, clip_scale, learning_rate};
+    use rosetta_moe::params::OuterGrads;
+    for (clip, bitwise) in [(0.0, true), (0.5, false)] {
+        let config = common::gqa_config();
+        let batch = random_batch(&config, 2, 8, 11);
+        let train = TrainConfig {
+            grad_clip: clip,
+            ..TrainConfig::default()
+        };
+        let mut model = Model::new(config, 3).unwrap();
+        let mut trainer = Trainer::new(model.clone(), train.clone()).unwrap();
+        let layout = model.layout().clone();
+        let (mut opt, mut grads) = (AdamW::new(&layout), vec![0.0; layout.len]);
+        for t in 1..=3 {
+            trainer.train_step(&batch).unwrap();
+            let alpha = train.aux_loss_alpha as f32;
+            let (_, norm) = model.loss_and_grads(&batch, alpha, &mut grads).unwrap();
+            let (scale, lr) = (clip_scale(norm, clip), learning_rate(&train, t));
+            opt.update(model.params_mut(), grads[..].into(), scale, lr, t, &train)
+                .unwrap();
+        }
+        let pairs = [
+            (trainer.model().params(), model.params()),
+            (&trainer.optimizer().m[..], &opt.m[..]),
+            (&trainer.optimizer().v[..], &opt.v[..]),
+        ];
+        for (got, want) in pairs {
+            let worst = got
+                .iter()
+                .zip(want)
+                .map(|(a, b)| (a - b).abs() / (1e-3 + b.abs()))
+                .fold(0.0f32, f32::max);
+            let same = got
+                .iter()
+                .zip(want)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(
+                if bitwise { same } else { worst < 1e-4 },
+                "clip {clip}: {worst}"
+            );
+        }
+        // And the factored path was taken: the LM head's gradient (16 tokens,
+        // [V, h]) and the stacked q|k|v are kept as factors.
+        let mut factored = OuterGrads::default();
+        model
+            .loss_and_factored_grads(&batch, 0.01, &mut grads, &mut factored)
+            .unwrap();
+        assert!(factored.get(&layout.lm_head).is_some());
+        assert!(factored.get(&layout.layers[0].qkv).is_some());
+    }
 }

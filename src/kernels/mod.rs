@@ -8,11 +8,13 @@
 
 mod alloc;
 mod gemm;
+mod outer;
 mod probe;
 mod threads;
 pub mod vector;
 
 pub use alloc::{CountingAllocator, allocated_bytes, allocation_count};
+pub use outer::{Outer, adamw_outer, outer_sq_norm, try_for_each_outer_block};
 pub use probe::fma_peak_gflops;
 pub use threads::{MAX_THREADS, set_threads, threads};
 
@@ -206,8 +208,13 @@ pub enum Write {
 /// C (=|+=) A·B for C [m, n], A [m, k], B [k, n]; any of them may be a
 /// transposed or strided view. Shapes must agree (a programming error if not).
 pub fn matmul(c: MatMut<'_>, a: Mat<'_>, b: Mat<'_>, write: Write) {
+    matmul_with(c, a, b, write, best_kernel());
+}
+
+/// The fastest micro-kernel this CPU supports (checked once).
+fn best_kernel() -> Kernel {
     static BEST: OnceLock<Kernel> = OnceLock::new();
-    matmul_with(c, a, b, write, *BEST.get_or_init(Kernel::best));
+    *BEST.get_or_init(Kernel::best)
 }
 
 /// A weight W [out, in] packed once for products x·Wᵀ (see [`pack_weight`]).
@@ -245,12 +252,7 @@ pub fn pack_weight(dst: &mut [f32], w: &[f32], out: usize, inp: usize) {
         packed_weight_len(out, inp),
         "packed weight length"
     );
-    static BEST: OnceLock<Kernel> = OnceLock::new();
-    gemm::pack_weight(
-        dst,
-        Mat::new(w, out, inp).t(),
-        *BEST.get_or_init(Kernel::best),
-    );
+    gemm::pack_weight(dst, Mat::new(w, out, inp).t(), best_kernel());
 }
 
 /// C [m, out] (=|+=) A [m, in] · Wᵀ with W packed by [`pack_weight`].
@@ -268,8 +270,7 @@ pub fn matmul_packed(c: MatMut<'_>, a: Mat<'_>, w: PackedWeight<'_>, write: Writ
     if c.rows == 0 || c.cols == 0 || a.cols == 0 {
         return matmul(c, a, Mat::new(&[], w.inp, w.out), write);
     }
-    static BEST: OnceLock<Kernel> = OnceLock::new();
-    let kernel = *BEST.get_or_init(Kernel::best);
+    let kernel = best_kernel();
     let accumulate = write == Write::Accumulate;
     // Packed panels are not cut by columns: only tall products are split.
     by_blocks(c, a, None, w.inp * w.out, &|c, a, _| {

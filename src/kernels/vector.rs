@@ -184,7 +184,13 @@ const PARALLEL_MIN_LEN: usize = 1 << 15;
 /// One thread's share of an AdamW update: (p, g, m, v).
 type AdamWPart<'a> = (&'a mut [f32], &'a [f32], &'a mut [f32], &'a mut [f32]);
 
-fn adamw_serial(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], step: AdamWStep) {
+pub(super) fn adamw_serial(
+    p: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    step: AdamWStep,
+) {
     dispatch!(adamw(p, g, m, v, step))
 }
 

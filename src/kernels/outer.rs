@@ -1,0 +1,306 @@
+//! Weight gradients that never reach memory.
+//!
+//! The gradient of a linear layer's weight is an outer product over tokens,
+//!   dW [out, in] = dyᵀ · x,   dy [T, out], x [T, in],
+//! and with few tokens its two factors are tiny next to dW itself. Training
+//! then keeps only the factors: [`outer_sq_norm`] gives ‖dW‖² (for global-norm
+//! clipping) from two T × T Gram matrices, and [`adamw_outer`] forms dW a block
+//! of rows at a time, in cache, and hands each block straight to AdamW — so dW
+//! is never written out, read back, or summed over in a separate pass.
+
+use std::cell::RefCell;
+use std::convert::Infallible;
+use std::ops::Range;
+
+use super::gemm::{self, Kernel, Path};
+use super::vector::{self, AdamWStep};
+use super::{Mat, MatMut, threads};
+
+/// Floats of dW formed at a time: 32 KB, consumed from L1/L2 as soon as it is made.
+const BLOCK_FLOATS: usize = 8192;
+
+thread_local! {
+    /// This thread's block of dW rows (grown once to the largest block it met).
+    static BLOCK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Rows of dW per block for an input width `inp`: whole micro-kernel tiles, about 32 KB.
+fn block_rows(inp: usize) -> usize {
+    (BLOCK_FLOATS / inp.max(1) / gemm::MR).max(1) * gemm::MR
+}
+
+/// ‖dyᵀ·x‖²_F = Σ_s Σ_t (dy_s·dy_t)(x_s·x_t), from the Gram matrices of the
+/// token rows of dy [T, out] and x [T, in] (both row-major); T²/2 · (out + in)
+/// multiply-adds instead of T · out · in, and nothing written. Each Gram entry
+/// is a 16-lane dot; their products are summed in f64.
+pub fn outer_sq_norm(product: Outer<'_>) -> f64 {
+    let Outer { dy, x, .. } = product;
+    let mut sum = 0.0f64;
+    for s in 0..dy.rows {
+        let diagonal = f64::from(vector::dot(row(dy, s), row(dy, s)))
+            * f64::from(vector::dot(row(x, s), row(x, s)));
+        let mut off = 0.0f64;
+        for t in 0..s {
+            off += f64::from(vector::dot(row(dy, s), row(dy, t)))
+                * f64::from(vector::dot(row(x, s), row(x, t)));
+        }
+        sum += diagonal + 2.0 * off;
+    }
+    // Rounding can leave a hair below zero when dW ≈ 0.
+    sum.max(0.0)
+}
+
+/// Row t of a row-major view.
+fn row<'a>(m: Mat<'a>, t: usize) -> &'a [f32] {
+    &m.data[t * m.row_stride..t * m.row_stride + m.cols]
+}
+
+/// The product dW = dyᵀ·x whose rows [`adamw_outer`] forms, or a band of
+/// its rows ([`Outer::rows`]: one tensor of a stacked weight, as `q_proj` of
+/// `q|k|v`).
+#[derive(Debug, Clone, Copy)]
+pub struct Outer<'a> {
+    /// dy [T, out] (the band's columns of it).
+    dy: Mat<'a>,
+    /// x [T, in].
+    x: Mat<'a>,
+    /// Rows of the whole product, which fix how every band is computed.
+    whole_rows: usize,
+}
+
+impl<'a> Outer<'a> {
+    /// dW = dyᵀ·x for dy [T, out] and x [T, in], both row-major.
+    pub fn new(dy: Mat<'a>, x: Mat<'a>) -> Self {
+        assert!(dy.rows == x.rows && dy.col_stride == 1 && x.col_stride == 1);
+        Outer {
+            dy,
+            x,
+            whole_rows: dy.cols,
+        }
+    }
+
+    /// Rows r0..r0+n of this product, as a product of their own.
+    pub fn rows(self, r0: usize, n: usize) -> Self {
+        assert!(r0 + n <= self.dy.cols);
+        Outer {
+            dy: self.dy.col_block(r0, n),
+            ..self
+        }
+    }
+
+    /// Columns of dW (the width of x): row r of dW starts at r·x_width().
+    pub fn x_width(&self) -> usize {
+        self.x.cols
+    }
+
+    /// The micro-kernel and blocking the whole product would use as one
+    /// [`super::matmul`]: every block takes the same path, so its rows are
+    /// the whole product's rows to the bit.
+    fn plan(&self) -> (Kernel, Path) {
+        let kernel = super::best_kernel();
+        (
+            kernel,
+            Path::choose(self.whole_rows, self.dy.rows, self.x, kernel),
+        )
+    }
+}
+
+/// Rows r0 .. r0 + dst.len()/in of dW = dyᵀ·x into `dst` (row-major), the
+/// same bits as those rows of `matmul(dW, dyᵀ, x)`. With T = 0, dW = 0.
+fn rows_on(dst: &mut [f32], product: Outer<'_>, r0: usize, (kernel, path): (Kernel, Path)) {
+    let Outer { dy, x, .. } = product;
+    let rows = dst.len() / x.cols;
+    assert!(dst.len() == rows * x.cols && r0 + rows <= dy.cols && dy.rows == x.rows);
+    if dy.rows == 0 {
+        dst.fill(0.0);
+        return;
+    }
+    let c = MatMut::new(dst, rows, x.cols);
+    gemm::gemm(c, dy.t().row_block(r0, rows), x, false, kernel, path);
+}
+
+/// Forms rows `rows` of dW block by block ([`block_rows`] at a time) in this
+/// thread's cache and calls `f(first row of the block, block)` on each, in
+/// order, stopping at the first error.
+fn try_blocks<E>(
+    product: Outer<'_>,
+    rows: Range<usize>,
+    mut f: impl FnMut(usize, &[f32]) -> Result<(), E>,
+) -> Result<(), E> {
+    let (plan, inp) = (product.plan(), product.x.cols);
+    let step = block_rows(inp);
+    BLOCK.with_borrow_mut(|g| {
+        if g.len() < step * inp {
+            g.resize(step * inp, 0.0);
+        }
+        for r0 in rows.clone().step_by(step) {
+            let g = &mut g[..step.min(rows.end - r0) * inp];
+            rows_on(g, product, r0, plan);
+            f(r0, g)?;
+        }
+        Ok(())
+    })
+}
+
+/// Calls `f(first row, block)` for every block of rows of dW = dyᵀ·x, in
+/// order, formed as [`adamw_outer`] forms them (the same bits as the whole
+/// product's rows); stops at the first error.
+pub fn try_for_each_outer_block<E>(
+    product: Outer<'_>,
+    f: impl FnMut(usize, &[f32]) -> Result<(), E>,
+) -> Result<(), E> {
+    try_blocks(product, 0..product.dy.cols, f)
+}
+
+/// One AdamW step (see [`vector::adamw`]) on W [out, in] with gradient
+/// dW = dyᵀ·x, which is never stored: per block of [`block_rows`] rows,
+///   g = dW[rows]  (in this thread's cache);  AdamW(p[rows], g, m[rows], v[rows])
+/// Blocks are split over the intra-op threads; each is computed as on one
+/// thread, so the result is the same to the bit for any thread count.
+pub fn adamw_outer(
+    p: &mut [f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    product: Outer<'_>,
+    step: AdamWStep,
+) {
+    let (out, inp) = (product.dy.cols, product.x.cols);
+    assert!(p.len() == out * inp && m.len() == p.len() && v.len() == p.len());
+    let block = block_rows(inp) * inp;
+    let threads = threads::threads();
+    let per_part = if threads > 1 && p.len() >= 2 * block {
+        p.len().div_ceil(threads).next_multiple_of(block)
+    } else {
+        p.len().max(1)
+    };
+    let mut parts: [Option<OuterPart>; threads::MAX_THREADS] = Default::default();
+    let chunks = p
+        .chunks_mut(per_part)
+        .zip(m.chunks_mut(per_part))
+        .zip(v.chunks_mut(per_part));
+    for (i, (slot, ((p, m), v))) in parts.iter_mut().zip(chunks).enumerate() {
+        *slot = Some((p, m, v, i * per_part / inp));
+    }
+    threads::run_parts(parts, &|(p, m, v, first)| {
+        let rows = first..first + p.len() / inp;
+        let done: Result<(), Infallible> = try_blocks(product, rows, |r0, g| {
+            let at = (r0 - first) * inp..(r0 - first) * inp + g.len();
+            vector::adamw_serial(&mut p[at.clone()], g, &mut m[at.clone()], &mut v[at], step);
+            Ok(())
+        });
+        let Ok(()) = done;
+    });
+}
+
+/// One thread's rows of an [`adamw_outer`] step: (p, m, v, first row).
+type OuterPart<'a> = (&'a mut [f32], &'a mut [f32], &'a mut [f32], usize);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::{Write, matmul};
+
+    fn data(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) % 997) as f32 / 498.0
+                    - 1.0
+            })
+            .collect()
+    }
+
+    fn whole(dy: Mat<'_>, x: Mat<'_>) -> Vec<f32> {
+        let mut dw = vec![0.0; dy.cols * x.cols];
+        matmul(
+            MatMut::new(&mut dw, dy.cols, x.cols),
+            dy.t(),
+            x,
+            Write::Overwrite,
+        );
+        dw
+    }
+
+    #[test]
+    fn gram_norm_equals_the_sum_of_squares_of_the_product() {
+        for &(t, out, inp) in &[(1, 5, 3), (8, 300, 40), (16, 64, 64), (33, 17, 130)] {
+            let (a, b) = (data(t * out, 1), data(t * inp, 2));
+            let (dy, x) = (Mat::new(&a, t, out), Mat::new(&b, t, inp));
+            let want = vector::sum_of_squares(&whole(dy, x));
+            let got = outer_sq_norm(Outer::new(dy, x));
+            assert!(
+                (got - want).abs() <= 1e-5 * want,
+                "{t}x{out}x{inp}: {got} vs {want}"
+            );
+        }
+    }
+
+    #[test]
+    fn blocks_of_rows_are_the_whole_products_rows_to_the_bit() {
+        for &(t, out, inp) in &[(8, 300, 40), (16, 2048, 256), (40, 72, 64), (0, 16, 8)] {
+            let (a, b) = (data(t * out, 3), data(t * inp, 4));
+            let product = Outer::new(Mat::new(&a, t, out), Mat::new(&b, t, inp));
+            let want = whole(product.dy, product.x);
+            // The whole product, and a band of rows (one tensor of a stacked weight).
+            let band = (out / 3..out / 3 + out / 2, product.rows(out / 3, out / 2));
+            for (rows, part) in [(0..out, product), band] {
+                let mut next = rows.start;
+                let seen: Result<(), String> = try_for_each_outer_block(part, |r0, g| {
+                    let r0 = rows.start + r0;
+                    let same = g
+                        .iter()
+                        .zip(&want[r0 * inp..])
+                        .all(|(p, q)| p.to_bits() == q.to_bits());
+                    if r0 != next || !same {
+                        return Err(format!("{t}x{out}x{inp} block at row {r0}"));
+                    }
+                    next = r0 + g.len() / inp;
+                    Ok(())
+                });
+                seen.unwrap();
+                assert_eq!(next, rows.end);
+            }
+        }
+    }
+
+    #[test]
+    fn adamw_on_the_factors_equals_adamw_on_the_stored_gradient() {
+        let (t, out, inp) = (8, 1000, 24);
+        let (a, b) = (data(t * out, 5), data(t * inp, 6));
+        let product = Outer::new(Mat::new(&a, t, out), Mat::new(&b, t, inp));
+        let step = AdamWStep {
+            grad_scale: 0.7,
+            beta1: 0.9,
+            beta2: 0.95,
+            inv_bias1: 10.0,
+            inv_bias2: 20.0,
+            lr: 1e-3,
+            eps: 1e-8,
+            decay: 1e-4,
+        };
+        let init = (
+            data(out * inp, 7),
+            data(out * inp, 8),
+            data(out * inp, 9)
+                .iter()
+                .map(|v| v.abs())
+                .collect::<Vec<_>>(),
+        );
+        let (mut p1, mut m1, mut v1) = init.clone();
+        vector::adamw(
+            &mut p1,
+            &whole(product.dy, product.x),
+            &mut m1,
+            &mut v1,
+            step,
+        );
+        let (mut p2, mut m2, mut v2) = init;
+        adamw_outer(&mut p2, &mut m2, &mut v2, product, step);
+        for (x, y) in [(&p1, &p2), (&m1, &m2), (&v1, &v2)] {
+            assert!(
+                x.iter()
+                    .zip(y.iter())
+                    .all(|(p, q)| p.to_bits() == q.to_bits())
+            );
+        }
+    }
+}
