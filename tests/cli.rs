@@ -456,6 +456,17 @@ fn generate_runs_past_max_seq_len_with_a_sliding_window() {
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["context_tokens"], 64);
     assert_eq!(report["new_tokens"], 5);
+    let none = moe(&[
+        "generate",
+        "--checkpoint",
+        &run,
+        "--prompt",
+        "the quick",
+        "--max-new",
+        "0",
+    ]);
+    assert!(none.status.success(), "{}", stderr(&none));
+    assert_eq!(String::from_utf8_lossy(&none.stdout), "the quick\n");
 }
 
 /// Waits until `path` exists (a run's first checkpoint), at most a minute.

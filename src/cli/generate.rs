@@ -259,6 +259,10 @@ pub fn run(args: Args) -> Result<()> {
             flow
         })?;
     let seconds = start.elapsed().as_secs_f64();
+    if first {
+        // --max-new 0: no token, but the prompt is still the text.
+        let _ = out.write_all(args.prompt.as_bytes());
+    }
     let (rest, end) = scan.rest();
     let _ = out.write_all(String::from_utf8_lossy(rest).as_bytes());
     let _ = writeln!(out);
