@@ -454,6 +454,11 @@ impl KvCache {
         }
     }
 
+    /// Forgets every cached position (the buffers are kept).
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+
     /// Number of positions already cached.
     pub fn len(&self) -> usize {
         self.len

@@ -1,11 +1,14 @@
 //! Turning logits into tokens (CONTRACT §7): greedy, temperature, top-k and
 //! top-p sampling, and generation with a KV cache.
 
+use std::ops::ControlFlow;
+
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::attention::KvCache;
 use crate::error::{MoeError, Result};
+use crate::memory;
 use crate::model::Model;
 
 /// How the next token is chosen from the logits.
@@ -148,30 +151,34 @@ fn argmax(values: &[f32]) -> u32 {
     best as u32
 }
 
-/// `prompt` followed by new tokens up to `max_len` tokens in total, each new
-/// token costing one position of a KV cache; `on_token` sees each new token as
-/// it is chosen. Same seed → same tokens.
+/// `prompt` followed by new tokens up to `max_len` tokens in total; same
+/// seed → same tokens. `on_token` sees each new token as it is chosen and
+/// ends generation early by returning `ControlFlow::Break` (the token it was
+/// given is kept).
+///
+/// The context is the last `max_seq_len` tokens (a longer prompt is cut from
+/// the left), so `max_len` may exceed `max_seq_len`. While the sequence fits,
+/// each new token costs one position of a KV cache. Once the cache holds
+/// `max_seq_len` positions, the window slides: the cache is emptied and the
+/// last `max_seq_len` tokens are prefilled again, so every later token costs a
+/// forward over a whole window (O(max_seq_len) tokens instead of one).
+/// Shifting the cache instead would not be exact: the cached keys and values
+/// of layers above the first were computed with the tokens that left the
+/// window, and their RoPE positions would no longer start at 0.
 pub fn generate_streaming(
     model: &mut Model,
     prompt: &[u32],
     max_len: usize,
     strategy: SamplingStrategy,
     seed: u64,
-    mut on_token: impl FnMut(u32),
+    mut on_token: impl FnMut(u32) -> ControlFlow<()>,
 ) -> Result<Vec<u32>> {
     let config = model.config();
+    let window = config.max_seq_len;
     if prompt.is_empty() {
         return Err(MoeError::EmptyInput("prompt"));
     }
     strategy.validate(config.vocab_size)?;
-    for len in [prompt.len(), max_len] {
-        if len > config.max_seq_len {
-            return Err(MoeError::SequenceTooLong {
-                len,
-                max: config.max_seq_len,
-            });
-        }
-    }
     if max_len < prompt.len() {
         return Err(MoeError::shape(
             "max_len (total length)",
@@ -179,6 +186,11 @@ pub fn generate_streaming(
             max_len,
         ));
     }
+    memory::ensure_fits(
+        || format!("a sequence of {max_len} tokens"),
+        (max_len as u64).checked_mul(std::mem::size_of::<u32>() as u64),
+        " (ask for fewer new tokens)",
+    )?;
     if let Some(position) = prompt.iter().position(|&t| t as usize >= config.vocab_size) {
         return Err(MoeError::TokenOutOfRange {
             what: "token",
@@ -193,16 +205,26 @@ pub fn generate_streaming(
     }
     let mut cache = KvCache::new(config, max_len);
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut logits = model.forward_cached(prompt, &mut cache)?;
+    let mut logits = model.forward_cached(last_window(prompt, window), &mut cache)?;
     loop {
         let next = pick_token(logits, strategy, &mut rng)?;
         tokens.push(next);
-        on_token(next);
-        if tokens.len() == max_len {
+        if on_token(next).is_break() || tokens.len() == max_len {
             return Ok(tokens);
         }
-        logits = model.forward_cached(&[next], &mut cache)?;
+        logits = if cache.len() < cache.capacity() {
+            model.forward_cached(&[next], &mut cache)?
+        } else {
+            // The cache is full: slide the window (see the doc comment).
+            cache.clear();
+            model.forward_cached(last_window(&tokens, window), &mut cache)?
+        };
     }
+}
+
+/// The last `window` tokens of `tokens` (all of them when shorter).
+fn last_window(tokens: &[u32], window: usize) -> &[u32] {
+    &tokens[tokens.len().saturating_sub(window)..]
 }
 
 /// [`generate_streaming`] without a callback (CONTRACT §7's `generate`).
@@ -213,7 +235,9 @@ pub fn generate(
     strategy: SamplingStrategy,
     seed: u64,
 ) -> Result<Vec<u32>> {
-    generate_streaming(model, prompt, max_len, strategy, seed, |_| {})
+    generate_streaming(model, prompt, max_len, strategy, seed, |_| {
+        ControlFlow::Continue(())
+    })
 }
 
 /// Greedy decoding.

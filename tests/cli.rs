@@ -68,6 +68,10 @@ fn every_command_has_help() {
         &["init", "--help"],
         &["dump", "--help"],
         &["convergence", "--help"],
+        &["eval", "--help"],
+        &["export", "--help"],
+        &["bench", "--help"],
+        &["stability", "--help"],
     ] {
         let out = moe(cmd);
         assert!(out.status.success(), "{cmd:?}");
@@ -321,18 +325,16 @@ fn ctrl_c_saves_a_checkpoint_and_exits_cleanly() {
 }
 
 #[test]
-fn generate_refuses_bad_requests() {
+fn generate_refuses_bad_requests_before_printing_anything() {
     let f = Fixture::new();
     assert!(f.train("run", &["--steps", "2"]).status.success());
     let run = f.s("run");
-    let long_prompt = "word ".repeat(200);
     for (args, expect) in [
         (vec!["--prompt", ""], "empty"),
-        (vec!["--prompt", &long_prompt], "exceeds max_seq_len"),
-        (vec!["--prompt", "hi", "--max-new", "100"], "--max-new"),
+        (vec!["--prompt", "hi", "--stop", ""], "--stop"),
         (
             vec!["--prompt", "hi", "--max-new", "18446744073709551615"],
-            "minus the prompt's",
+            "--max-new",
         ),
         (
             vec!["--prompt", "hi", "--strategy", "top-p", "--top-p", "1.5"],
@@ -352,17 +354,119 @@ fn generate_refuses_bad_requests() {
             ],
             "must be finite and ≥ 0",
         ),
+        (
+            vec!["--prompt", "hi", "--json", "/nonexistent/dir/out.json"],
+            "directory does not exist",
+        ),
     ] {
         let mut full = vec!["generate", "--checkpoint", &run];
         full.extend(args.iter().copied());
         let out = moe(&full);
         assert_eq!(out.status.code(), Some(1), "{args:?}");
         assert!(stderr(&out).contains(expect), "{args:?}: {}", stderr(&out));
+        assert!(out.stdout.is_empty(), "{args:?} printed before failing");
     }
     let init = f.s("init");
     assert!(moe(&["init", "--out", &init]).status.success());
     let out = moe(&["generate", "--checkpoint", &init, "--prompt", "hi"]);
     assert!(stderr(&out).contains("tokenizer.json"), "{}", stderr(&out));
+}
+
+/// `moe generate --json` on the fixture's run, greedy, with `extra` flags.
+fn generate_json(run: &str, prompt: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
+        "generate",
+        "--checkpoint",
+        run,
+        "--prompt",
+        prompt,
+        "--strategy",
+        "greedy",
+        "--json",
+    ];
+    args.extend(extra);
+    let out = moe(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn generate_stops_at_a_stop_string_without_printing_it() {
+    let f = Fixture::new();
+    assert!(f.train("run", &["--steps", "30"]).status.success());
+    let run = f.s("run");
+    let full = generate_json(&run, "line 1", &["--max-new", "30"]);
+    assert_eq!(full["stop"], "max_new");
+    let completion = full["completion"].as_str().unwrap().to_string();
+    // A stop string from the middle of the unstopped completion (two ASCII
+    // letters or digits: a replacement character would not match the bytes).
+    let chars: Vec<char> = completion.chars().collect();
+    let i = (3..chars.len() - 1)
+        .find(|&i| chars[i..i + 2].iter().all(char::is_ascii_alphanumeric))
+        .expect("the completion has two ASCII letters in a row");
+    let stop: String = chars[i..i + 2].iter().collect();
+    let at = completion.find(&stop).unwrap();
+    let stopped = generate_json(&run, "line 1", &["--max-new", "30", "--stop", &stop]);
+    assert_eq!(stopped["stop"], "stop_string");
+    assert_eq!(stopped["stop_string"], stop.as_str());
+    assert_eq!(stopped["completion"], &completion[..at]);
+    assert!(stopped["new_tokens"].as_u64().unwrap() < 30);
+    // Streamed: the same text, the stop string never printed.
+    let out = moe(&[
+        "generate",
+        "--checkpoint",
+        &run,
+        "--prompt",
+        "line 1",
+        "--strategy",
+        "greedy",
+        "--max-new",
+        "30",
+        "--stop",
+        "never seen",
+        "--stop",
+        &stop,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("line 1{}\n", &completion[..at])
+    );
+}
+
+#[test]
+fn generate_runs_past_max_seq_len_with_a_sliding_window() {
+    let f = Fixture::new();
+    assert!(f.train("run", &["--steps", "2"]).status.success());
+    let run = f.s("run");
+    // The fixture's max_seq_len is 64.
+    let long = generate_json(&run, "the quick", &["--max-new", "100"]);
+    assert_eq!(long["new_tokens"], 100);
+    assert_eq!(long["stop"], "max_new");
+    let long_prompt = "word ".repeat(200);
+    let mut args = vec!["generate", "--checkpoint", &run, "--prompt", &long_prompt];
+    args.extend(["--max-new", "5", "--json"]);
+    let out = moe(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("sees its last 64"),
+        "{}",
+        stderr(&out)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["context_tokens"], 64);
+    assert_eq!(report["new_tokens"], 5);
+    let none = moe(&[
+        "generate",
+        "--checkpoint",
+        &run,
+        "--prompt",
+        "the quick",
+        "--max-new",
+        "0",
+    ]);
+    assert!(none.status.success(), "{}", stderr(&none));
+    assert_eq!(String::from_utf8_lossy(&none.stdout), "the quick\n");
 }
 
 /// Waits until `path` exists (a run's first checkpoint), at most a minute.
@@ -652,8 +756,157 @@ fn generate_refuses_the_logits_of_a_diverged_checkpoint() {
     ]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(
+        out.stdout.is_empty(),
+        "the prompt was printed before failing"
+    );
+    assert!(
         stderr(&out).contains("non-finite logits"),
         "{}",
         stderr(&out)
     );
+}
+
+#[test]
+fn every_command_refuses_bad_options_before_any_output() {
+    let f = Fixture::new();
+    assert!(f.train("run", &["--steps", "2"]).status.success());
+    let (data, run, config) = (f.s("text.txt"), f.s("run"), f.s("config.json"));
+    let (fresh, no_dir) = (f.s("fresh"), "/nonexistent/dir/out.json");
+    let metrics = file(&f.path("run/metrics.jsonl"));
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec![
+                "train", "--data", &data, "--config", &config, "--steps", "0", "--out", &fresh,
+            ],
+            "already at step 0",
+        ),
+        (
+            vec![
+                "train", "--data", &data, "--config", &config, "--lr=-1", "--out", &fresh,
+            ],
+            "lr = -1",
+        ),
+        (
+            vec![
+                "train", "--data", &data, "--config", &config, "--beta1", "2", "--out", &fresh,
+            ],
+            "beta1 = 2",
+        ),
+        (
+            vec![
+                "train", "--data", &data, "--config", &config, "--seq", "65", "--out", &fresh,
+            ],
+            "exceeds max_seq_len",
+        ),
+        (
+            vec![
+                "train", "--data", &data, "--config", &config, "--json", no_dir, "--out", &fresh,
+            ],
+            "directory does not exist",
+        ),
+        (
+            vec!["train", "--data", &data, "--resume", &run, "--steps", "1"],
+            "already at step 2",
+        ),
+        (
+            vec![
+                "eval",
+                "--checkpoint",
+                &run,
+                "--data",
+                &data,
+                "--stride",
+                "0",
+            ],
+            "stride",
+        ),
+        (
+            vec!["eval", "--checkpoint", &run, "--data", &fresh],
+            "No such file",
+        ),
+        (
+            vec!["export", "--checkpoint", &fresh, "--out", &fresh],
+            "not a directory",
+        ),
+        (
+            vec!["export", "--checkpoint", &run, "--out", &run],
+            "not empty",
+        ),
+        (
+            vec!["init", "--config", "nosuch", "--out", &fresh],
+            "unknown preset",
+        ),
+        (
+            vec!["init", "--json", no_dir, "--out", &fresh],
+            "directory does not exist",
+        ),
+        (
+            vec!["bench", "--scenario", "nosuch"],
+            "no benchmark scenario",
+        ),
+        (vec!["bench", "--json", no_dir], "directory does not exist"),
+        (
+            vec!["stability", "--markdown", no_dir],
+            "directory does not exist",
+        ),
+        (
+            vec!["convergence", "--json", no_dir],
+            "directory does not exist",
+        ),
+    ];
+    for (args, expect) in cases {
+        let out = moe(&args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).starts_with("error: "),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+        assert!(stderr(&out).contains(expect), "{args:?}: {}", stderr(&out));
+        assert!(out.stdout.is_empty(), "{args:?} printed before failing");
+        assert!(!f.path("fresh").exists(), "{args:?} wrote its output");
+    }
+    assert_eq!(
+        file(&f.path("run/metrics.jsonl")),
+        metrics,
+        "resume touched the run"
+    );
+}
+
+#[test]
+fn json_alone_goes_to_stdout_and_json_file_to_the_file() {
+    let f = Fixture::new();
+    let (a, b, report) = (f.s("a"), f.s("b"), f.s("report.json"));
+    let out = moe(&[
+        "init",
+        "--config",
+        &f.s("config.json"),
+        "--out",
+        &a,
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["seed"], 42);
+    assert!(
+        stderr(&out).contains("wrote"),
+        "the human text goes to stderr"
+    );
+    let out = moe(&[
+        "init",
+        "--config",
+        &f.s("config.json"),
+        "--out",
+        &b,
+        "--json",
+        &report,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("wrote"));
+    let written: serde_json::Value = serde_json::from_slice(&file(&f.path("report.json"))).unwrap();
+    assert_eq!(written["params"], summary["params"]);
+    let out = moe(&["convergence", "--steps", "2", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let losses: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(losses["steps"], 2);
 }

@@ -2,6 +2,10 @@
 
 pub mod common;
 
+use std::ops::ControlFlow;
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 use rosetta_moe::sampling::{self, SamplingStrategy};
 use rosetta_moe::{KvCache, Model, ModelConfig, MoeError};
 
@@ -87,10 +91,69 @@ fn same_seed_same_samples_and_every_wrapper_works() {
     let mut streamed = Vec::new();
     let all =
         sampling::generate_streaming(&mut model, &prompt, 12, SamplingStrategy::Greedy, 0, |t| {
-            streamed.push(t)
+            streamed.push(t);
+            ControlFlow::Continue(())
         })
         .unwrap();
     assert_eq!(streamed, all[2..]);
+    // The callback ends generation early; the token it saw is kept.
+    let mut seen = 0;
+    let early =
+        sampling::generate_streaming(&mut model, &prompt, 12, SamplingStrategy::Greedy, 0, |_| {
+            seen += 1;
+            if seen == 3 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })
+        .unwrap();
+    assert_eq!(early, all[..5]);
+}
+
+/// The reference for sliding-window generation: every token from the plain
+/// forward over the last `max_seq_len` tokens, sampled with the same stream.
+fn reference_sliding(
+    model: &mut Model,
+    prompt: &[u32],
+    max_len: usize,
+    strategy: SamplingStrategy,
+    seed: u64,
+) -> Vec<u32> {
+    let (window, vocab) = (model.config().max_seq_len, model.config().vocab_size);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut tokens = prompt.to_vec();
+    while tokens.len() < max_len {
+        let context = &tokens[tokens.len().saturating_sub(window)..];
+        let logits = model.forward(context, 1).unwrap();
+        let last = &logits[(context.len() - 1) * vocab..];
+        tokens.push(sampling::pick_token(last, strategy, &mut rng).unwrap());
+    }
+    tokens
+}
+
+#[test]
+fn generation_past_max_seq_len_slides_the_window_exactly() {
+    for config in [ModelConfig::tiny(), common::gqa_config()] {
+        let config = ModelConfig {
+            max_seq_len: 6,
+            ..config
+        };
+        let mut model = Model::new(config, 9).unwrap();
+        let strategy = SamplingStrategy::Temperature { t: 1.0 };
+        // A prompt shorter than the window, and one longer (cut from the left).
+        for prompt in [vec![3u32, 14, 15], (0..9).map(|i| i * 101 % 1000).collect()] {
+            let max_len = prompt.len() + 20;
+            let fast = sampling::generate(&mut model, &prompt, max_len, strategy, 11).unwrap();
+            let slow = reference_sliding(&mut model, &prompt, max_len, strategy, 11);
+            assert_eq!(fast, slow, "prompt {prompt:?}");
+            assert_eq!(
+                fast,
+                sampling::generate(&mut model, &prompt, max_len, strategy, 11).unwrap(),
+                "same seed, same tokens"
+            );
+        }
+    }
 }
 
 #[test]
@@ -105,12 +168,8 @@ fn bad_generation_requests_are_typed_errors() {
         Err(MoeError::EmptyInput(_))
     ));
     assert!(matches!(
-        sampling::generate_greedy(&mut model, &[1; 11], 12),
-        Err(MoeError::SequenceTooLong { len: 11, max: 10 })
-    ));
-    assert!(matches!(
-        sampling::generate_greedy(&mut model, &[1; 4], 11),
-        Err(MoeError::SequenceTooLong { len: 11, max: 10 })
+        sampling::generate_greedy(&mut model, &[1; 4], usize::MAX),
+        Err(MoeError::OutOfMemory { .. })
     ));
     assert!(matches!(
         sampling::generate_greedy(&mut model, &[1; 4], 3),

@@ -1,7 +1,5 @@
 //! `moe convergence`: the convergence check of CONTRACT §11.
 
-use std::path::PathBuf;
-
 use rosetta_moe::Result;
 use rosetta_moe::train::{CONVERGENCE_STEPS, convergence_setup};
 
@@ -11,9 +9,8 @@ pub struct Args {
     /// Number of steps.
     #[arg(long, default_value_t = CONVERGENCE_STEPS)]
     steps: usize,
-    /// Also write every step's losses as JSON to this file.
-    #[arg(long, value_name = "FILE")]
-    json: Option<PathBuf>,
+    #[command(flatten)]
+    json: super::JsonArg,
 }
 
 /// The `--json` report: every step's losses and the final ones.
@@ -29,6 +26,7 @@ struct Report<'a> {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    args.json.check()?;
     let (mut trainer, batch) = convergence_setup()?;
     let bar = super::progress(
         args.steps as u64,
@@ -45,29 +43,34 @@ pub fn run(args: Args) -> Result<()> {
     }
     bar.finish_and_clear();
     let (Some(first), Some(last)) = (losses.first(), losses.last()) else {
-        println!("0 steps: nothing to report");
+        args.json.say(format_args!("0 steps: nothing to report"));
         return Ok(());
     };
     let n = losses.len() - 1;
-    println!(
+    let say = |line: String| args.json.say(format_args!("{line}"));
+    say(format!(
         "convergence check: tiny model, seed 42, batch 2×8, {} steps",
         losses.len()
-    );
-    println!("            {:>10} {:>10} {:>10}", "total", "ce", "aux");
-    println!("initial     {first:>10.4} {:>10.4} {:>10.4}", ce[0], aux[0]);
-    println!("final       {last:>10.4} {:>10.4} {:>10.4}", ce[n], aux[n]);
-    if let Some(path) = args.json {
-        let report = Report {
-            steps: losses.len(),
-            final_loss: *last,
-            final_ce: ce[n],
-            final_aux: aux[n],
-            losses: &losses,
-            ce: &ce,
-            aux: &aux,
-        };
-        super::write_json(&path, &report)?;
-        println!("wrote {}", path.display());
-    }
-    Ok(())
+    ));
+    say(format!(
+        "            {:>10} {:>10} {:>10}",
+        "total", "ce", "aux"
+    ));
+    say(format!(
+        "initial     {first:>10.4} {:>10.4} {:>10.4}",
+        ce[0], aux[0]
+    ));
+    say(format!(
+        "final       {last:>10.4} {:>10.4} {:>10.4}",
+        ce[n], aux[n]
+    ));
+    args.json.emit(&Report {
+        steps: losses.len(),
+        final_loss: *last,
+        final_ce: ce[n],
+        final_aux: aux[n],
+        losses: &losses,
+        ce: &ce,
+        aux: &aux,
+    })
 }

@@ -8,6 +8,7 @@ use rosetta_moe::eval::{self, EvalReport};
 use rosetta_moe::{MoeError, Result, Tokenizer, hf, kernels};
 use serde::Serialize;
 
+use super::JsonArg;
 use super::train::TOKENIZER_FILE;
 
 /// Evaluate a checkpoint (ours or a Hugging Face Mixtral directory) on a
@@ -31,9 +32,8 @@ pub struct Args {
     /// Threads for large matrix multiplies.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=8))]
     threads: u64,
-    /// Print one JSON object instead of text.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    json: JsonArg,
 }
 
 #[derive(Serialize)]
@@ -48,6 +48,7 @@ struct Report {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    args.json.check()?;
     kernels::set_threads(args.threads as usize);
     let mut model = hf::load_model(&args.checkpoint)?;
     let max = model.config().max_seq_len;
@@ -94,31 +95,24 @@ pub fn run(args: Args) -> Result<()> {
     )?;
     bar.finish_and_clear();
     let report = Report {
-        checkpoint: args.checkpoint,
-        data: args.data,
+        checkpoint: args.checkpoint.clone(),
+        data: args.data.clone(),
         seq,
         stride,
         seconds: start.elapsed().as_secs_f64(),
         figures,
     };
-    if args.json {
-        println!(
-            "{}",
-            serde_json::to_string(&report).expect("report serialises")
-        );
-    } else {
-        println!(
-            "{}: {} tokens ({} bytes) in {} windows of {seq} (stride {stride}), {:.1} s",
-            report.data.display(),
-            figures.tokens,
-            figures.bytes,
-            figures.windows,
-            report.seconds
-        );
-        println!(
-            "loss {:.4} nats/token   perplexity {:.2}   {:.4} bits/byte",
-            figures.loss, figures.perplexity, figures.bits_per_byte
-        );
-    }
-    Ok(())
+    args.json.say(format_args!(
+        "{}: {} tokens ({} bytes) in {} windows of {seq} (stride {stride}), {:.1} s",
+        report.data.display(),
+        figures.tokens,
+        figures.bytes,
+        figures.windows,
+        report.seconds
+    ));
+    args.json.say(format_args!(
+        "loss {:.4} nats/token   perplexity {:.2}   {:.4} bits/byte",
+        figures.loss, figures.perplexity, figures.bits_per_byte
+    ));
+    args.json.emit(&report)
 }

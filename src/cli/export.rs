@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use rosetta_moe::checkpoint::{STATE_FILE, TrainState};
 use rosetta_moe::{MoeError, Result, Tokenizer, TrainConfig, hf};
 
+use super::JsonArg;
 use super::train::TOKENIZER_FILE;
 
 /// The formats `--format` names.
@@ -32,13 +33,13 @@ pub struct Args {
     /// Overwrite a directory that already holds files.
     #[arg(long)]
     force: bool,
-    /// Print a JSON summary instead of text.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    json: JsonArg,
 }
 
 pub fn run(args: Args) -> Result<()> {
     let Format::Hf = args.format;
+    args.json.check()?;
     let model = hf::load_model(&args.checkpoint)?;
     let tokenizer_path = args.checkpoint.join(TOKENIZER_FILE);
     let tokenizer = if tokenizer_path.exists() {
@@ -49,25 +50,20 @@ pub fn run(args: Args) -> Result<()> {
     let aux_alpha = training_settings(&args.checkpoint)?.aux_loss_alpha;
     super::ensure_fresh_dir(&args.out, args.force)?;
     hf::export(&model, tokenizer.as_ref(), aux_alpha, &args.out)?;
-    if args.json {
-        let summary = serde_json::json!({
-            "out": args.out, "format": "hf", "params": model.params().len(),
-            "tokenizer": tokenizer.is_some(), "config": hf::hf_config(model.config(), aux_alpha),
-        });
-        println!("{summary}");
-    } else {
-        println!(
-            "wrote {} (Hugging Face Mixtral, {} parameters{})",
-            args.out.display(),
-            model.params().len(),
-            if tokenizer.is_some() {
-                ", with tokenizer"
-            } else {
-                "; no tokenizer.json in the checkpoint, so none exported"
-            }
-        );
-    }
-    Ok(())
+    args.json.say(format_args!(
+        "wrote {} (Hugging Face Mixtral, {} parameters{})",
+        args.out.display(),
+        model.params().len(),
+        if tokenizer.is_some() {
+            ", with tokenizer"
+        } else {
+            "; no tokenizer.json in the checkpoint, so none exported"
+        }
+    ));
+    args.json.emit(&serde_json::json!({
+        "out": args.out, "format": "hf", "params": model.params().len(),
+        "tokenizer": tokenizer.is_some(), "config": hf::hf_config(model.config(), aux_alpha),
+    }))
 }
 
 /// The run's training settings (for the aux-loss weight), or the defaults

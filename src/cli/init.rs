@@ -19,28 +19,23 @@ pub struct Args {
     /// Overwrite a directory that already holds files.
     #[arg(long)]
     force: bool,
-    /// Print a JSON summary instead of text.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    json: super::JsonArg,
 }
 
 pub fn run(args: Args) -> Result<()> {
+    args.json.check()?;
     let config = ModelConfig::from_preset_or_file(&args.config)?;
     super::ensure_fresh_dir(&args.out, args.force)?;
     let model = Model::new(config, args.seed)?;
     checkpoint::save_model(&model, &args.out)?;
     let params = model.params().len();
-    if args.json {
-        let summary = serde_json::json!({
-            "out": args.out, "seed": args.seed, "params": params, "config": model.config(),
-        });
-        println!("{summary}");
-    } else {
-        println!(
-            "wrote {} ({params} parameters, seed {})",
-            args.out.display(),
-            args.seed
-        );
-    }
-    Ok(())
+    args.json.say(format_args!(
+        "wrote {} ({params} parameters, seed {})",
+        args.out.display(),
+        args.seed
+    ));
+    args.json.emit(&serde_json::json!({
+        "out": args.out, "seed": args.seed, "params": params, "config": model.config(),
+    }))
 }

@@ -63,6 +63,79 @@ pub fn progress(len: u64, template: &str) -> ProgressBar {
     bar
 }
 
+/// `--json [FILE]`, the same on every command: the command's report as JSON,
+/// on stdout when FILE is omitted (or `-`), else written to FILE.
+#[derive(Debug, Clone, clap::Args)]
+pub struct JsonArg {
+    /// Print the report as one JSON line on stdout (the human-readable text
+    /// then goes to stderr), or with FILE write it there instead, pretty.
+    #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "-")]
+    json: Option<PathBuf>,
+}
+
+impl JsonArg {
+    /// True when the JSON goes to stdout.
+    pub fn on_stdout(&self) -> bool {
+        self.json.as_deref() == Some(Path::new("-"))
+    }
+
+    /// Prints a line of human-readable text: on stdout, or on stderr when
+    /// stdout carries the JSON.
+    pub fn say(&self, line: std::fmt::Arguments<'_>) {
+        if self.on_stdout() {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+    }
+
+    /// Refuses a FILE whose directory does not exist (before any work is done).
+    pub fn check(&self) -> Result<()> {
+        match &self.json {
+            Some(path) if !self.on_stdout() => check_out_file(path),
+            _ => Ok(()),
+        }
+    }
+
+    /// Emits `value` where `--json` asked (nowhere without it).
+    pub fn emit(&self, value: &impl serde::Serialize) -> Result<()> {
+        match &self.json {
+            None => Ok(()),
+            Some(_) if self.on_stdout() => {
+                println!(
+                    "{}",
+                    serde_json::to_string(value).expect("reports serialise")
+                );
+                Ok(())
+            }
+            Some(path) => {
+                write_json(path, value)?;
+                self.say(format_args!("wrote {}", path.display()));
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Refuses an output file whose directory does not exist or that names a directory.
+pub fn check_out_file(path: &Path) -> Result<()> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let problem = if !dir.is_dir() {
+        "its directory does not exist"
+    } else if path.is_dir() {
+        "is a directory"
+    } else {
+        return Ok(());
+    };
+    Err(MoeError::io(
+        path,
+        std::io::Error::new(std::io::ErrorKind::NotFound, problem),
+    ))
+}
+
 /// Writes `value` as pretty JSON to `path`, atomically.
 pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
     let text = serde_json::to_string_pretty(value).expect("reports serialise");

@@ -11,9 +11,8 @@ use rosetta_moe::{MoeError, Result};
 /// divergence checks.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Write the report as JSON to this file.
-    #[arg(long, value_name = "FILE")]
-    json: Option<PathBuf>,
+    #[command(flatten)]
+    json: super::JsonArg,
     /// Write the report as a Markdown table to this file.
     #[arg(long, value_name = "FILE")]
     markdown: Option<PathBuf>,
@@ -27,6 +26,10 @@ struct Report<'a> {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    args.json.check()?;
+    if let Some(path) = &args.markdown {
+        super::check_out_file(path)?;
+    }
     let bar = super::progress(stability::CASES.len() as u64, "{bar:30} {pos}/{len} {msg}");
     let mut cases = Vec::new();
     for &(name, stress, case) in &stability::CASES {
@@ -41,14 +44,12 @@ pub fn run(args: Args) -> Result<()> {
         total: cases.len(),
         cases: &cases,
     };
-    if let Some(path) = &args.json {
-        super::write_json(path, &report)?;
-    }
+    args.json.emit(&report)?;
     let markdown = render(&cases, passed);
     if let Some(path) = &args.markdown {
         rosetta_moe::atomic_write::write_atomic(path, markdown.as_bytes())?;
     }
-    print!("{markdown}");
+    args.json.say(format_args!("{}", markdown.trim_end()));
     if passed < cases.len() {
         return Err(MoeError::NonFiniteValue {
             what: "stability case result (see the report)",

@@ -82,9 +82,8 @@ pub struct Args {
     /// Overwrite an output directory that holds another run.
     #[arg(long)]
     force: bool,
-    /// Print the final summary as JSON.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    json: super::JsonArg,
     /// When stderr is not a terminal, print a plain progress line every N steps.
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
     log_every: u64,
@@ -246,31 +245,33 @@ struct Run {
     _lock: checkpoint::WriterLock,
 }
 
+/// Every argument is checked before anything is written: a bad option
+/// leaves no directory, checkpoint or output behind.
 pub fn run(args: Args) -> Result<()> {
+    args.json.check()?;
     kernels::set_threads(args.threads as usize);
     let (source, text) = read_text(args.data.as_deref())?;
     let mut run = match &args.resume {
         Some(dir) => resume(&args, dir, source, &text)?,
         None => {
+            check_steps(args.steps, 0)?;
             let run = start(&args, source, &text)?;
             // Step 0 is a checkpoint too: a run killed at any moment resumes.
             save(&run)?;
             run
         }
     };
-    if args.steps <= run.trainer.step() {
+    train(&args, &mut run)
+}
+
+/// `--steps` must lie beyond the run's current step.
+fn check_steps(steps: u64, step: u64) -> Result<()> {
+    if steps <= step {
         return Err(MoeError::InvalidTraining(format!(
-            "--steps {} but the run is already at step {}",
-            args.steps,
-            run.trainer.step()
+            "--steps {steps} but the run is already at step {step}"
         )));
     }
-    if let Some(total) = args.schedule_steps {
-        let mut schedule = run.trainer.config().clone();
-        schedule.total_steps = total;
-        run.trainer.set_config(schedule)?;
-    }
-    train(&args, &mut run)
+    Ok(())
 }
 
 /// The training text and a name for it.
@@ -302,10 +303,22 @@ fn start(args: &Args, source: String, text: &[u8]) -> Result<Run> {
     }
     let (batch, seq) = (args.batch.unwrap_or(8), args.seq.unwrap_or(64));
     check_shape(&config, batch, seq)?;
+    let train = TrainConfig {
+        lr: args.lr,
+        warmup_steps: args.warmup.unwrap_or((args.steps / 10).clamp(1, 100)),
+        total_steps: args.schedule_steps.unwrap_or(args.steps),
+        seed: args.seed,
+        ..args.hyper.apply(TrainConfig::default())
+    };
+    train.validate()?;
     super::ensure_fresh_dir(&args.out, args.force)?;
-    fs::create_dir_all(&args.out).map_err(|e| MoeError::io(&args.out, e))?;
-    let lock = checkpoint::lock(&args.out)?;
-    checkpoint::recover(&args.out)?;
+    // An existing directory is locked at once (another run may hold it); a
+    // new one is created only once the tokenizer, data and model are built.
+    let early_lock = args
+        .out
+        .is_dir()
+        .then(|| checkpoint::lock(&args.out))
+        .transpose()?;
     let (model, tokenizer) = match initial {
         Some(initial) => initial,
         None => {
@@ -318,15 +331,14 @@ fn start(args: &Args, source: String, text: &[u8]) -> Result<Run> {
         }
     };
     let data = TextData::new(text, &tokenizer, seq)?;
-    let train = TrainConfig {
-        lr: args.lr,
-        warmup_steps: args.warmup.unwrap_or((args.steps / 10).clamp(1, 100)),
-        total_steps: args.schedule_steps.unwrap_or(args.steps),
-        seed: args.seed,
-        ..args.hyper.apply(TrainConfig::default())
-    };
     let sampler = WindowSampler::new(train.seed);
     let trainer = Trainer::new(model, train)?;
+    fs::create_dir_all(&args.out).map_err(|e| MoeError::io(&args.out, e))?;
+    let lock = match early_lock {
+        Some(lock) => lock,
+        None => checkpoint::lock(&args.out)?,
+    };
+    checkpoint::recover(&args.out)?;
     tokenizer.save(&args.out.join(TOKENIZER_FILE))?;
     fs::write(args.out.join(METRICS_FILE), "").map_err(|e| MoeError::io(&args.out, e))?;
     Ok(Run {
@@ -367,7 +379,13 @@ fn checkpoint_tokenizer(dir: &Path, vocab_size: usize) -> Result<Tokenizer> {
 fn resume(args: &Args, dir: &Path, source: String, text: &[u8]) -> Result<Run> {
     let lock = checkpoint::lock(dir)?;
     checkpoint::recover(dir)?;
-    let (trainer, state) = checkpoint::load_training(dir)?;
+    let (mut trainer, state) = checkpoint::load_training(dir)?;
+    check_steps(args.steps, trainer.step())?;
+    if let Some(total) = args.schedule_steps {
+        let mut schedule = trainer.config().clone();
+        schedule.total_steps = total;
+        trainer.set_config(schedule)?;
+    }
     let config = trainer.model().config().clone();
     let not_a_run =
         || MoeError::checkpoint(dir.join(STATE_FILE), "no data state: not a `moe train` run");
@@ -575,31 +593,24 @@ fn train(args: &Args, run: &mut Run) -> Result<()> {
     };
     super::write_json(&run.dir.join(SUMMARY_FILE), &summary)?;
     plot(&run.dir.join(METRICS_FILE), &run.dir.join(PLOT_FILE))?;
-    if args.json {
-        println!(
-            "{}",
-            serde_json::to_string(&summary).expect("summary serialises")
-        );
-    } else {
-        println!(
-            "trained steps {first}–{} on {} ({} train / {} val tokens) in {:.1} s, {:.0} tokens/s",
-            args.steps,
-            run.source,
-            run.data.train.len(),
-            run.data.val.len(),
-            seconds,
-            summary.tokens_per_sec
-        );
-        println!(
-            "train loss {train_loss:.3} nats/token   val loss {val_loss:.3} nats/token = {:.3} bits/byte",
-            summary.val_bits_per_byte
-        );
-        println!(
-            "checkpoint, metrics.jsonl and loss.svg in {d}/ — sample with: moe generate --checkpoint {d} --prompt \"...\"",
-            d = run.dir.display()
-        );
-    }
-    Ok(())
+    args.json.say(format_args!(
+        "trained steps {first}–{} on {} ({} train / {} val tokens) in {:.1} s, {:.0} tokens/s",
+        args.steps,
+        run.source,
+        run.data.train.len(),
+        run.data.val.len(),
+        seconds,
+        summary.tokens_per_sec
+    ));
+    args.json.say(format_args!(
+        "train loss {train_loss:.3} nats/token   val loss {val_loss:.3} nats/token = {:.3} bits/byte",
+        summary.val_bits_per_byte
+    ));
+    args.json.say(format_args!(
+        "checkpoint, metrics.jsonl and loss.svg in {d}/ — sample with: moe generate --checkpoint {d} --prompt \"...\"",
+        d = run.dir.display()
+    ));
+    args.json.emit(&summary)
 }
 
 /// Draws the training and validation loss curves of `metrics.jsonl` as an SVG.

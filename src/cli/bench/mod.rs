@@ -35,9 +35,8 @@ pub struct Args {
     /// Fewer trials (3 after 1 warm-up) for smoke runs.
     #[arg(long)]
     quick: bool,
-    /// Write the results as JSON.
-    #[arg(long, value_name = "FILE")]
-    json: Option<PathBuf>,
+    #[command(flatten)]
+    json: super::JsonArg,
     /// Write the Markdown report.
     #[arg(long, value_name = "FILE")]
     markdown: Option<PathBuf>,
@@ -53,6 +52,10 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    args.json.check()?;
+    if let Some(path) = &args.markdown {
+        super::check_out_file(path)?;
+    }
     let options = if args.quick {
         Options {
             trials: 3,
@@ -90,20 +93,18 @@ pub fn run(args: Args) -> Result<()> {
         }
         None => run_suite(&args, options)?,
     };
-    print!("{}", report::console(&report));
-    if let Some(path) = &args.json {
-        super::write_json(path, &report)?;
-        println!("wrote {}", path.display());
-    }
+    let say = |line: String| args.json.say(format_args!("{line}"));
+    say(report::console(&report).trim_end().to_string());
+    args.json.emit(&report)?;
     if let Some(dir) = &args.plots {
         report::plots(&report, dir)?;
-        println!("wrote plots to {}", dir.display());
+        say(format!("wrote plots to {}", dir.display()));
     }
     if let Some(path) = &args.markdown {
         let plots = args.plots.as_deref().map(|dir| relative_to(dir, path));
         let text = report::markdown(&report, plots.as_deref());
         rosetta_moe::atomic_write::write_atomic(path, text.as_bytes())?;
-        println!("wrote {}", path.display());
+        say(format!("wrote {}", path.display()));
     }
     Ok(())
 }
