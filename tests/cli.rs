@@ -523,8 +523,14 @@ fn saved_step(dir: &Path) -> u64 {
 fn killed_runs_resume_bit_identically(kills: usize) {
     const STEPS: &str = "60";
     let f = Fixture::new();
+    let started = std::time::Instant::now();
     let straight = f.train("straight", &["--steps", STEPS, "--save-every", "1"]);
     assert!(straight.status.success(), "{}", stderr(&straight));
+    // Kill moments are spread over the time the steps left take on this
+    // machine (a fixed window would let a fast machine finish before every kill).
+    let span = (started.elapsed().as_micros() as u64).max(1);
+    let total: u64 = STEPS.parse().unwrap();
+    let mut left = total;
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -538,7 +544,7 @@ fn killed_runs_resume_bit_identically(kills: usize) {
         rng = rng
             .wrapping_mul(6_364_136_223_846_793_005)
             .wrapping_add(1_442_695_040_888_963_407);
-        std::thread::sleep(Duration::from_micros((rng >> 33) % 250_000));
+        std::thread::sleep(Duration::from_micros((rng >> 33) % (span * left / total).max(1)));
         let finished = child.try_wait().unwrap().is_some();
         if !finished {
             child.kill().unwrap();
@@ -547,6 +553,7 @@ fn killed_runs_resume_bit_identically(kills: usize) {
         let status = child.wait().unwrap();
         assert!(!finished || status.success(), "{status}");
         let step = saved_step(&f.path("run"));
+        left = total - step.min(total);
         // Killed after the last save: the run is complete (resuming would be
         // refused as already at --steps).
         let complete = finished || step == 60;
@@ -578,7 +585,7 @@ fn killed_runs_resume_bit_identically(kills: usize) {
             }
             // Finished before enough kills: start over.
             std::fs::remove_dir_all(f.path("run")).unwrap();
-            restarts += 1;
+            (restarts, left) = (restarts + 1, total);
             assert!(
                 restarts <= 3 + killed,
                 "the run keeps finishing before it is killed"
