@@ -544,7 +544,9 @@ fn killed_runs_resume_bit_identically(kills: usize) {
         rng = rng
             .wrapping_mul(6_364_136_223_846_793_005)
             .wrapping_add(1_442_695_040_888_963_407);
-        std::thread::sleep(Duration::from_micros((rng >> 33) % (span * left / total).max(1)));
+        std::thread::sleep(Duration::from_micros(
+            (rng >> 33) % (span * left / total).max(1),
+        ));
         let finished = child.try_wait().unwrap().is_some();
         if !finished {
             child.kill().unwrap();
