@@ -16,9 +16,9 @@ use super::gemm::{self, Kernel, Path};
 use super::vector::{self, AdamWStep};
 use super::{Mat, MatMut, threads};
 
-/// Floats of dW formed at a time: 64 KB, consumed from L2 as soon as it is made
-/// (quiet runs of scale_train_256: 8 KB blocks 15.7 ms, 32 KB 14.7, 64 KB 14.4,
-/// 128–256 KB no better).
+/// Floats of dW formed at a time: 64 KB, consumed from L2 as soon as it is
+/// made (in quiet runs of `scale_train_256`, 8–32 KB blocks were slower and
+/// 128–256 KB ones no faster).
 const BLOCK_FLOATS: usize = 16384;
 
 thread_local! {
@@ -26,7 +26,7 @@ thread_local! {
     static BLOCK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Rows of dW per block for an input width `inp`: whole micro-kernel tiles, about 32 KB.
+/// Rows of dW per block for an input width `inp`: whole micro-kernel tiles, about 64 KB.
 fn block_rows(inp: usize) -> usize {
     (BLOCK_FLOATS / inp.max(1) / gemm::MR).max(1) * gemm::MR
 }
