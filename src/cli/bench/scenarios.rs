@@ -179,15 +179,18 @@ pub struct Traffic {
 impl Traffic {
     /// A model's traffic, with P parameters of 4 bytes:
     /// forward reads the weights once (4P); a training step also reads them
-    /// again for dX and writes the gradients (4P + 4P), then AdamW reads
-    /// p, g, m, v and writes p, m, v (28P) after the gradient norm is known.
+    /// again for dX (4P), then — once the gradient norm is known — AdamW
+    /// reads p, m, v and writes them back (24P). The gradient itself need
+    /// not stream: with few tokens it can be formed in cache from its
+    /// factors right before AdamW uses it (`kernels::adamw_outer`), which is
+    /// what the trainer does.
     fn model(config: &ModelConfig, train: bool) -> Self {
         let weights = 4.0 * config.param_count() as f64;
         if train {
             Traffic {
-                overlapped: 3.0 * weights,
-                streaming: 7.0 * weights,
-                working_set: 4.0 * weights,
+                overlapped: 2.0 * weights,
+                streaming: 6.0 * weights,
+                working_set: 3.0 * weights,
             }
         } else {
             Traffic {
