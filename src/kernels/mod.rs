@@ -411,7 +411,8 @@ mod tests {
         c
     }
 
-    fn data(n: usize, seed: u32) -> Vec<f32> {
+    /// Deterministic test values in [−1, 1).
+    pub(super) fn data(n: usize, seed: u32) -> Vec<f32> {
         (0..n)
             .map(|i| {
                 ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) % 1000) as f32 / 500.0

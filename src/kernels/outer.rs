@@ -200,16 +200,8 @@ type OuterPart<'a> = (&'a mut [f32], &'a mut [f32], &'a mut [f32], usize);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::tests::data;
     use crate::kernels::{Write, matmul};
-
-    fn data(n: usize, seed: u32) -> Vec<f32> {
-        (0..n)
-            .map(|i| {
-                ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) % 997) as f32 / 498.0
-                    - 1.0
-            })
-            .collect()
-    }
 
     fn whole(dy: Mat<'_>, x: Mat<'_>) -> Vec<f32> {
         let mut dw = vec![0.0; dy.cols * x.cols];
