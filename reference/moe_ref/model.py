@@ -129,32 +129,61 @@ def loss_and_grads(params, config, ids, targets, aux_alpha):
     return jax.jit(fn)(params)
 
 
+# Floor of the cosine schedule as a fraction of the peak lr, for settings
+# without "min_lr_ratio" (CONTRACT §6).
+DEFAULT_MIN_LR_RATIO = 0.1
+
+
 def learning_rate(train, t):
-    """Warm-up then cosine to 0.1·lr (CONTRACT §6), t 1-based."""
+    """Warm-up then cosine to min_lr = min_lr_ratio·lr (CONTRACT §6), t 1-based."""
     lr, warmup, total = train["lr"], train["warmup_steps"], train["total_steps"]
     if t <= warmup:
         return lr * t / warmup
     progress = min(1.0, (t - warmup) / (total - warmup)) if total > warmup else 1.0
-    min_lr = 0.1 * lr
+    min_lr = train.get("min_lr_ratio", DEFAULT_MIN_LR_RATIO) * lr
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def adamw_first_step(params, grads, t, train):
-    """One AdamW step at step number t from zero moments, after global-norm clipping."""
+def adamw_step(params, grads, t, train, moments=None):
+    """One AdamW step at step number t (1-based) after global-norm clipping,
+    continuing the moments (m, v) — dicts like params; zero when None:
+
+        g ← s·g;  m ← β1·m + (1−β1)·g;  v ← β2·v + (1−β2)·g²
+        p ← p − lr·wd·p  (2-D weights only);  p ← p − lr·(m/(1−β1ᵗ)) / (sqrt(v/(1−β2ᵗ)) + ε)
+
+    Returns (params after, (m after, v after), gradient norm before clipping).
+    """
     norm = math.sqrt(sum(float(np.sum(np.asarray(g, np.float64) ** 2)) for g in grads.values()))
     clip = train["grad_clip"]
     scale = clip / (norm + 1e-6) if clip > 0 and norm > clip else 1.0
     lr = learning_rate(train, t)
     b1, b2, eps, wd = train["beta1"], train["beta2"], train["eps"], train["weight_decay"]
-    out = {}
+    out, m_out, v_out = {}, {}, {}
     for name, p in params.items():
         g = grads[name] * scale
-        m = (1 - b1) * g
-        v = (1 - b2) * g * g
+        m0, v0 = (moments[0][name], moments[1][name]) if moments else (0.0, 0.0)
+        m = b1 * m0 + (1 - b1) * g
+        v = b2 * v0 + (1 - b2) * g * g
         if p.ndim == 2:
             p = p - lr * wd * p
         out[name] = p - lr * (m / (1 - b1**t)) / (jnp.sqrt(v / (1 - b2**t)) + eps)
-    return out, norm
+        m_out[name], v_out[name] = m, v
+    return out, (m_out, v_out), norm
+
+
+def load_training(directory, dtype=jnp.float32):
+    """A `moe train` checkpoint: (config, params, (m, v), steps done, train settings).
+
+    The moments come from optimizer.safetensors (`<name>.m`, `<name>.v`, CONTRACT §9),
+    the step count and settings from state.json.
+    """
+    directory = Path(directory)
+    config, params = load_checkpoint(directory, dtype)
+    moments = load_file(directory / "optimizer.safetensors")
+    m = {name: jnp.asarray(moments[f"{name}.m"], dtype=dtype) for name in params}
+    v = {name: jnp.asarray(moments[f"{name}.v"], dtype=dtype) for name in params}
+    state = json.loads((directory / "state.json").read_text())
+    return config, params, (m, v), state["step"], state["train"]
 
 
 DEFAULT_TRAIN = {

@@ -2,15 +2,21 @@
 
 For every case it runs `moe init` and `moe dump` (the Rust side) and the
 reference on the same weights and batch, and compares logits, losses, every
-gradient, the routing and the weights after one AdamW step. One table row per
-case and tensor group; the exit status is non-zero on any failure.
+gradient, the routing and the weights after one AdamW step. The resume cases
+instead run a short `moe train` and `moe dump --resume` on its checkpoint, so
+that the AdamW step continues non-zero moments: the reference reads those
+moments, the step count and the settings from the checkpoint files itself and
+the weights *and* moments after the step are compared. One table row per case
+and tensor group; the exit status is non-zero on any failure.
 
     python -m moe_ref.parity --moe target/release/moe [--x64] [--quick]
                              [--dump "COMMAND"] [--label NAME]
 
 `--dump` checks another implementation (a Rosetta track): COMMAND is run in
 place of `moe dump` with the same arguments (`--checkpoint DIR --batch FILE
---out FILE --step N --train FILE`) and must write the same tensors.
+--out FILE --step N --train FILE`) and must write the same tensors. The resume
+cases need `moe train` checkpoints and `dump --resume`, which the tracks do not
+have: they are skipped for `--dump`, with a note.
 """
 
 import argparse
@@ -35,6 +41,7 @@ TOL_LOSS = 1e-5  # |a − b| / |b|
 TOL_GRAD = 1e-4  # ‖a − b‖ ≤ max(TOL_GRAD·‖b‖, GRAD_FLOOR·max_tensor ‖b‖)
 GRAD_FLOOR = 1e-6
 TOL_AFTER = 1e-6  # max |a − b| over every parameter
+TOL_MOMENTS = 1e-6  # ‖a − b‖ / ‖b‖ per moment tensor, worst tensor
 
 GQA = {
     "hidden_dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "head_dim": 16,
@@ -61,25 +68,49 @@ def cases(quick):
     return out
 
 
+# Resume cases: (name, `moe train` flags, B, S, seed of the dump's batch). Each
+# trains a few steps from scratch on the built-in corpus, saving every step,
+# then takes one more AdamW step from the saved moments with `moe dump --resume`.
+RESUME_CASES = [
+    # t = 4 after a 3-step schedule: the cosine floor, with clipping (|g| ≈ 8).
+    ("resume tiny t4", ["--config", "tiny", "--steps", "3", "--batch", "2", "--seq", "16"], 2, 16, 11),
+    # t = 6 mid-cosine, no clipping, other β2, decay, lr and schedule floor.
+    ("resume gqa t6 unclipped", ["--config", GQA, "--steps", "5", "--batch", "3", "--seq", "8",
+                                 "--warmup", "2", "--schedule-steps", "12", "--lr", "3e-3",
+                                 "--grad-clip", "0", "--beta2", "0.99", "--weight-decay", "0.05"], 1, 24, 12),
+]
+
+
 def run(cmd):
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"command failed: {' '.join(map(str, cmd))}\n{result.stderr}")
 
 
-def rust_side(moe, dump_cmd, work, spec, batch, seq, seed, step, train):
-    """Runs moe init + the dump command; returns (checkpoint dir, ids, targets, dump, train settings)."""
-    ckpt = work / "ckpt"
-    config_arg = spec
-    if isinstance(spec, dict):
-        config_arg = str(work / "config.json")
-        Path(config_arg).write_text(json.dumps(spec))
-    run([moe, "init", "--config", config_arg, "--seed", str(seed), "--out", ckpt, "--force"])
-    vocab = json.loads((ckpt / "config.json").read_text())["vocab_size"]
+def write_batch(work, vocab, seed, batch, seq):
+    """A random batch of ids and targets < vocab, as work/batch.json; returns (ids, targets)."""
     rng = np.random.default_rng(seed * 1000 + batch * 100 + seq)
     ids = rng.integers(0, vocab, size=(batch, seq))
     targets = rng.integers(0, vocab, size=(batch, seq))
     (work / "batch.json").write_text(json.dumps({"ids": ids.tolist(), "targets": targets.tolist()}))
+    return ids, targets
+
+
+def config_arg(work, spec):
+    """A preset name as is, a config dict written to work/config.json."""
+    if isinstance(spec, dict):
+        path = work / "config.json"
+        path.write_text(json.dumps(spec))
+        return str(path)
+    return spec
+
+
+def rust_side(moe, dump_cmd, work, spec, batch, seq, seed, step, train):
+    """Runs moe init + the dump command; returns (checkpoint dir, ids, targets, dump, train settings)."""
+    ckpt = work / "ckpt"
+    run([moe, "init", "--config", config_arg(work, spec), "--seed", str(seed), "--out", ckpt, "--force"])
+    vocab = json.loads((ckpt / "config.json").read_text())["vocab_size"]
+    ids, targets = write_batch(work, vocab, seed, batch, seq)
     settings = {**ref.DEFAULT_TRAIN, **train}
     (work / "train.json").write_text(json.dumps(settings))
     dump = work / "dump.safetensors"
@@ -88,14 +119,28 @@ def rust_side(moe, dump_cmd, work, spec, batch, seq, seed, step, train):
     return ckpt, ids, targets, load_file(dump), settings
 
 
+def resume_side(moe, work, flags, batch, seq, seed):
+    """Runs a short `moe train` then `moe dump --resume` on its checkpoint;
+    returns (run dir, ids, targets, dump)."""
+    out = work / "run"
+    flags = [config_arg(work, f) for f in flags]
+    run([moe, "train", *flags, "--save-every", "1", "--eval-batches", "1", "--out", out])
+    vocab = json.loads((out / "config.json").read_text())["vocab_size"]
+    ids, targets = write_batch(work, vocab, seed, batch, seq)
+    dump = work / "dump.safetensors"
+    run([moe, "dump", "--resume", out, "--batch", work / "batch.json", "--out", dump])
+    return out, ids, targets, load_file(dump)
+
+
 def rel(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     denom = np.linalg.norm(b)
     return float(np.linalg.norm(a - b) / denom) if denom > 0 else float(np.linalg.norm(a))
 
 
-def compare(ours, config, params, ids, targets, settings, step, dtype):
-    """Rows (group, error, tolerance, ok, detail) for one case."""
+def compare(ours, config, params, ids, targets, settings, step, moments=None):
+    """Rows (group, error, tolerance, ok, detail) for one case; `moments` (m, v)
+    are those the AdamW step continues (zero when None)."""
     (total, (ce, aux, logits, routes)), grads = ref.loss_and_grads(
         params, config, ids, targets, settings["aux_loss_alpha"]
     )
@@ -137,16 +182,40 @@ def compare(ours, config, params, ids, targets, settings, step, dtype):
     our_grads = {name: ours[f"grad.{name}"] for name in params}
     for label, source, gating in (("after AdamW (our grads)", our_grads, True),
                                   ("after AdamW (ref grads)", grads, False)):
-        after, norm = ref.adamw_first_step(params, source, step, settings)
+        after, (m, v), norm = ref.adamw_step(params, source, step, settings, moments)
         worst = max(float(np.max(np.abs(np.asarray(ours[f"after.{n}"], np.float64) - np.asarray(p, np.float64))))
                     for n, p in after.items())
         clipped = settings["grad_clip"] > 0 and norm > settings["grad_clip"]
         detail = f"step {step}, {'clipped' if clipped else 'unclipped'} (|g| {norm:.3g})"
-        if gating:
-            rows.append((label, worst, TOL_AFTER, worst <= TOL_AFTER, detail))
-        else:
+        if not gating:
             rows.append((label, worst, float("nan"), True, "informational, see docs/verification.md"))
+            continue
+        rows.append((label, worst, TOL_AFTER, worst <= TOL_AFTER, detail))
+        if moments is not None:
+            worst, worst_name = max((rel(ours[f"{k}_after.{n}"], x[n]), f"{k}.{n}")
+                                    for k, x in (("m", m), ("v", v)) for n in params)
+            rows.append(("moments after (worst)", worst, TOL_MOMENTS, worst <= TOL_MOMENTS, worst_name))
     return rows
+
+
+def resume_rows(ours, moments):
+    """The dump must have started from the checkpoint's moments, bit for bit."""
+    same = all(np.array_equal(ours[f"{k}.{n}"], np.asarray(x[n], np.float32))
+               for k, x in zip("mv", moments) for n in x)
+    nonzero = all(np.any(np.asarray(x[n])) for x in moments for n in x)
+    ok = same and nonzero
+    return [("moments before = ckpt's", 0.0 if ok else 1.0, 0.0, ok, "all non-zero" if nonzero else "some zero")]
+
+
+def print_rows(name, rows):
+    """Prints a case's rows; returns the number of failures."""
+    failures = 0
+    for group, err, tol, ok, detail in rows:
+        failures += not ok
+        tol_text = f"{tol:10.0e}" if tol == tol else f"{'-':>10}"
+        result = "info" if tol != tol else "ok" if ok else "FAIL"
+        print(f"{name:28} {group:26} {err:10.2e} {tol_text}  {result:6}  {detail}", flush=True)
+    return failures
 
 
 def main():
@@ -169,11 +238,16 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             ckpt, ids, targets, ours, settings = rust_side(args.moe, dump_cmd, Path(tmp), spec, batch, seq, seed, step, train)
             config, params = ref.load_checkpoint(ckpt, dtype)
-        for group, err, tol, ok, detail in compare(ours, config, params, ids, targets, settings, step, dtype):
-            failures += not ok
-            tol_text = f"{tol:10.0e}" if tol == tol else f"{'-':>10}"
-            result = "info" if tol != tol else "ok" if ok else "FAIL"
-            print(f"{name:28} {group:26} {err:10.2e} {tol_text}  {result:6}  {detail}", flush=True)
+        failures += print_rows(name, compare(ours, config, params, ids, targets, settings, step))
+    if args.dump:
+        print(f"{'resume cases':28} skipped: they need `moe train` checkpoints and `dump --resume`, "
+              f"which {args.label} does not have")
+    for name, flags, batch, seq, seed in [] if args.dump else RESUME_CASES:
+        with tempfile.TemporaryDirectory() as tmp:
+            out, ids, targets, ours = resume_side(args.moe, Path(tmp), flags, batch, seq, seed)
+            config, params, moments, done, settings = ref.load_training(out, dtype)
+        rows = resume_rows(ours, moments) + compare(ours, config, params, ids, targets, settings, done + 1, moments)
+        failures += print_rows(name, rows)
     verdict = "all cases agree" if failures == 0 else f"{failures} failures"
     print(f"\n{args.label}: {verdict} ({time.time() - start:.0f} s)")
     sys.exit(1 if failures else 0)

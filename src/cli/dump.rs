@@ -15,8 +15,9 @@ pub struct Args {
     #[arg(long, required_unless_present = "resume", conflicts_with = "resume")]
     checkpoint: Option<PathBuf>,
     /// A training checkpoint instead: the AdamW step continues its moments and
-    /// step count (t = its step + 1), and the moments before the step are
-    /// written as `m.<name>` / `v.<name>`.
+    /// step count (t = its step + 1); the moments before the step are written
+    /// as `m.<name>` / `v.<name>`, those after it as `m_after.<name>` /
+    /// `v_after.<name>`.
     #[arg(long, value_name = "DIR")]
     resume: Option<PathBuf>,
     /// Batch as JSON: {"ids": [[...]], "targets": [[...]]}.
@@ -107,34 +108,27 @@ pub fn run(args: Args) -> Result<()> {
             bytes: bytemuck::cast_slice(&as_i32).to_vec(),
         });
     }
-    for spec in &layout.tensors {
-        let name = format!("grad.{}", spec.name);
-        entries.push(Entry::f32(
-            name,
-            spec.shape.clone(),
-            &grads[spec.range.clone()],
-        ));
-    }
-
-    if let Some(opt) = &optimizer {
-        for (prefix, moment) in [("m", &opt.m), ("v", &opt.v)] {
-            for spec in &layout.tensors {
-                let name = format!("{prefix}.{}", spec.name);
-                entries.push(Entry::f32(
-                    name,
-                    spec.shape.clone(),
-                    &moment[spec.range.clone()],
-                ));
-            }
+    // Every tensor of a flat parameter-layout buffer as `<prefix>.<name>`.
+    let per_tensor = |entries: &mut Vec<Entry>, prefix: &str, flat: &[f32]| {
+        for spec in &layout.tensors {
+            let name = format!("{prefix}.{}", spec.name);
+            entries.push(Entry::f32(name, spec.shape.clone(), &flat[spec.range.clone()]));
         }
+    };
+    per_tensor(&mut entries, "grad", &grads);
+
+    let resumed = optimizer.is_some();
+    if let Some(opt) = &optimizer {
+        per_tensor(&mut entries, "m", &opt.m);
+        per_tensor(&mut entries, "v", &opt.v);
     }
     let optimizer = optimizer.unwrap_or_else(|| AdamW::new(&layout));
     let mut trainer = Trainer::resume(model, train, optimizer, step - 1)?;
     let stats = trainer.train_step(&batch)?;
-    for spec in &layout.tensors {
-        let name = format!("after.{}", spec.name);
-        let values = &trainer.model().params()[spec.range.clone()];
-        entries.push(Entry::f32(name, spec.shape.clone(), values));
+    per_tensor(&mut entries, "after", trainer.model().params());
+    if resumed {
+        per_tensor(&mut entries, "m_after", &trainer.optimizer().m);
+        per_tensor(&mut entries, "v_after", &trainer.optimizer().v);
     }
 
     let views = entries.iter().map(|e| {
