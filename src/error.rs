@@ -81,6 +81,20 @@ pub enum MoeError {
         step: u64,
     },
 
+    /// A step's cross-entropy broke the divergence rule (above
+    /// `train::DIVERGENCE_FACTOR`·ln V); the step was refused and not saved.
+    #[error(
+        "training diverged at step {step}: cross-entropy {ce:.3} > {limit:.3} nats (4·ln V, four times a uniform guess's); the step was refused and nothing was saved (lower the learning rate?)"
+    )]
+    Diverged {
+        /// The step number that was refused.
+        step: u64,
+        /// Its cross-entropy (nats/token).
+        ce: f32,
+        /// The rule's limit for this vocabulary.
+        limit: f32,
+    },
+
     /// A computation outside training produced NaN or infinity (e.g. the
     /// logits of a diverged model).
     #[error("non-finite {what}: the model has diverged (NaN or infinite values)")]

@@ -56,6 +56,22 @@ fn update_stays_finite(config: &TrainConfig, lr: f64, scaled_norm: f32) -> bool 
         && config.beta1 >= 0.9
 }
 
+/// The divergence rule: a model whose cross-entropy exceeds this many times
+/// ln V — the loss of a uniform guess over the V tokens — has diverged. A
+/// fresh He-initialised model starts within about one nat of ln V (its
+/// logits have variance ≈ 2, adding ≈ σ²/2), training only lowers it, and
+/// 4·ln V means the targets get, on average, probability V⁻⁴: far worse than
+/// guessing, which only a blown-up update produces (at lr 10 the tiny model's
+/// loss passes 10·ln V in two steps). 4·ln V ≥ ln V + 1 for every V ≥ 2, so a
+/// fresh model never trips it.
+pub const DIVERGENCE_FACTOR: f32 = 4.0;
+
+/// Cross-entropy (nats/token) above which a model with vocabulary `vocab`
+/// has diverged: DIVERGENCE_FACTOR·ln V.
+pub fn divergence_limit(vocab: usize) -> f32 {
+    DIVERGENCE_FACTOR * (vocab as f32).ln()
+}
+
 impl Trainer {
     /// A trainer at step 0 with zeroed optimizer moments.
     pub fn new(model: Model, config: TrainConfig) -> Result<Self> {
@@ -92,8 +108,9 @@ impl Trainer {
 
     /// One step on `batch`. A non-finite loss or gradient, or an update that
     /// would make a weight or moment non-finite, refuses the step with
-    /// [`MoeError::NonFinite`]: weights, moments and the step counter stay as
-    /// they were.
+    /// [`MoeError::NonFinite`]; a cross-entropy above [`divergence_limit`]
+    /// refuses it with [`MoeError::Diverged`]. A refused step leaves weights,
+    /// moments and the step counter as they were.
     pub fn train_step(&mut self, batch: &Batch) -> Result<StepStats> {
         let t = self.step + 1;
         let alpha = self.config.aux_loss_alpha as f32;
@@ -108,7 +125,26 @@ impl Trainer {
                 MoeError::NonFiniteValue { what } => MoeError::NonFinite { what, step: t },
                 other => other,
             })?;
+        self.check_divergence(losses.ce, t)?;
         self.apply_gradients(losses, grad_norm)
+    }
+
+    /// The divergence rule on the current weights — their cross-entropy on
+    /// `batch`, one forward — charged to the step that produced them. A step's
+    /// own loss is measured before its update, so `moe train` runs this before
+    /// every save: no checkpoint holds a diverged model.
+    pub fn check_weights(&mut self, batch: &Batch) -> Result<()> {
+        let ce = self.model.losses(batch, 0.0)?.ce;
+        self.check_divergence(ce, self.step)
+    }
+
+    /// [`MoeError::Diverged`] for step `step` when `ce` exceeds the limit.
+    fn check_divergence(&self, ce: f32, step: u64) -> Result<()> {
+        let limit = divergence_limit(self.model.config().vocab_size);
+        if ce > limit {
+            return Err(MoeError::Diverged { step, ce, limit });
+        }
+        Ok(())
     }
 
     /// Clips the gradients in `self.grads` and `self.factored` (whose global norm is `grad_norm`)
@@ -224,6 +260,38 @@ mod tests {
         assert_eq!(trainer.model().params(), seven.params());
         let (default, _) = convergence_setup().unwrap();
         assert_ne!(trainer.model().params(), default.model().params());
+    }
+
+    #[test]
+    fn a_diverging_step_is_refused_by_the_loss_rule() {
+        let (trainer, batch) = convergence_setup().unwrap();
+        let wild = TrainConfig {
+            lr: 10.0,
+            warmup_steps: 0,
+            grad_clip: 0.0,
+            ..TrainConfig::default()
+        };
+        let mut trainer = Trainer::new(trainer.into_model(), wild).unwrap();
+        trainer.check_weights(&batch).unwrap();
+        let first = trainer.train_step(&batch).unwrap();
+        assert!(
+            first.ce < divergence_limit(1000),
+            "a fresh model is not diverged"
+        );
+        // The first update at lr 10 blew the model up: the weights it saved
+        // would fail the rule (charged to step 1), and step 2 is refused.
+        match trainer.check_weights(&batch) {
+            Err(MoeError::Diverged { step: 1, ce, limit }) => assert!(ce > limit && ce.is_finite()),
+            other => panic!("{other:?}"),
+        }
+        let before = trainer.clone();
+        match trainer.train_step(&batch) {
+            Err(MoeError::Diverged { step: 2, .. }) => {}
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(trainer.step(), 1);
+        assert_eq!(trainer.model().params(), before.model().params());
+        assert_eq!(trainer.optimizer(), before.optimizer());
     }
 
     #[test]

@@ -745,6 +745,49 @@ fn no_input_makes_moe_panic_or_abort() {
 }
 
 #[test]
+fn a_diverging_run_stops_with_the_rule_and_keeps_the_last_good_checkpoint() {
+    let f = Fixture::new();
+    let wild = [
+        "--lr",
+        "10",
+        "--grad-clip",
+        "0",
+        "--warmup",
+        "1",
+        "--steps",
+        "20",
+    ];
+    // Saving every step: step 1's update blows the model up, which the check
+    // before its save catches, so the step-0 checkpoint stays.
+    let out = f.train("every", &[&wild[..], &["--save-every", "1"]].concat());
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let text = stderr(&out);
+    assert!(
+        text.contains("training diverged at step 1: cross-entropy"),
+        "{text}"
+    );
+    assert!(text.contains("4·ln V"), "{text}");
+    let state: serde_json::Value =
+        serde_json::from_slice(&file(&f.path("every/state.json"))).unwrap();
+    assert_eq!(state["step"], 0);
+    let config = ModelConfig::load(&f.path("config.json")).unwrap();
+    let fresh = rosetta_moe::Model::new(config, 42).unwrap();
+    let saved = rosetta_moe::checkpoint::load_model(&f.path("every")).unwrap();
+    assert_eq!(saved.params(), fresh.params());
+    // Saving rarely: step 2's own loss breaks the rule and it is refused.
+    let out = f.train("rare", &wild);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("training diverged at step 2"),
+        "{}",
+        stderr(&out)
+    );
+    let state: serde_json::Value =
+        serde_json::from_slice(&file(&f.path("rare/state.json"))).unwrap();
+    assert_eq!(state["step"], 0);
+}
+
+#[test]
 fn generate_refuses_the_logits_of_a_diverged_checkpoint() {
     let f = Fixture::new();
     assert!(f.train("run", &["--steps", "2"]).status.success());

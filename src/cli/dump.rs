@@ -112,7 +112,11 @@ pub fn run(args: Args) -> Result<()> {
     let per_tensor = |entries: &mut Vec<Entry>, prefix: &str, flat: &[f32]| {
         for spec in &layout.tensors {
             let name = format!("{prefix}.{}", spec.name);
-            entries.push(Entry::f32(name, spec.shape.clone(), &flat[spec.range.clone()]));
+            entries.push(Entry::f32(
+                name,
+                spec.shape.clone(),
+                &flat[spec.range.clone()],
+            ));
         }
     };
     per_tensor(&mut entries, "grad", &grads);

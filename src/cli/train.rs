@@ -255,9 +255,9 @@ pub fn run(args: Args) -> Result<()> {
         Some(dir) => resume(&args, dir, source, &text)?,
         None => {
             check_steps(args.steps, 0)?;
-            let run = start(&args, source, &text)?;
+            let mut run = start(&args, source, &text)?;
             // Step 0 is a checkpoint too: a run killed at any moment resumes.
-            save(&run)?;
+            save(&mut run, None)?;
             run
         }
     };
@@ -476,7 +476,13 @@ fn evaluate(model: &mut Model, batches: &[Batch]) -> Result<f32> {
     Ok(sum / batches.len() as f32)
 }
 
-fn save(run: &Run) -> Result<()> {
+/// Saves the run's checkpoint; with `trained_on` (a batch of this run's
+/// training data) only after the weights pass the divergence rule on it, so
+/// that a diverged model never replaces the last good checkpoint.
+fn save(run: &mut Run, trained_on: Option<&Batch>) -> Result<()> {
+    if let Some(batch) = trained_on {
+        run.trainer.check_weights(batch)?;
+    }
     let state = DataState {
         source: run.source.clone(),
         fingerprint: run.data.fingerprint.clone(),
@@ -515,7 +521,7 @@ fn train(args: &Args, run: &mut Run) -> Result<()> {
     for step in first..=args.steps {
         if interrupted.load(Ordering::SeqCst) {
             bar.finish_and_clear();
-            save(run)?;
+            save(run, (step > first).then_some(&batch))?;
             eprintln!(
                 "interrupted: checkpoint at step {} saved in {}; continue with `moe train --resume {} --steps {}`",
                 run.trainer.step(),
@@ -530,7 +536,11 @@ fn train(args: &Args, run: &mut Run) -> Result<()> {
             Ok(stats) => stats,
             Err(e) => {
                 bar.abandon();
-                save(run)?;
+                // A refused non-finite step left finite weights: keep the
+                // steps since the last save. A diverged run saves nothing.
+                if matches!(e, MoeError::NonFinite { .. }) {
+                    save(run, (step > first).then_some(&batch))?;
+                }
                 return Err(e);
             }
         };
@@ -571,11 +581,11 @@ fn train(args: &Args, run: &mut Run) -> Result<()> {
             );
         }
         if step % args.save_every == 0 && step != args.steps {
-            save(run)?;
+            save(run, Some(&batch))?;
         }
     }
     bar.finish_and_clear();
-    save(run)?;
+    save(run, Some(&batch))?;
     let seconds = start.elapsed().as_secs_f64();
     let (train_loss, val_loss) = (
         last_train_eval.unwrap_or(f32::NAN),
