@@ -11,7 +11,7 @@
 use crate::attention::{Attention, AttnActs, AttnDims, AttnScratch, KvCache, KvSource};
 use crate::config::ModelConfig;
 use crate::error::{MoeError, Result};
-use crate::kernels::Write;
+use crate::kernels::{self, Write};
 use crate::layers::{Embedding, Linear, PackedWeights, Param, RmsNorm, Rope, Shape, Weights};
 use crate::loss;
 use crate::memory;
@@ -380,11 +380,36 @@ impl Model {
     }
 
     /// Packs every linear weight for inference, unless already packed for the
-    /// current parameters (allocates on the first call only).
-    fn ensure_packed(&mut self) {
+    /// current parameters (allocates on the first call only). Refuses, before
+    /// allocating, when the weights and their packed copy do not fit together.
+    fn ensure_packed(&mut self) -> Result<()> {
         if !self.packed.is_valid() {
+            memory::ensure_fits(
+                || {
+                    format!(
+                        "inference with a model of {} parameters (its weights, tables and packed copy)",
+                        self.config.param_count()
+                    )
+                },
+                self.inference_bytes(),
+                "",
+            )?;
             self.packed.build(&self.params, &self.linears);
         }
+        Ok(())
+    }
+
+    /// Bytes an inference model holds: weights and RoPE tables
+    /// ([`ModelConfig::model_bytes`]) plus the packed copy of every linear
+    /// weight (`kernels::packed_weight_len` f32 each, rows padded to whole
+    /// panels); `None` when the sum overflows.
+    pub fn inference_bytes(&self) -> Option<u64> {
+        let packed = self.linears.iter().try_fold(0u64, |sum, (_, out, inp)| {
+            sum.checked_add(u64::try_from(kernels::packed_weight_len(*out, *inp)).ok()?)
+        })?;
+        packed
+            .checked_mul(4)?
+            .checked_add(self.config.model_bytes())
     }
 
     /// The model's named parts and its workspace. Training changes the
@@ -403,7 +428,7 @@ impl Model {
     /// keeping what backward needs.
     pub fn forward(&mut self, ids: &[u32], batch: usize) -> Result<&[f32]> {
         let seq = self.check_ids(ids, batch, false)?;
-        self.ensure_packed();
+        self.ensure_packed()?;
         self.run_forward(ids, Shape { batch, seq }, Pass::Infer);
         Ok(&self.ws.logits[..ids.len() * self.config.vocab_size])
     }
@@ -429,7 +454,7 @@ impl Model {
                 max: cache.capacity,
             });
         }
-        self.ensure_packed();
+        self.ensure_packed()?;
         self.run_forward(ids, Shape { batch: 1, seq }, Pass::Decode(cache));
         cache.len += seq;
         Ok(&self.ws.logits[..self.config.vocab_size])

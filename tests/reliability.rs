@@ -229,6 +229,22 @@ fn routes_after_an_inference_forward_are_not_reported() {
 }
 
 #[test]
+fn the_inference_need_counts_the_packed_copy_of_the_weights() {
+    let config = ModelConfig::tiny();
+    let mut model = Model::new(config.clone(), 1).unwrap();
+    // Every weight but the embedding and the RMSNorm gains is packed.
+    let h = config.hidden_dim;
+    let gains = (2 * config.n_layers + 1) * h;
+    let linear = (config.param_count() - config.vocab_size * h - gains) as u64;
+    let need = model.inference_bytes().unwrap();
+    let packed = need - config.model_bytes();
+    assert!(packed >= 4 * linear, "{packed} < {}", 4 * linear);
+    assert!(packed < 8 * linear, "padding only: {packed}");
+    // The check sits before the copy is built: inference still runs.
+    model.forward(&[1, 2, 3], 1).unwrap();
+}
+
+#[test]
 fn impossible_sizes_are_refused_before_allocating() {
     let huge_seq = ModelConfig {
         max_seq_len: 1 << 40,
