@@ -349,6 +349,9 @@ pub struct TrainConfig {
     pub warmup_steps: u64,
     /// Length of the cosine schedule in steps.
     pub total_steps: u64,
+    /// Floor of the cosine schedule as a fraction of `lr`, in [0, 1]
+    /// (min_lr = min_lr_ratio·lr).
+    pub min_lr_ratio: f64,
     /// AdamW first-moment decay.
     pub beta1: f64,
     /// AdamW second-moment decay.
@@ -373,6 +376,7 @@ impl Default for TrainConfig {
             lr: 1e-3,
             warmup_steps: 10,
             total_steps: 1200,
+            min_lr_ratio: 0.1,
             beta1: 0.9,
             beta2: 0.95,
             eps: 1e-8,
@@ -412,6 +416,7 @@ impl TrainConfig {
         let bad = |msg: String| Err(MoeError::InvalidTraining(msg));
         let finite = [
             ("lr", self.lr),
+            ("min_lr_ratio", self.min_lr_ratio),
             ("beta1", self.beta1),
             ("beta2", self.beta2),
             ("eps", self.eps),
@@ -426,6 +431,12 @@ impl TrainConfig {
         }
         if self.lr < 0.0 {
             return bad(format!("lr = {} must be ≥ 0", self.lr));
+        }
+        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
+            return bad(format!(
+                "min_lr_ratio = {} must be in [0, 1]",
+                self.min_lr_ratio
+            ));
         }
         for (name, beta) in [("beta1", self.beta1), ("beta2", self.beta2)] {
             if !(0.0..1.0).contains(&beta) {

@@ -11,7 +11,8 @@ use crate::params::{Gradients, ParamLayout};
 /// Learning rate at step `t` (1-based):
 ///   t ≤ warmup:  lr·t/warmup
 ///   after:       progress = min(1, (t − warmup)/(total − warmup))
-///                lr_t = min_lr + ½(lr − min_lr)(1 + cos(π·progress)),  min_lr = 0.1·lr
+///                lr_t = min_lr + ½(lr − min_lr)(1 + cos(π·progress)),
+///                min_lr = min_lr_ratio·lr  (0.1 by default)
 pub fn learning_rate(config: &TrainConfig, t: u64) -> f64 {
     let (lr, warmup, total) = (config.lr, config.warmup_steps, config.total_steps);
     if t <= warmup {
@@ -22,7 +23,7 @@ pub fn learning_rate(config: &TrainConfig, t: u64) -> f64 {
     } else {
         1.0
     };
-    let min_lr = 0.1 * lr;
+    let min_lr = config.min_lr_ratio * lr;
     min_lr + 0.5 * (lr - min_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
 }
 
@@ -200,6 +201,20 @@ mod tests {
         assert!((learning_rate(&c, 605) - 5.5e-4).abs() < 1e-9);
         assert!((learning_rate(&c, 1200) - 1e-4).abs() < 1e-12);
         assert!((learning_rate(&c, 5000) - 1e-4).abs() < 1e-12);
+    }
+
+    #[test]
+    fn the_schedule_floor_is_min_lr_ratio_times_lr() {
+        for ratio in [0.0, 0.25, 1.0] {
+            let c = TrainConfig {
+                min_lr_ratio: ratio,
+                ..TrainConfig::default()
+            };
+            let floor = ratio * 1e-3;
+            assert!((learning_rate(&c, 1200) - floor).abs() < 1e-12, "{ratio}");
+            assert!((learning_rate(&c, 605) - (floor + 1e-3) / 2.0).abs() < 1e-9);
+            assert!((learning_rate(&c, 10) - 1e-3).abs() < 1e-12);
+        }
     }
 
     #[test]

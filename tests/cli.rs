@@ -788,6 +788,32 @@ fn a_diverging_run_stops_with_the_rule_and_keeps_the_last_good_checkpoint() {
 }
 
 #[test]
+fn min_lr_ratio_sets_the_schedule_floor_and_is_checked_first() {
+    let f = Fixture::new();
+    let flags = ["--steps", "3", "--warmup", "1", "--lr", "1e-3"];
+    let out = f.train("run", &[&flags[..], &["--min-lr-ratio", "0.25"]].concat());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let metrics = String::from_utf8(file(&f.path("run/metrics.jsonl"))).unwrap();
+    let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+    // Step 3 ends the 3-step schedule: lr = 0.25·1e-3.
+    assert!(
+        (last["lr"].as_f64().unwrap() - 2.5e-4).abs() < 1e-12,
+        "{last}"
+    );
+    let out = f.train("bad", &[&flags[..], &["--min-lr-ratio", "1.5"]].concat());
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("min_lr_ratio = 1.5 must be in [0, 1]"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        !f.path("bad").exists(),
+        "refused before the directory is made"
+    );
+}
+
+#[test]
 fn generate_refuses_the_logits_of_a_diverged_checkpoint() {
     let f = Fixture::new();
     assert!(f.train("run", &["--steps", "2"]).status.success());

@@ -194,6 +194,15 @@ fn invalid_configs() {
         TrainConfig::from_json("{\"lr\": 1, \"typo\": 2}"),
         Err(MoeError::Json { .. })
     ));
+    for ratio in ["-0.1", "1.5"] {
+        assert!(matches!(
+            TrainConfig::from_json(&format!("{{\"min_lr_ratio\": {ratio}}}")),
+            Err(MoeError::InvalidTraining(m)) if m.contains("min_lr_ratio")
+        ));
+    }
+    for ratio in ["0", "1"] {
+        TrainConfig::from_json(&format!("{{\"min_lr_ratio\": {ratio}}}")).unwrap();
+    }
 }
 
 #[test]

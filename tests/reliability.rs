@@ -229,6 +229,31 @@ fn routes_after_an_inference_forward_are_not_reported() {
 }
 
 #[test]
+fn min_lr_ratio_is_kept_by_a_checkpoint_and_defaults_for_old_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = TrainConfig {
+        min_lr_ratio: 0.25,
+        ..TrainConfig::default()
+    };
+    let model = Model::new(ModelConfig::tiny(), 42).unwrap();
+    save_training(&Trainer::new(model, train).unwrap(), None, dir.path()).unwrap();
+    let (trainer, state) = load_training(dir.path()).unwrap();
+    assert_eq!(state.train.min_lr_ratio, 0.25);
+    assert_eq!(trainer.config().min_lr_ratio, 0.25);
+    // A state.json written before the field existed loads with 0.1.
+    let path = dir.path().join(checkpoint::STATE_FILE);
+    let mut json: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    json["train"]
+        .as_object_mut()
+        .unwrap()
+        .remove("min_lr_ratio")
+        .unwrap();
+    fs::write(&path, json.to_string()).unwrap();
+    let (trainer, _) = load_training(dir.path()).unwrap();
+    assert_eq!(trainer.config().min_lr_ratio, 0.1);
+}
+
+#[test]
 fn the_inference_need_counts_the_packed_copy_of_the_weights() {
     let config = ModelConfig::tiny();
     let mut model = Model::new(config.clone(), 1).unwrap();

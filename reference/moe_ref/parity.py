@@ -63,6 +63,9 @@ def cases(quick):
         # Clipping (c = 1) is active whenever the gradient norm exceeds 1 — almost
         # always at initialisation; every third case turns it off instead.
         train = {"grad_clip": 0.0} if seed == 3 else {}
+        if step == 100 and seq == 7:
+            # A short schedule with another floor: lr_t is 0.64·lr, not 0.35·lr.
+            train = {**train, "total_steps": 150, "min_lr_ratio": 0.5}
         out.append((f"{cfg_name} B{batch} S{seq} seed{seed}", spec, batch, seq, seed, step, train))
     out.append(("long S=max_seq_len", LONG, 2, LONG["max_seq_len"], 7, 20, {}))
     return out
@@ -77,7 +80,8 @@ RESUME_CASES = [
     # t = 6 mid-cosine, no clipping, other β2, decay, lr and schedule floor.
     ("resume gqa t6 unclipped", ["--config", GQA, "--steps", "5", "--batch", "3", "--seq", "8",
                                  "--warmup", "2", "--schedule-steps", "12", "--lr", "3e-3",
-                                 "--grad-clip", "0", "--beta2", "0.99", "--weight-decay", "0.05"], 1, 24, 12),
+                                 "--min-lr-ratio", "0.25", "--grad-clip", "0", "--beta2", "0.99",
+                                 "--weight-decay", "0.05"], 1, 24, 12),
 ]
 
 

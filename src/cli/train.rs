@@ -96,6 +96,9 @@ pub struct Args {
 /// CONTRACT §6 hyper-parameters of a new run [defaults: CONTRACT §6].
 #[derive(Debug, clap::Args)]
 struct HyperFlags {
+    /// Floor of the cosine schedule as a fraction of --lr, in [0, 1] [default: 0.1].
+    #[arg(long, conflicts_with = "resume")]
+    min_lr_ratio: Option<f64>,
     /// AdamW decoupled weight decay (2-D weights only) [default: 0.1].
     #[arg(long, conflicts_with = "resume")]
     weight_decay: Option<f64>,
@@ -120,6 +123,7 @@ impl HyperFlags {
     /// `train` with every given flag applied.
     fn apply(&self, train: TrainConfig) -> TrainConfig {
         TrainConfig {
+            min_lr_ratio: self.min_lr_ratio.unwrap_or(train.min_lr_ratio),
             weight_decay: self.weight_decay.unwrap_or(train.weight_decay),
             grad_clip: self.grad_clip.unwrap_or(train.grad_clip),
             beta1: self.beta1.unwrap_or(train.beta1),

@@ -77,6 +77,7 @@ type TrainConfig struct {
 	LR           float64 `json:"lr"`
 	WarmupSteps  int     `json:"warmup_steps"`
 	TotalSteps   int     `json:"total_steps"`
+	MinLRRatio   float64 `json:"min_lr_ratio"`
 	Beta1        float64 `json:"beta1"`
 	Beta2        float64 `json:"beta2"`
 	Eps          float64 `json:"eps"`
@@ -88,7 +89,7 @@ type TrainConfig struct {
 
 // DefaultTrain returns the contract's defaults.
 func DefaultTrain() TrainConfig {
-	return TrainConfig{1e-3, 10, 1200, 0.9, 0.95, 1e-8, 0.1, 1.0, 0.01, 42}
+	return TrainConfig{1e-3, 10, 1200, 0.1, 0.9, 0.95, 1e-8, 0.1, 1.0, 0.01, 42}
 }
 
 // Validate checks that every value is in range.
@@ -96,6 +97,8 @@ func (t TrainConfig) Validate() error {
 	switch {
 	case !(t.LR >= 0) || t.WarmupSteps < 0 || t.TotalSteps < 0:
 		return invalid("lr, warmup_steps and total_steps must be ≥ 0")
+	case !(t.MinLRRatio >= 0 && t.MinLRRatio <= 1):
+		return invalid("min_lr_ratio must be in [0, 1]")
 	case !(t.Beta1 >= 0 && t.Beta1 < 1) || !(t.Beta2 >= 0 && t.Beta2 < 1):
 		return invalid("beta1 and beta2 must be in [0, 1)")
 	case !(t.Eps > 0) || !(t.WeightDecay >= 0) || !(t.AuxLossAlpha >= 0) || t.GradClip != t.GradClip:

@@ -5,7 +5,7 @@ import "math"
 // LearningRate at step t (1-based):
 //
 //	t ≤ warmup: lr·t/warmup;  after: progress = min(1, (t − warmup)/(total − warmup)),
-//	lr_t = min_lr + ½(lr − min_lr)(1 + cos(π·progress)),  min_lr = 0.1·lr
+//	lr_t = min_lr + ½(lr − min_lr)(1 + cos(π·progress)),  min_lr = min_lr_ratio·lr
 func LearningRate(tc TrainConfig, t int) float64 {
 	if t <= tc.WarmupSteps {
 		return tc.LR * float64(t) / float64(tc.WarmupSteps)
@@ -14,7 +14,7 @@ func LearningRate(tc TrainConfig, t int) float64 {
 	if tc.TotalSteps > tc.WarmupSteps {
 		progress = min(1, float64(t-tc.WarmupSteps)/float64(tc.TotalSteps-tc.WarmupSteps))
 	}
-	minLR := 0.1 * tc.LR
+	minLR := tc.MinLRRatio * tc.LR
 	return minLR + 0.5*(tc.LR-minLR)*(1+math.Cos(math.Pi*progress))
 }
 

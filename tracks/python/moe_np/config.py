@@ -97,6 +97,7 @@ class TrainConfig:
     lr: float = 1e-3
     warmup_steps: int = 10
     total_steps: int = 1200
+    min_lr_ratio: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -120,8 +121,8 @@ class TrainConfig:
         return TrainConfig.from_dict(read_json(path))
 
     def validate(self):
-        """Finite values in range: lr ≥ 0, β ∈ [0, 1), eps > 0, decay and α ≥ 0."""
-        for name in ("lr", "beta1", "beta2", "eps", "weight_decay", "grad_clip", "aux_loss_alpha"):
+        """Finite values in range: lr ≥ 0, min_lr_ratio ∈ [0, 1], β ∈ [0, 1), eps > 0, decay and α ≥ 0."""
+        for name in ("lr", "min_lr_ratio", "beta1", "beta2", "eps", "weight_decay", "grad_clip", "aux_loss_alpha"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value)):
                 raise ConfigError(f"{name} = {value!r} must be a finite number")
@@ -131,6 +132,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} = {value!r} must be an integer ≥ 0")
         if self.lr < 0:
             raise ConfigError(f"lr = {self.lr} must be ≥ 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio = {self.min_lr_ratio} must be in [0, 1]")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"{name} = {getattr(self, name)} must be in [0, 1)")

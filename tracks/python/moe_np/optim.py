@@ -12,12 +12,12 @@ from .errors import NonFiniteError
 def learning_rate(train, t):
     """lr at step t (1-based): t ≤ warmup: lr·t/warmup; after it
     progress = min(1, (t − warmup)/(total − warmup)),  lr_t = min_lr + ½(lr − min_lr)(1 + cos(π·progress)),
-    min_lr = 0.1·lr."""
+    min_lr = min_lr_ratio·lr."""
     lr, warmup, total = train.lr, train.warmup_steps, train.total_steps
     if t <= warmup:
         return lr * t / warmup
     progress = min(1.0, (t - warmup) / (total - warmup)) if total > warmup else 1.0
-    min_lr = 0.1 * lr
+    min_lr = train.min_lr_ratio * lr
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
