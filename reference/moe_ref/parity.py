@@ -72,15 +72,16 @@ def cases(quick):
 
 
 # Resume cases: (name, `moe train` flags, B, S, seed of the dump's batch). Each
-# trains a few steps from scratch on the built-in corpus, saving every step,
-# then takes one more AdamW step from the saved moments with `moe dump --resume`.
+# trains a few steps from scratch on a fixed text (not the built-in corpus,
+# which changes with the docs), saving every step, then takes one more AdamW
+# step from the saved moments with `moe dump --resume`.
 RESUME_CASES = [
     # t = 4 after a 3-step schedule: the cosine floor, with clipping (|g| ≈ 8).
     ("resume tiny t4", ["--config", "tiny", "--steps", "3", "--batch", "2", "--seq", "16"], 2, 16, 11),
     # t = 6 mid-cosine, no clipping, other β2, decay, lr and schedule floor.
     ("resume gqa t6 unclipped", ["--config", GQA, "--steps", "5", "--batch", "3", "--seq", "8",
                                  "--warmup", "2", "--schedule-steps", "12", "--lr", "3e-3",
-                                 "--min-lr-ratio", "0.25", "--grad-clip", "0", "--beta2", "0.99",
+                                 "--min-lr-ratio", "0.25", "--grad-clip", "0", "--beta2", "0.9",
                                  "--weight-decay", "0.05"], 1, 24, 12),
 ]
 
@@ -126,9 +127,12 @@ def rust_side(moe, dump_cmd, work, spec, batch, seq, seed, step, train):
 def resume_side(moe, work, flags, batch, seq, seed):
     """Runs a short `moe train` then `moe dump --resume` on its checkpoint;
     returns (run dir, ids, targets, dump)."""
-    out = work / "run"
+    out, text = work / "run", work / "text.txt"
+    words = np.random.default_rng(seed).choice(["the", "moe", "router", "expert", "token", "rope", "norm",
+                                                "adamw", "step", "moment", "of", "a", "and", "is"], 6000)
+    text.write_text(" ".join(words) + "\n")
     flags = [config_arg(work, f) for f in flags]
-    run([moe, "train", *flags, "--save-every", "1", "--eval-batches", "1", "--out", out])
+    run([moe, "train", *flags, "--data", text, "--save-every", "1", "--eval-batches", "1", "--out", out])
     vocab = json.loads((out / "config.json").read_text())["vocab_size"]
     ids, targets = write_batch(work, vocab, seed, batch, seq)
     dump = work / "dump.safetensors"
