@@ -48,7 +48,7 @@ def main():
 
     config, params = ref.load_checkpoint(out, np.float64)
     (total, (ce, aux, logits, routes)), grads = ref.loss_and_grads(params, config, ids, targets, train["aux_loss_alpha"])
-    after, _ = ref.adamw_first_step(params, grads, STEP, train)
+    after, _, _ = ref.adamw_step(params, grads, STEP, train)
     tensors = {
         "logits": np.asarray(logits),
         "loss.ce": np.asarray([ce]),
