@@ -136,6 +136,8 @@ fn tensor_steps(
         grad_scale,
         beta1: config.beta1 as f32,
         beta2: config.beta2 as f32,
+        one_minus_beta1: (1.0 - config.beta1) as f32,
+        one_minus_beta2: (1.0 - config.beta2) as f32,
         inv_bias1: (1.0 / (1.0 - config.beta1.powi(t))) as f32,
         inv_bias2: (1.0 / (1.0 - config.beta2.powi(t))) as f32,
         lr: lr as f32,

@@ -81,7 +81,7 @@ RESUME_CASES = [
     # t = 6 mid-cosine, no clipping, other β2, decay, lr and schedule floor.
     ("resume gqa t6 unclipped", ["--config", GQA, "--steps", "5", "--batch", "3", "--seq", "8",
                                  "--warmup", "2", "--schedule-steps", "12", "--lr", "3e-3",
-                                 "--min-lr-ratio", "0.25", "--grad-clip", "0", "--beta2", "0.9",
+                                 "--min-lr-ratio", "0.25", "--grad-clip", "0", "--beta2", "0.999",
                                  "--weight-decay", "0.05"], 1, 24, 12),
 ]
 

@@ -265,6 +265,8 @@ mod tests {
             grad_scale: 0.7,
             beta1: 0.9,
             beta2: 0.95,
+            one_minus_beta1: 0.1,
+            one_minus_beta2: 0.05,
             inv_bias1: 10.0,
             inv_bias2: 20.0,
             lr: 1e-3,

@@ -142,6 +142,11 @@ pub struct AdamWStep {
     pub beta1: f32,
     /// β2.
     pub beta2: f32,
+    /// 1 − β1, formed in f64 before rounding (1 − β1 of an f32 β1 is off by up
+    /// to ulp(β1)/(1 − β1) relative: 1.3e-5 for β 0.999).
+    pub one_minus_beta1: f32,
+    /// 1 − β2, likewise.
+    pub one_minus_beta2: f32,
     /// 1/(1 − β1ᵗ).
     pub inv_bias1: f32,
     /// 1/(1 − β2ᵗ).
@@ -326,8 +331,8 @@ pub mod reference {
     pub fn adamw(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: AdamWStep) {
         for i in 0..p.len() {
             let g = g[i] * s.grad_scale;
-            m[i] = s.beta1 * m[i] + (1.0 - s.beta1) * g;
-            v[i] = s.beta2 * v[i] + (1.0 - s.beta2) * g * g;
+            m[i] = s.beta1 * m[i] + s.one_minus_beta1 * g;
+            v[i] = s.beta2 * v[i] + s.one_minus_beta2 * g * g;
             let w = p[i] - s.decay * p[i];
             p[i] = w - s.lr * (m[i] * s.inv_bias1) / ((v[i] * s.inv_bias2).sqrt() + s.eps);
         }
@@ -617,7 +622,7 @@ mod avx512 {
     #[target_feature(enable = "avx512f")]
     pub fn adamw(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: AdamWStep) {
         let (b1, b2) = (splat(s.beta1), splat(s.beta2));
-        let (c1, c2) = (splat(1.0 - s.beta1), splat(1.0 - s.beta2));
+        let (c1, c2) = (splat(s.one_minus_beta1), splat(s.one_minus_beta2));
         let (inv_bias1, inv_bias2) = (splat(s.inv_bias1), splat(s.inv_bias2));
         let (lr, eps, decay, gs) = (
             splat(s.lr),
@@ -749,6 +754,8 @@ mod tests {
             grad_scale: 0.5,
             beta1: 0.9,
             beta2: 0.95,
+            one_minus_beta1: 0.1,
+            one_minus_beta2: 0.05,
             inv_bias1: 1.0 / 0.271,
             inv_bias2: 1.0 / 0.142_625,
             lr: 1e-3,

@@ -477,6 +477,8 @@ pub fn adamw_bandwidth_gbs(floats: usize, budget: Duration) -> f64 {
         grad_scale: 1.0,
         beta1: 0.9,
         beta2: 0.95,
+        one_minus_beta1: 0.1,
+        one_minus_beta2: 0.05,
         inv_bias1: 10.0,
         inv_bias2: 20.0,
         lr: 1e-6,
