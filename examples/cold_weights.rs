@@ -26,7 +26,12 @@ fn median_per_call(copies: usize, mut run: impl FnMut(usize)) -> f64 {
 fn main() {
     println!("# cargo run --release --example cold_weights (one core; medians of 5 sweeps)");
     let mut sink = 0.0;
-    for &(t, out, inp) in &[(8, 2048, 256), (16, 2048, 256), (8, 256, 1024), (16, 256, 1024)] {
+    for &(t, out, inp) in &[
+        (8, 2048, 256),
+        (16, 2048, 256),
+        (8, 256, 1024),
+        (16, 256, 1024),
+    ] {
         let size = out * inp;
         let copies = (256 << 20) / (4 * size);
         let weights: Vec<f32> = (0..copies * size).map(|i| (i % 7) as f32 * 0.1).collect();
