@@ -7,6 +7,7 @@ mod eval;
 mod export;
 mod generate;
 mod init;
+mod legend;
 mod stability;
 mod train;
 

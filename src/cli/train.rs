@@ -650,7 +650,7 @@ fn plot(metrics: &Path, out: &Path) -> Result<()> {
         let mut chart = ChartBuilder::on(&root)
             .caption("rosetta-moe training loss", ("sans-serif", 20))
             .margin(12)
-            .margin_right(170)
+            .margin_right(super::legend::MARGIN)
             .x_label_area_size(36)
             .y_label_area_size(48)
             .build_cartesian_2d(0..max_step, 0.0..max_loss.max(1e-3))
@@ -670,13 +670,7 @@ fn plot(metrics: &Path, out: &Path) -> Result<()> {
             .map_err(|e| draw(e.to_string()))?;
         // The legend sits in the right margin, outside the data.
         let legend = [("train (per step)", train_color), ("validation", val_color)];
-        for (i, (label, color)) in legend.into_iter().enumerate() {
-            let y = 60 + 22 * i as i32;
-            let line = PathElement::new(vec![(645, y), (665, y)], color.stroke_width(2));
-            root.draw(&line).map_err(|e| draw(e.to_string()))?;
-            let text = Text::new(label, (672, y - 6), ("sans-serif", 13));
-            root.draw(&text).map_err(|e| draw(e.to_string()))?;
-        }
+        super::legend::draw(&root, 60, &legend).map_err(draw)?;
         root.present().map_err(|e| draw(e.to_string()))?;
     }
     fs::rename(&tmp, out).map_err(|e| MoeError::io(out, e))

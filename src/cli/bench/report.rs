@@ -352,11 +352,12 @@ fn line_chart(
     let points = series.iter().flat_map(|(_, s)| s.iter());
     let x_max = points.clone().map(|p| p.0).fold(1.0, f64::max) * 1.05;
     let y_max = points.map(|p| p.1).fold(0.0, f64::max).max(1e-9) * 1.15;
-    let root = SVGBackend::new(path, (720, 420)).into_drawing_area();
+    let root = SVGBackend::new(path, (820, 420)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 18))
         .margin(12)
+        .margin_right(crate::cli::legend::MARGIN)
         .x_label_area_size(36)
         .y_label_area_size(70)
         .build_cartesian_2d(0.0..x_max, 0.0..y_max)
@@ -367,24 +368,19 @@ fn line_chart(
         .y_desc(labels.1)
         .draw()
         .map_err(|e| err(&e))?;
+    let mut legend = Vec::new();
     for (i, (name, points)) in series.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
         chart
             .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
-            .map_err(|e| err(&e))?
-            .label(*name)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
+            .map_err(|e| err(&e))?;
         chart
             .draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled())))
             .map_err(|e| err(&e))?;
+        legend.push((*name, color));
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerRight)
-        .draw()
-        .map_err(|e| err(&e))?;
+    // The legend sits in the right margin, outside the data.
+    crate::cli::legend::draw(&root, 60, &legend).map_err(|e| err(&e))?;
     root.present().map_err(|e| err(&e))
 }
 
