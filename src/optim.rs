@@ -131,18 +131,9 @@ fn tensor_steps(
     t: u64,
     config: &TrainConfig,
 ) -> impl Iterator<Item = (Range<usize>, AdamWStep)> {
-    let t = i32::try_from(t).unwrap_or(i32::MAX);
     let step = AdamWStep {
         grad_scale,
-        beta1: config.beta1 as f32,
-        beta2: config.beta2 as f32,
-        one_minus_beta1: (1.0 - config.beta1) as f32,
-        one_minus_beta2: (1.0 - config.beta2) as f32,
-        inv_bias1: (1.0 / (1.0 - config.beta1.powi(t))) as f32,
-        inv_bias2: (1.0 / (1.0 - config.beta2.powi(t))) as f32,
-        lr: lr as f32,
-        eps: config.eps as f32,
-        decay: 0.0,
+        ..AdamWStep::new((config.beta1, config.beta2), config.eps, lr, t)
     };
     let decay = (lr * config.weight_decay) as f32;
     segments.iter().map(move |(range, decayed)| {

@@ -263,15 +263,8 @@ mod tests {
         let product = Outer::new(Mat::new(&a, t, out), Mat::new(&b, t, inp));
         let step = AdamWStep {
             grad_scale: 0.7,
-            beta1: 0.9,
-            beta2: 0.95,
-            one_minus_beta1: 0.1,
-            one_minus_beta2: 0.05,
-            inv_bias1: 10.0,
-            inv_bias2: 20.0,
-            lr: 1e-3,
-            eps: 1e-8,
             decay: 1e-4,
+            ..AdamWStep::new((0.9, 0.95), 1e-8, 1e-3, 2)
         };
         let init = (
             data(out * inp, 7),

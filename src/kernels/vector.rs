@@ -159,6 +159,27 @@ pub struct AdamWStep {
     pub decay: f32,
 }
 
+impl AdamWStep {
+    /// The constants of step `t` (1-based) for β1, β2, ε and learning rate
+    /// `lr`, every derived one formed in f64 before rounding to f32; no
+    /// clipping (grad_scale 1) and no decay — set those per tensor.
+    pub fn new((beta1, beta2): (f64, f64), eps: f64, lr: f64, t: u64) -> Self {
+        let t = i32::try_from(t).unwrap_or(i32::MAX);
+        AdamWStep {
+            grad_scale: 1.0,
+            beta1: beta1 as f32,
+            beta2: beta2 as f32,
+            one_minus_beta1: (1.0 - beta1) as f32,
+            one_minus_beta2: (1.0 - beta2) as f32,
+            inv_bias1: (1.0 / (1.0 - beta1.powi(t))) as f32,
+            inv_bias2: (1.0 / (1.0 - beta2.powi(t))) as f32,
+            lr: lr as f32,
+            eps: eps as f32,
+            decay: 0.0,
+        }
+    }
+}
+
 /// AdamW over one tensor, in one pass:
 ///   g ← s·g;  m ← β1·m + (1−β1)·g;  v ← β2·v + (1−β2)·g²
 ///   p ← p − lr·wd·p;  p ← p − lr·(m/(1−β1ᵗ)) / (sqrt(v/(1−β2ᵗ)) + eps)
@@ -752,15 +773,8 @@ mod tests {
     fn simd_adamw_matches_the_reference() {
         let step = AdamWStep {
             grad_scale: 0.5,
-            beta1: 0.9,
-            beta2: 0.95,
-            one_minus_beta1: 0.1,
-            one_minus_beta2: 0.05,
-            inv_bias1: 1.0 / 0.271,
-            inv_bias2: 1.0 / 0.142_625,
-            lr: 1e-3,
-            eps: 1e-8,
             decay: 1e-4,
+            ..AdamWStep::new((0.9, 0.95), 1e-8, 1e-3, 3)
         };
         for n in LENS {
             let (p0, g, m0, v0) = (

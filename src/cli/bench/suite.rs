@@ -474,16 +474,8 @@ pub fn adamw_bandwidth_gbs(floats: usize, budget: Duration) -> f64 {
     let (mut p, g) = (vec![0.5f32; floats], vec![1e-3f32; floats]);
     let (mut m, mut v) = (vec![0.0f32; floats], vec![0.0f32; floats]);
     let step = kernels::AdamWStep {
-        grad_scale: 1.0,
-        beta1: 0.9,
-        beta2: 0.95,
-        one_minus_beta1: 0.1,
-        one_minus_beta2: 0.05,
-        inv_bias1: 10.0,
-        inv_bias2: 20.0,
-        lr: 1e-6,
-        eps: 1e-8,
         decay: 1e-7,
+        ..kernels::AdamWStep::new((0.9, 0.95), 1e-8, 1e-6, 1)
     };
     let (start, mut best) = (Instant::now(), f64::INFINITY);
     while start.elapsed() < budget || best.is_infinite() {
