@@ -382,7 +382,7 @@ fn read_tensors(
     }
     let mut buffers = Vec::with_capacity(suffixes.len());
     for suffix in suffixes {
-        let mut flat = vec![0.0f32; layout.len];
+        let mut flat = crate::kernels::zeroed(layout.len);
         for spec in &layout.tensors {
             let name = format!("{}{suffix}", spec.name);
             let view = file

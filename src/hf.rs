@@ -363,7 +363,7 @@ fn read_params(
     if !missing.is_empty() {
         return Err(bad(format!("missing tensors (wrong config?): {missing:?}")));
     }
-    let mut params = vec![0.0f32; layout.len];
+    let mut params = crate::kernels::zeroed(layout.len);
     for (name, &i) in &wanted {
         let spec = &layout.tensors[i];
         let view = file.tensor(name).map_err(|e| bad(format!("{name}: {e}")))?;

@@ -90,7 +90,10 @@ impl PackedWeights {
             offset += kernels::packed_weight_len(*out, *inp);
         }
         self.index.sort_unstable();
-        self.data.resize(offset, 0.0);
+        if self.data.len() != offset {
+            // Every float is written below: packing covers its whole panels.
+            self.data = kernels::zeroed(offset);
+        }
         for &(start, at, out, inp) in &self.index {
             let len = kernels::packed_weight_len(out, inp);
             kernels::pack_weight(

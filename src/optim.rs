@@ -52,8 +52,8 @@ impl AdamW {
     /// Zeroed moments for `layout`.
     pub fn new(layout: &ParamLayout) -> Self {
         AdamW {
-            m: vec![0.0; layout.len],
-            v: vec![0.0; layout.len],
+            m: kernels::zeroed(layout.len),
+            v: kernels::zeroed(layout.len),
             segments: layout
                 .tensors
                 .iter()

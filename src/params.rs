@@ -107,7 +107,7 @@ impl ParamLayout {
     /// Fresh parameters (CONTRACT §2 init): gains 1, every matrix drawn from
     /// N(0, 2/fan_in) with its own random stream derived from (seed, name).
     pub fn init(&self, seed: u64) -> Vec<f32> {
-        let mut params = vec![0.0f32; self.len];
+        let mut params = kernels::zeroed(self.len);
         for spec in &self.tensors {
             let values = &mut params[spec.range.clone()];
             if spec.is_matrix() {

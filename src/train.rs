@@ -96,7 +96,7 @@ impl Trainer {
         }
         ensure_training_fits(model.config(), 1)?;
         Ok(Trainer {
-            grads: vec![0.0; n],
+            grads: crate::kernels::zeroed(n),
             factored: OuterGrads::default(),
             model,
             config,
