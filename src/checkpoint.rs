@@ -115,7 +115,7 @@ pub fn save_training(trainer: &Trainer, data: Option<&DataState>, dir: &Path) ->
     let opt = trainer.optimizer();
     save_set(dir, |staging| {
         write_model_files(staging, model, step)?;
-        let moments = [(".m", opt.m.as_slice()), (".v", opt.v.as_slice())];
+        let moments = [(".m", &opt.m[..]), (".v", &opt.v[..])];
         write_tensors(
             &staging.join(OPTIMIZER_FILE),
             model.layout(),
@@ -252,7 +252,7 @@ pub fn load_training(dir: &Path) -> Result<(Trainer, TrainState)> {
     let layout = ParamLayout::new(&config);
     let state = load_state(dir, &config)?;
     let (mut params, model_step) = read_tensors(dir, MODEL_FILE, &layout, &[""])?;
-    let (mut moments, opt_step) = read_tensors(dir, OPTIMIZER_FILE, &layout, &[".m", ".v"])?;
+    let (moments, opt_step) = read_tensors(dir, OPTIMIZER_FILE, &layout, &[".m", ".v"])?;
     for (file, step) in [(MODEL_FILE, model_step), (OPTIMIZER_FILE, opt_step)] {
         if step != state.step {
             return Err(MoeError::checkpoint(
@@ -265,9 +265,7 @@ pub fn load_training(dir: &Path) -> Result<(Trainer, TrainState)> {
         }
     }
     let model = Model::from_params(config, params.remove(0))?;
-    let mut optimizer = AdamW::new(&layout);
-    optimizer.v = moments.remove(1);
-    optimizer.m = moments.remove(0);
+    let optimizer = AdamW::from_moments(&layout, &moments[0], &moments[1]);
     let trainer = Trainer::resume(model, state.train.clone(), optimizer, state.step)?;
     Ok((trainer, state))
 }

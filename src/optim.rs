@@ -5,7 +5,7 @@
 use std::ops::Range;
 
 use crate::config::TrainConfig;
-use crate::kernels::{self, AdamWStep};
+use crate::kernels::{self, AdamWStep, Buffer};
 use crate::params::{Gradients, ParamLayout};
 
 /// Learning rate at step `t` (1-based):
@@ -41,9 +41,9 @@ pub fn clip_scale(norm: f32, clip: f64) -> f32 {
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdamW {
     /// First moment m, flat (parameter layout).
-    pub m: Vec<f32>,
+    pub m: Buffer,
     /// Second moment v, flat (parameter layout).
-    pub v: Vec<f32>,
+    pub v: Buffer,
     /// Every tensor's range and whether it is weight-decayed (2-D weights only).
     segments: Vec<(Range<usize>, bool)>,
 }
@@ -51,9 +51,25 @@ pub struct AdamW {
 impl AdamW {
     /// Zeroed moments for `layout`.
     pub fn new(layout: &ParamLayout) -> Self {
+        Self::with_moments(
+            layout,
+            Buffer::zeroed(layout.len, 1),
+            Buffer::zeroed(layout.len, 2),
+        )
+    }
+
+    /// Saved moments m and v for `layout` (copied).
+    pub fn from_moments(layout: &ParamLayout, m: &[f32], v: &[f32]) -> Self {
+        Self::with_moments(layout, Buffer::from_slice(m, 1), Buffer::from_slice(v, 2))
+    }
+
+    /// m at a quarter of a page after the parameters' start, v at a half:
+    /// p[i], m[i] and v[i] never share their low 12 address bits, which would
+    /// stall AdamW's loads behind its stores (see `kernels::Buffer`).
+    fn with_moments(layout: &ParamLayout, m: Buffer, v: Buffer) -> Self {
         AdamW {
-            m: kernels::zeroed(layout.len),
-            v: kernels::zeroed(layout.len),
+            m,
+            v,
             segments: layout
                 .tensors
                 .iter()

@@ -3,6 +3,7 @@
 use crate::batch::Batch;
 use crate::config::{ModelConfig, TrainConfig};
 use crate::error::{MoeError, Result};
+use crate::kernels::Buffer;
 use crate::model::{Losses, Model};
 use crate::optim::{self, AdamW};
 use crate::params::{Gradients, OuterGrads};
@@ -28,7 +29,7 @@ pub struct Trainer {
     model: Model,
     config: TrainConfig,
     /// Gradients written out (norms, embedding, and weights seen by many tokens).
-    grads: Vec<f32>,
+    grads: Buffer,
     /// Linear weights' gradients kept as factors dyᵀ·x (few tokens).
     factored: OuterGrads,
     optimizer: AdamW,
@@ -96,7 +97,7 @@ impl Trainer {
         }
         ensure_training_fits(model.config(), 1)?;
         Ok(Trainer {
-            grads: crate::kernels::zeroed(n),
+            grads: Buffer::zeroed(n, 3),
             factored: OuterGrads::default(),
             model,
             config,

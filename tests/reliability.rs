@@ -181,7 +181,7 @@ fn an_update_that_would_overflow_is_refused_with_weights_and_moments_untouched()
         Err("moments")
     );
     assert_eq!(bits(&params), before);
-    assert!(opt.m.iter().chain(&opt.v).all(|&x| x == 0.0));
+    assert!(opt.m.iter().chain(opt.v.iter()).all(|&x| x == 0.0));
     grads[layout.len - 1] = 1e10;
     opt.update(&mut params, grads[..].into(), 1.0, 1e-3, 1, &config)
         .unwrap();

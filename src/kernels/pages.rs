@@ -1,11 +1,19 @@
-//! Large buffers on 2 MB pages.
+//! Where large buffers sit in memory.
 //!
 //! The training step streams its parameters and both AdamW moments every step
-//! (86 MB for the small model). On 4 KB pages that is a page-table walk every
-//! 4 KB of every stream; on Linux's transparent huge pages it is one per 2 MB
-//! (`docs/performance.md` has the before and after).
+//! (86 MB for the small model). Two things about their addresses matter:
+//! - Pages. On 4 KB pages every 4 KB of every stream costs a page-table walk;
+//!   on Linux's transparent huge pages, one per 2 MB ([`zeroed`]).
+//! - Offsets within a page. Large allocations all start at the same offset in
+//!   a 4 KB page, so p[i], m[i] and v[i] share their low 12 address bits, and
+//!   the CPU, which compares those bits to tell whether a load depends on an
+//!   earlier store, stalls AdamW's loads behind its stores ("4K aliasing").
+//!   A [`Buffer`] starts at a chosen quarter of a page instead.
+//!
+//! (`docs/performance.md` has the before and after of both.)
 
 use std::mem::MaybeUninit;
+use std::ops::{Deref, DerefMut};
 
 /// `len` zeros in memory that asks the OS for 2 MB pages before it is first
 /// touched (Linux: `madvise(MADV_HUGEPAGE)`). Where the OS grants none (other
@@ -16,6 +24,77 @@ pub fn zeroed(len: usize) -> Vec<f32> {
     advise_huge_pages(buffer.spare_capacity_mut());
     buffer.resize(len, 0.0);
     buffer
+}
+
+/// A zeroed `[f32]` (on 2 MB pages where the OS grants them, see [`zeroed`])
+/// whose first element sits `quarter` × 1 KB into a 4 KB page, so that
+/// buffers given different quarters never alias in their low 12 address
+/// bits (see the module docs). Reads and writes as a slice.
+#[derive(Debug)]
+pub struct Buffer {
+    /// The allocation: `len` floats from `start`, and up to 1023 before them.
+    data: Vec<f32>,
+    /// Index of the first element.
+    start: usize,
+    /// Elements.
+    len: usize,
+    /// Quarter of a 4 KB page the first element sits in (0 ..= 3).
+    quarter: usize,
+}
+
+/// Floats in a 4 KB page.
+const PAGE_FLOATS: usize = 1024;
+
+impl Buffer {
+    /// `len` zeros starting `quarter` KB (mod 4) into a 4 KB page.
+    pub fn zeroed(len: usize, quarter: usize) -> Self {
+        let data = zeroed(len + PAGE_FLOATS);
+        let quarter = quarter % 4;
+        // First index whose address is `quarter` KB into a page.
+        let base = data.as_ptr() as usize / 4 % PAGE_FLOATS;
+        let start = (quarter * PAGE_FLOATS / 4 + PAGE_FLOATS - base) % PAGE_FLOATS;
+        Buffer {
+            data,
+            start,
+            len,
+            quarter,
+        }
+    }
+
+    /// A copy of `values` starting `quarter` KB into a page.
+    pub fn from_slice(values: &[f32], quarter: usize) -> Self {
+        let mut buffer = Self::zeroed(values.len(), quarter);
+        buffer.copy_from_slice(values);
+        buffer
+    }
+}
+
+impl Deref for Buffer {
+    type Target = [f32];
+
+    fn deref(&self) -> &[f32] {
+        &self.data[self.start..self.start + self.len]
+    }
+}
+
+impl DerefMut for Buffer {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.data[self.start..self.start + self.len]
+    }
+}
+
+impl Clone for Buffer {
+    /// A copy in new memory, at the same quarter of a page.
+    fn clone(&self) -> Self {
+        Self::from_slice(self, self.quarter)
+    }
+}
+
+impl PartialEq for Buffer {
+    /// Equal values (wherever they sit).
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
 }
 
 /// Size of one huge page.
@@ -49,6 +128,25 @@ fn advise_huge_pages(_memory: &mut [MaybeUninit<f32>]) {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn buffers_start_at_their_quarter_of_a_page_and_read_as_slices() {
+        for len in [0, 5, 3 << 20] {
+            for quarter in 0..4 {
+                let mut buffer = Buffer::zeroed(len, quarter);
+                assert_eq!(buffer.len(), len);
+                assert_eq!(buffer.as_ptr() as usize % 4096, quarter * 1024);
+                assert!(buffer.iter().all(|&v| v == 0.0));
+                buffer
+                    .iter_mut()
+                    .enumerate()
+                    .for_each(|(i, v)| *v = i as f32);
+                let copy = buffer.clone();
+                assert_eq!(copy.as_ptr() as usize % 4096, quarter * 1024);
+                assert!(copy == buffer && copy.iter().enumerate().all(|(i, &v)| v == i as f32));
+            }
+        }
+    }
 
     #[test]
     fn zeroed_buffers_hold_zeros_of_the_asked_length() {
