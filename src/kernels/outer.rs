@@ -14,7 +14,7 @@ use std::ops::Range;
 
 use super::gemm::{self, Kernel, Path};
 use super::vector::{self, AdamWStep};
-use super::{Mat, MatMut, threads};
+use super::{Buffer, Mat, MatMut, threads};
 
 /// Floats of dW formed at a time: 64 KB, consumed from L2 as soon as it is
 /// made (in quiet runs of `scale_train_256`, 8–32 KB blocks were slower and
@@ -22,8 +22,10 @@ use super::{Mat, MatMut, threads};
 const BLOCK_FLOATS: usize = 16384;
 
 thread_local! {
-    /// This thread's block of dW rows (grown once to the largest block it met).
-    static BLOCK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// This thread's block of dW rows (grown once to the largest block it
+    /// met), three quarters of a page after the parameters' offset, as the
+    /// trainer's gradient buffer (see [`Buffer`]).
+    static BLOCK: RefCell<Option<Buffer>> = const { RefCell::new(None) };
 }
 
 /// Rows of dW per block for an input width `inp`: whole micro-kernel tiles, about 64 KB.
@@ -131,10 +133,11 @@ fn try_blocks<E>(
 ) -> Result<(), E> {
     let (plan, inp) = (product.plan(), product.x.cols);
     let step = block_rows(inp);
-    BLOCK.with_borrow_mut(|g| {
-        if g.len() < step * inp {
-            g.resize(step * inp, 0.0);
+    BLOCK.with_borrow_mut(|block| {
+        if block.as_ref().is_none_or(|g| g.len() < step * inp) {
+            *block = Some(Buffer::zeroed(step * inp, 3));
         }
+        let g = block.as_mut().expect("just made");
         for r0 in rows.clone().step_by(step) {
             let g = &mut g[..step.min(rows.end - r0) * inp];
             rows_on(g, product, r0, plan);
