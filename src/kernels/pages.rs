@@ -61,6 +61,22 @@ impl Buffer {
         }
     }
 
+    /// `values` starting `quarter` KB into a page: the vector itself when it
+    /// already starts in that quarter (as large allocations start in the
+    /// first), else a copy.
+    pub fn from_vec(values: Vec<f32>, quarter: usize) -> Self {
+        let quarter = quarter % 4;
+        if values.as_ptr() as usize % 4096 / 1024 != quarter {
+            return Self::from_slice(&values, quarter);
+        }
+        Buffer {
+            len: values.len(),
+            data: values,
+            start: 0,
+            quarter,
+        }
+    }
+
     /// A copy of `values` starting `quarter` KB into a page.
     pub fn from_slice(values: &[f32], quarter: usize) -> Self {
         let mut buffer = Self::zeroed(values.len(), quarter);
@@ -144,6 +160,9 @@ mod tests {
                 let copy = buffer.clone();
                 assert_eq!(copy.as_ptr() as usize % 4096, quarter * 1024);
                 assert!(copy == buffer && copy.iter().enumerate().all(|(i, &v)| v == i as f32));
+                let adopted = Buffer::from_vec(buffer.to_vec(), quarter);
+                assert_eq!(adopted.as_ptr() as usize % 4096 / 1024, quarter);
+                assert!(adopted == buffer);
             }
         }
     }
