@@ -484,7 +484,12 @@ fn wait_for(path: &Path) {
 
 /// `moe train` on the fixture as a child process (saving every step).
 fn spawn_train(f: &Fixture, resume: bool, steps: &str) -> std::process::Child {
-    let (data, config, run) = (f.s("text.txt"), f.s("config.json"), f.s("run"));
+    spawn_train_into(f, "run", resume, steps)
+}
+
+/// [`spawn_train`] into (or resuming from) the run directory `dir`.
+fn spawn_train_into(f: &Fixture, dir: &str, resume: bool, steps: &str) -> std::process::Child {
+    let (data, config, run) = (f.s("text.txt"), f.s("config.json"), f.s(dir));
     let mut args = vec![
         "train",
         "--data",
@@ -523,12 +528,14 @@ fn saved_step(dir: &Path) -> u64 {
 fn killed_runs_resume_bit_identically(kills: usize) {
     const STEPS: &str = "60";
     let f = Fixture::new();
-    let started = std::time::Instant::now();
-    let straight = f.train("straight", &["--steps", STEPS, "--save-every", "1"]);
-    assert!(straight.status.success(), "{}", stderr(&straight));
-    // Kill moments are spread over the time the steps left take on this
-    // machine (a fixed window would let a fast machine finish before every kill).
-    let span = (started.elapsed().as_micros() as u64).max(1);
+    let mut straight = spawn_train_into(&f, "straight", false, STEPS);
+    wait_for(&f.path("straight/state.json"));
+    let stepping = std::time::Instant::now();
+    assert!(straight.wait().unwrap().success());
+    // Kill moments are spread over the time the steps after the first save
+    // take on this machine (a fixed window, or one that counts the start-up,
+    // would let a fast machine finish before every kill).
+    let span = (stepping.elapsed().as_micros() as u64).max(1);
     let total: u64 = STEPS.parse().unwrap();
     let mut left = total;
     let seed = std::time::SystemTime::now()
