@@ -256,18 +256,106 @@ fn weight_tile_checked(c: &mut MatMut<'_>, tile: WeightTile, kc: usize, w: BPane
             && kc > 0
             && (tile.cols - 1) * w.ld + kc <= w.data.len()
     );
+    let ldc = c.row_stride;
     #[cfg(target_arch = "x86_64")]
     // SAFETY: only Path::WeightRows reaches here, which Path::choose picks for
     // Kernel::Avx512 only (the CPU has AVX-512F); the tile lies inside C, W's
     // `cols` rows of `kc` depth inside `w.data`, and Aᵀ holds kc·16 floats
-    // (all asserted just above).
+    // (all asserted just above); an 8-lane tile has at most 8 tokens.
     unsafe {
-        weight_tile_avx512(c.as_mut_ptr(), c.row_stride, tile, kc, w, at)
+        let c = c.as_mut_ptr();
+        if tile.tokens <= 8 {
+            weight_tile_avx512::<std::arch::x86_64::__m256>(c, ldc, tile, kc, w, at)
+        } else {
+            weight_tile_avx512::<std::arch::x86_64::__m512>(c, ldc, tile, kc, w, at)
+        }
+    }
+}
+
+/// The registers a [`WeightTile`] accumulates in, lanes = tokens: 16 lanes
+/// (`__m512`), or 8 (`__m256`) for tiles of at most 8 tokens — this CPU
+/// retires two 8-lane multiply-adds per cycle but one 16-lane one, so a tile
+/// with half its lanes idle runs twice as fast on 8. Each lane's arithmetic is
+/// the same either way, so is every bit of C.
+#[cfg(target_arch = "x86_64")]
+trait TokenLanes: Copy {
+    /// Zeros.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F (every method).
+    unsafe fn zero() -> Self;
+    /// The first lanes of a 16-float row of Aᵀ at `at`.
+    ///
+    /// # Safety
+    /// AVX-512F, and `at` valid for reads of 16 floats.
+    unsafe fn load(at: *const f32) -> Self;
+    /// fma(w, a, acc) on every lane.
+    ///
+    /// # Safety
+    /// AVX-512F.
+    unsafe fn fma_splat(w: f32, a: Self, acc: Self) -> Self;
+    /// The lanes in a 16-lane register, zeros past them.
+    ///
+    /// # Safety
+    /// AVX-512F.
+    unsafe fn widen(self) -> std::arch::x86_64::__m512;
+}
+
+#[cfg(target_arch = "x86_64")]
+impl TokenLanes for std::arch::x86_64::__m512 {
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn zero() -> Self {
+        std::arch::x86_64::_mm512_setzero_ps()
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load(at: *const f32) -> Self {
+        // SAFETY: the caller's contract: 16 floats readable at `at`.
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(at) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn fma_splat(w: f32, a: Self, acc: Self) -> Self {
+        use std::arch::x86_64::*;
+        _mm512_fmadd_ps(_mm512_set1_ps(w), a, acc)
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn widen(self) -> Self {
+        self
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl TokenLanes for std::arch::x86_64::__m256 {
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn zero() -> Self {
+        std::arch::x86_64::_mm256_setzero_ps()
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load(at: *const f32) -> Self {
+        // SAFETY: the caller's contract: 16 (so 8) floats readable at `at`.
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(at) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn fma_splat(w: f32, a: Self, acc: Self) -> Self {
+        use std::arch::x86_64::*;
+        _mm256_fmadd_ps(_mm256_set1_ps(w), a, acc)
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn widen(self) -> std::arch::x86_64::__m512 {
+        std::arch::x86_64::_mm512_zextps256_ps512(self)
     }
 }
 
 /// Cᵀ tile = W[col.., depth block] · Aᵀ block, accumulated in 16 registers
-/// (one per row of W, lanes = tokens), then transposed to C's rows:
+/// (one per row of W, lanes = tokens: 16 or 8 of them, see [`TokenLanes`]),
+/// then transposed to C's rows:
 ///   acc_r = Σ_p W[col + r, p] · Aᵀ[p, :]     (the packed path's products and
 ///   order: fma(a, w, acc) = fma(w, a, acc) exactly)
 ///
@@ -276,7 +364,7 @@ fn weight_tile_checked(c: &mut MatMut<'_>, tile: WeightTile, kc: usize, w: BPane
 /// `c` is valid for reads and writes of C's rows at stride `ldc`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn weight_tile_avx512(
+unsafe fn weight_tile_avx512<L: TokenLanes>(
     c: *mut f32,
     ldc: usize,
     tile: WeightTile,
@@ -288,7 +376,8 @@ unsafe fn weight_tile_avx512(
     // Rows past `cols` repeat the last real row: read in bounds, never stored.
     let rows: [*const f32; TOKENS] =
         std::array::from_fn(|r| w.data[r.min(tile.cols - 1) * w.ld..].as_ptr());
-    let mut acc = [_mm512_setzero_ps(); TOKENS];
+    // SAFETY (every L method below): the CPU has AVX-512F (caller's contract).
+    let mut acc = [unsafe { L::zero() }; TOKENS];
     // The next tile reads the next 16 rows of W over the same depths: kc cache
     // lines, one fetched per depth step (row p mod 16, line p / 16), so they
     // arrive while this tile computes. Into L2 (T1): requests into L1 would
@@ -307,14 +396,15 @@ unsafe fn weight_tile_avx512(
             // SAFETY: p < kc: Aᵀ row p is inside `at`, and W[row, p] inside
             // `w.data` for every (clamped) row (caller's contract).
             unsafe {
-                let a = _mm512_loadu_ps(at.as_ptr().add(p * TOKENS));
+                let a = L::load(at.as_ptr().add(p * TOKENS));
                 for (row, acc_r) in rows.iter().zip(acc.iter_mut()) {
-                    *acc_r = _mm512_fmadd_ps(_mm512_set1_ps(*row.add(p)), a, *acc_r);
+                    *acc_r = L::fma_splat(*row.add(p), a, *acc_r);
                 }
             }
         }
     }
-    let by_token = transpose16(acc);
+    // SAFETY: the CPU has AVX-512F (caller's contract).
+    let by_token = transpose16(acc.map(|lanes| unsafe { lanes.widen() }));
     let mask = ((1u32 << tile.cols) - 1) as __mmask16;
     for (t, &v) in by_token.iter().enumerate().take(tile.tokens) {
         // SAFETY: row token + t and the masked columns col..col+cols lie inside C
