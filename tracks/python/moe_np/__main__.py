@@ -19,11 +19,15 @@ def parser():
     ap = argparse.ArgumentParser(prog="tracks/python/run", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
     d = sub.add_parser("dump", help="write what `moe dump` writes (for reference/parity)")
-    d.add_argument("--checkpoint", required=True, help="checkpoint directory (config.json + model.safetensors)")
+    source = d.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="checkpoint directory (config.json + model.safetensors)")
+    source.add_argument("--resume", metavar="DIR",
+                        help="a `moe train` checkpoint instead: the AdamW step continues its moments and step "
+                             "count (t = its step + 1) and the moments before/after are written too")
     d.add_argument("--batch", required=True, help='batch JSON {"ids": [[...]], "targets": [[...]]}')
     d.add_argument("--out", required=True, help="output safetensors file")
-    d.add_argument("--step", type=positive, default=1, help="step number t of the one AdamW step")
-    d.add_argument("--train", help="training settings JSON (CONTRACT §6 keys)")
+    d.add_argument("--step", type=positive, default=1, help="step number t of the one AdamW step (fresh moments); ignored with --resume")
+    d.add_argument("--train", help="training settings JSON (CONTRACT §6 keys); default: the defaults, or the saved ones with --resume")
     b = sub.add_parser("bench", help="the 22 scenarios of CONTRACT §10, JSON as `moe bench`")
     b.add_argument("--json", help="write the results here")
     b.add_argument("--quick", action="store_true", help="3 trials after 1 warm-up")
@@ -66,7 +70,7 @@ def main(argv=None):
         if args.command == "dump":
             from .dump import dump
 
-            print(dump(args.checkpoint, args.batch, args.out, args.step, args.train))
+            print(dump(args.batch, args.out, args.checkpoint, args.resume, args.step, args.train))
         elif args.command == "bench":
             from .bench import main as bench
 

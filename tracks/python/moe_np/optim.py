@@ -32,11 +32,11 @@ def clip_scale(norm, clip):
 
 
 class AdamW:
-    """First and second moments per parameter, zero at the start."""
+    """First and second moments per parameter: zero at the start, or a resumed run's (m, v)."""
 
-    def __init__(self, params):
-        self.m = {n: np.zeros_like(p) for n, p in params.items()}
-        self.v = {n: np.zeros_like(p) for n, p in params.items()}
+    def __init__(self, params, moments=None):
+        zeros = lambda: {n: np.zeros_like(p) for n, p in params.items()}  # noqa: E731
+        self.m, self.v = moments if moments is not None else (zeros(), zeros())
 
     def update(self, params, grads, scale, lr, t, train):
         """One step t (1-based), in place, on gradients multiplied by `scale`:
@@ -68,11 +68,12 @@ class StepStats:
 
 
 class Trainer:
-    """A model, its optimizer, its settings and the number of steps taken."""
+    """A model, its optimizer, its settings and the number of steps taken
+    (`moments` (m, v) continue a saved run, else they start at zero)."""
 
-    def __init__(self, model, train, step=0):
+    def __init__(self, model, train, step=0, moments=None):
         self.model, self.train, self.step = model, train, step
-        self.optimizer = AdamW(model.params)
+        self.optimizer = AdamW(model.params, moments)
 
     def train_step(self, batch):
         """forward → loss → backward → clip → AdamW. A non-finite loss or gradient

@@ -15,7 +15,7 @@ from moe_np.config import ModelConfig, TrainConfig
 from moe_np.errors import CheckpointError, ConfigError, InputError, NonFiniteError
 from moe_np.model import Batch, Model
 from moe_np.optim import Trainer, clip_scale, learning_rate
-from moe_np.params import load_checkpoint
+from moe_np.params import load_checkpoint, load_training
 from moe_np.sampling import Greedy, Temperature, TopK, TopP, generate, pick_token
 
 MICRO = dict(hidden_dim=16, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=4, n_experts=4, top_k=2,
@@ -190,6 +190,62 @@ class ErrorTest(unittest.TestCase):
             save_file(tensors, str(d / "model.safetensors"))
             with self.assertRaises(CheckpointError):
                 load_checkpoint(d)
+
+
+def save_training(directory, trainer, step_tags=None):
+    """What `moe train` saves (CONTRACT §9), by hand: config.json, model.safetensors,
+    optimizer.safetensors (`<name>.m` / `<name>.v`) and state.json; each safetensors
+    file records a step (the trainer's unless `step_tags` gives one per file)."""
+    d, step = Path(directory), trainer.step
+    tags = step_tags or {"model": step, "optimizer": step}
+    (d / "config.json").write_text(json.dumps(trainer.model.config.to_dict()))
+    save_file(dict(trainer.model.params), str(d / "model.safetensors"), metadata={"step": str(tags["model"])})
+    moments = {f"{n}.{k}": x[n] for k, x in (("m", trainer.optimizer.m), ("v", trainer.optimizer.v)) for n in x}
+    save_file(moments, str(d / "optimizer.safetensors"), metadata={"step": str(tags["optimizer"])})
+    state = {"step": step, "train": trainer.train.__dict__, "data": None}
+    (d / "state.json").write_text(json.dumps(state))
+
+
+class TrainingCheckpointTest(unittest.TestCase):
+    def test_resuming_a_saved_run_equals_never_stopping(self):
+        train = TrainConfig(lr=1e-2, warmup_steps=1, beta2=0.999, weight_decay=0.05)
+        straight = Trainer(micro_model(dtype=np.float32), train)
+        for seed in range(3):
+            straight.train_step(micro_batch(seed))
+        first = Trainer(micro_model(dtype=np.float32), train)
+        first.train_step(micro_batch(0))
+        first.train_step(micro_batch(1))
+        with tempfile.TemporaryDirectory() as tmp:
+            save_training(tmp, first)
+            config, params, moments, step, saved = load_training(tmp)
+        self.assertEqual((config, step, saved), (first.model.config, 2, train))
+        resumed = Trainer(Model(config, params), saved, step, moments)
+        resumed.train_step(micro_batch(2))
+        for name, p in straight.model.params.items():
+            np.testing.assert_array_equal(resumed.model.params[name], p, err_msg=name)
+            np.testing.assert_array_equal(resumed.optimizer.v[name], straight.optimizer.v[name], err_msg=name)
+
+    def test_bad_training_checkpoints_are_typed_errors(self):
+        trainer = Trainer(micro_model(dtype=np.float32), TrainConfig())
+        trainer.train_step(micro_batch())
+        name = "layers.0.moe.router.weight"
+        breakages = {
+            "files from different saves": lambda d: save_training(d, trainer, {"model": 1, "optimizer": 0}),
+            "unknown state key": lambda d: (d / "state.json").write_text('{"step": 1, "train": {}, "epoch": 3}'),
+            "invalid settings": lambda d: (d / "state.json").write_text('{"step": 1, "train": {"beta2": 1.5}}'),
+            "negative step": lambda d: (d / "state.json").write_text('{"step": -1, "train": {}}'),
+            "no optimizer": lambda d: (d / "optimizer.safetensors").unlink(),
+            "missing moment": lambda d: save_file({f"{name}.m": trainer.optimizer.m[name]},
+                                                  str(d / "optimizer.safetensors"), metadata={"step": "1"}),
+            "negative v": lambda d: (trainer.optimizer.v[name].__setitem__((0, 0), -1.0), save_training(d, trainer)),
+        }
+        for what, breakage in breakages.items():
+            with tempfile.TemporaryDirectory() as tmp:
+                save_training(tmp, trainer)
+                load_training(tmp)
+                breakage(Path(tmp))
+                with self.assertRaises(CheckpointError, msg=what):
+                    load_training(tmp)
 
 
 if __name__ == "__main__":
