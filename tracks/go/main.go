@@ -8,6 +8,7 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -20,6 +21,9 @@ commands:
   dump      --checkpoint DIR --batch FILE --out FILE [--step N] [--train FILE]
             logits, losses, routes, every gradient and the weights after one
             AdamW step, as moe dump writes them (for reference/parity)
+  dump      --resume DIR --batch FILE --out FILE [--train FILE]
+            the same from a moe train checkpoint: the step continues its
+            moments and step count; the moments before and after are written too
   generate  --checkpoint DIR --prompt-ids 1,2,3 [--max-new N] [--strategy S]
             [--temperature T] [--top-k K] [--top-p P] [--seed N]
             token ids in, token ids out (the tokenizer is the Rust binary's)
@@ -74,47 +78,54 @@ func parse(fs *flag.FlagSet, args []string, required ...string) error {
 func dump(args []string) error {
 	fs := flag.NewFlagSet("dump", flag.ContinueOnError)
 	ckpt := fs.String("checkpoint", "", "checkpoint directory (config.json + model.safetensors)")
+	resume := fs.String("resume", "", "a moe train checkpoint instead: the AdamW step continues its moments and "+
+		"step count (t = its step + 1); the moments before and after it are written as m., v., m_after., v_after.")
 	batchPath := fs.String("batch", "", `batch JSON {"ids": [[...]], "targets": [[...]]}`)
 	out := fs.String("out", "", "output safetensors file")
-	step := fs.Int("step", 1, "step number t of the one AdamW step (fresh moments)")
-	trainPath := fs.String("train", "", "training settings JSON (CONTRACT §6 keys)")
-	if err := parse(fs, args, "checkpoint", "batch", "out"); err != nil {
+	step := fs.Int("step", 1, "step number t of the one AdamW step (fresh moments); ignored with --resume")
+	trainPath := fs.String("train", "", "training settings JSON (CONTRACT §6 keys); default: the defaults, or the saved ones with --resume")
+	if err := parse(fs, args, "batch", "out"); err != nil {
 		return err
+	}
+	if (*ckpt == "") == (*resume == "") {
+		return fmt.Errorf("give exactly one of --checkpoint and --resume")
 	}
 	if *step < 1 {
 		return fmt.Errorf("--step must be ≥ 1")
-	}
-	tc := moe.DefaultTrain()
-	var err error
-	if *trainPath != "" {
-		if tc, err = moe.LoadTrain(*trainPath); err != nil {
-			return err
-		}
 	}
 	batch, err := moe.LoadBatch(*batchPath)
 	if err != nil {
 		return err
 	}
-	model, err := moe.LoadCheckpoint(*ckpt)
+	trainer, err := dumpTrainer(*ckpt, *resume, *trainPath)
 	if err != nil {
 		return err
 	}
-	trainer, err := moe.NewTrainer(model, tc)
-	if err != nil {
-		return err
+	if *resume == "" {
+		trainer.Step = *step - 1
 	}
-	trainer.Step = *step - 1
+	model, c, T := trainer.Model, trainer.Model.Cfg, batch.B*batch.S
+	layout, _ := moe.Layout(c)
+	// Every tensor of a flat parameter-layout buffer as <prefix>.<name>.
+	perTensor := func(prefix string, flat []float32) (out []moe.NamedTensor) {
+		for _, t := range layout {
+			out = append(out, moe.NamedTensor{Name: prefix + "." + t.Name, Shape: t.Shape, F32: flat[t.Offset : t.Offset+t.Len]})
+		}
+		return out
+	}
+	var tensors []moe.NamedTensor
+	if *resume != "" {
+		tensors = append(perTensor("m", slices.Clone(trainer.Opt.M)), perTensor("v", slices.Clone(trainer.Opt.V))...)
+	}
 	stats, pass, err := trainer.TrainStep(batch)
 	if err != nil {
 		return err
 	}
-	c, T := model.Cfg, batch.B*batch.S
-	tensors := []moe.NamedTensor{
-		{Name: "logits", Shape: []int{batch.B, batch.S, c.VocabSize}, F32: pass.Logits},
-		{Name: "loss.ce", Shape: []int{1}, F32: []float32{stats.CE}},
-		{Name: "loss.aux", Shape: []int{1}, F32: []float32{stats.Aux}},
-		{Name: "loss.total", Shape: []int{1}, F32: []float32{stats.Loss}},
-	}
+	tensors = append(tensors,
+		moe.NamedTensor{Name: "logits", Shape: []int{batch.B, batch.S, c.VocabSize}, F32: pass.Logits},
+		moe.NamedTensor{Name: "loss.ce", Shape: []int{1}, F32: []float32{stats.CE}},
+		moe.NamedTensor{Name: "loss.aux", Shape: []int{1}, F32: []float32{stats.Aux}},
+		moe.NamedTensor{Name: "loss.total", Shape: []int{1}, F32: []float32{stats.Loss}})
 	for l := 0; l < c.NLayers; l++ {
 		routes := make([]int32, 0, T*c.TopK)
 		for _, e := range pass.Routes(l) {
@@ -122,18 +133,39 @@ func dump(args []string) error {
 		}
 		tensors = append(tensors, moe.NamedTensor{Name: "route." + strconv.Itoa(l), Shape: []int{T, c.TopK}, I32: routes})
 	}
-	layout, _ := moe.Layout(c)
-	for _, t := range layout {
-		grad, after := trainer.Grads[t.Offset:t.Offset+t.Len], model.Params[t.Offset:t.Offset+t.Len]
-		tensors = append(tensors, moe.NamedTensor{Name: "grad." + t.Name, Shape: t.Shape, F32: grad},
-			moe.NamedTensor{Name: "after." + t.Name, Shape: t.Shape, F32: after})
+	tensors = append(tensors, perTensor("grad", trainer.Grads)...)
+	tensors = append(tensors, perTensor("after", model.Params)...)
+	if *resume != "" {
+		tensors = append(tensors, perTensor("m_after", trainer.Opt.M)...)
+		tensors = append(tensors, perTensor("v_after", trainer.Opt.V)...)
 	}
 	if err := moe.WriteSafetensors(*out, tensors); err != nil {
 		return err
 	}
 	fmt.Printf("wrote %s: loss %.6f (ce %.6f, aux %.6f), grad norm %.6f, lr %.3e at step %d\n",
-		*out, stats.Loss, stats.CE, stats.Aux, stats.GradNorm, stats.LR, *step)
+		*out, stats.Loss, stats.CE, stats.Aux, stats.GradNorm, stats.LR, trainer.Step)
 	return nil
+}
+
+// dumpTrainer is the trainer whose one step dump takes: a fresh one on the
+// model of checkpoint, or the saved run of resume; trainPath, when given,
+// replaces the training settings.
+func dumpTrainer(checkpoint, resume, trainPath string) (*moe.Trainer, error) {
+	var trainer *moe.Trainer
+	var err error
+	if resume != "" {
+		trainer, err = moe.LoadTraining(resume)
+	} else {
+		var model *moe.Model
+		if model, err = moe.LoadCheckpoint(checkpoint); err == nil {
+			trainer, err = moe.NewTrainer(model, moe.DefaultTrain())
+		}
+	}
+	if err != nil || trainPath == "" {
+		return trainer, err
+	}
+	trainer.Cfg, err = moe.LoadTrain(trainPath)
+	return trainer, err
 }
 
 func generate(args []string) error {

@@ -111,7 +111,7 @@ func (t TrainConfig) Validate() error {
 func decodeStrict(path string, v any) error {
 	text, err := os.ReadFile(path)
 	if err != nil {
-		return err
+		return invalid("%v", err)
 	}
 	dec := json.NewDecoder(bytes.NewReader(text))
 	dec.DisallowUnknownFields()

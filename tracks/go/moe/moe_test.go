@@ -1,12 +1,14 @@
 package moe
 
 import (
+	"encoding/json"
 	"errors"
 	"math"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"testing"
 )
 
@@ -200,5 +202,128 @@ func TestSameSeedSameBits(t *testing.T) {
 	g2, l2 := run()
 	if l1 != l2 || !slices.Equal(g1, g2) {
 		t.Fatal("two identical steps gave different bits")
+	}
+}
+
+// saveTraining writes what `moe train` saves (CONTRACT §9) by hand: config.json,
+// model.safetensors, optimizer.safetensors (<name>.m, <name>.v) and state.json,
+// the two safetensors files tagged with the given steps.
+func saveTraining(t *testing.T, dir string, tr *Trainer, modelStep, optStep int) {
+	t.Helper()
+	layout, _ := Layout(tr.Model.Cfg)
+	var params, moments []NamedTensor
+	for _, x := range layout {
+		at := func(flat []float32) []float32 { return flat[x.Offset : x.Offset+x.Len] }
+		params = append(params, NamedTensor{Name: x.Name, Shape: x.Shape, F32: at(tr.Model.Params)})
+		moments = append(moments, NamedTensor{Name: x.Name + ".m", Shape: x.Shape, F32: at(tr.Opt.M)},
+			NamedTensor{Name: x.Name + ".v", Shape: x.Shape, F32: at(tr.Opt.V)})
+	}
+	config, _ := json.Marshal(tr.Model.Cfg)
+	state, _ := json.Marshal(TrainState{Step: tr.Step, Train: tr.Cfg, Data: json.RawMessage("null")})
+	for _, err := range []error{
+		os.WriteFile(filepath.Join(dir, "config.json"), config, 0o644),
+		os.WriteFile(filepath.Join(dir, "state.json"), state, 0o644),
+		writeSafetensors(filepath.Join(dir, "model.safetensors"), params, map[string]string{"step": strconv.Itoa(modelStep)}),
+		writeSafetensors(filepath.Join(dir, "optimizer.safetensors"), moments, map[string]string{"step": strconv.Itoa(optStep)}),
+	} {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// A run saved after two steps and resumed for a third gives the bits of
+// three steps taken without stopping: weights and both moments.
+func TestResumingASavedRunEqualsNeverStopping(t *testing.T) {
+	tc := DefaultTrain()
+	tc.LR, tc.WarmupSteps, tc.Beta2, tc.WeightDecay = 1e-2, 1, 0.999, 0.05
+	run := func(steps int, tr *Trainer) *Trainer {
+		_, b := newSmall(t)
+		for i := 0; i < steps; i++ {
+			if _, _, err := tr.TrainStep(b); err != nil {
+				t.Fatal(err)
+			}
+		}
+		return tr
+	}
+	fresh := func() *Trainer {
+		m, _ := newSmall(t)
+		tr, err := NewTrainer(m, tc)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return tr
+	}
+	straight, first := run(3, fresh()), run(2, fresh())
+	dir := t.TempDir()
+	saveTraining(t, dir, first, 2, 2)
+	resumed, err := LoadTraining(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resumed.Step != 2 || resumed.Cfg != tc {
+		t.Fatalf("resumed at step %d with %+v, want step 2 with %+v", resumed.Step, resumed.Cfg, tc)
+	}
+	run(1, resumed)
+	if !slices.Equal(resumed.Model.Params, straight.Model.Params) || !slices.Equal(resumed.Opt.M, straight.Opt.M) ||
+		!slices.Equal(resumed.Opt.V, straight.Opt.V) {
+		t.Fatal("the resumed step differs from the uninterrupted one")
+	}
+}
+
+// A training checkpoint that is incomplete, inconsistent or out of range is
+// an ErrInvalid error.
+func TestBadTrainingCheckpointsAreErrors(t *testing.T) {
+	m, b := newSmall(t)
+	tr, _ := NewTrainer(m, DefaultTrain())
+	if _, _, err := tr.TrainStep(b); err != nil {
+		t.Fatal(err)
+	}
+	write := func(name, text string) func(string) {
+		return func(dir string) { os.WriteFile(filepath.Join(dir, name), []byte(text), 0o644) }
+	}
+	for what, breakage := range map[string]func(string){
+		"files from different saves": func(dir string) { saveTraining(t, dir, tr, 1, 0) },
+		"unknown state key":          write("state.json", `{"step": 1, "train": {}, "epoch": 3}`),
+		"invalid settings":           write("state.json", `{"step": 1, "train": {"beta2": 1.5}}`),
+		"negative step":              write("state.json", `{"step": -1, "train": {}}`),
+		"no optimizer":               func(dir string) { os.Remove(filepath.Join(dir, "optimizer.safetensors")) },
+		"no moments in it": func(dir string) {
+			params, _ := os.ReadFile(filepath.Join(dir, "model.safetensors"))
+			os.WriteFile(filepath.Join(dir, "optimizer.safetensors"), params, 0o644)
+		},
+		"negative v": func(dir string) {
+			v := slices.Clone(tr.Opt.V)
+			tr.Opt.V[7] = -1
+			saveTraining(t, dir, tr, 1, 1)
+			tr.Opt.V = v
+		},
+	} {
+		dir := t.TempDir()
+		saveTraining(t, dir, tr, 1, 1)
+		if _, err := LoadTraining(dir); err != nil {
+			t.Fatalf("%s: the intact checkpoint does not load: %v", what, err)
+		}
+		breakage(dir)
+		if _, err := LoadTraining(dir); !errors.Is(err, ErrInvalid) {
+			t.Errorf("%s: want ErrInvalid, got %v", what, err)
+		}
+	}
+}
+
+// 1 − β is formed in float64 and then rounded: after one step from zero
+// moments on g = 1, m = float32(1 − β1) and v = float32(1 − β2) exactly
+// (1 − float32(0.999) would be 1.3e-5 off, and the resume parity case fails).
+func TestMomentCoefficientsAreRoundedOnce(t *testing.T) {
+	tc := DefaultTrain()
+	tc.Beta2 = 0.999
+	opt := NewAdamW(small())
+	params, grads := make([]float32, len(opt.M)), make([]float32, len(opt.M))
+	for i := range grads {
+		grads[i] = 1
+	}
+	opt.Update(params, grads, 1, 1e-3, 1, tc)
+	if opt.M[0] != float32(1-tc.Beta1) || opt.V[0] != float32(1-tc.Beta2) {
+		t.Fatalf("m = %v, v = %v; want %v, %v", opt.M[0], opt.V[0], float32(1-tc.Beta1), float32(1-tc.Beta2))
 	}
 }

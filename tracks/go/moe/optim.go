@@ -43,8 +43,12 @@ func NewAdamW(cfg Config) *AdamW {
 //
 //	g ← s·g;  m ← β1·m + (1−β1)·g;  v ← β2·v + (1−β2)·g²
 //	p ← p − lr·wd·p (2-D weights only);  p ← p − lr·(m/(1−β1ᵗ))/(sqrt(v/(1−β2ᵗ)) + eps)
+//
+// 1 − β is formed in float64 before rounding: 1 − float32(β) is off by up to
+// ulp(β)/(1 − β) relative (1.3e-5 for β = 0.999), which the moments would carry.
 func (o *AdamW) Update(params, grads []float32, s float32, lr float64, t int, tc TrainConfig) {
 	b1, b2, eps, rate := float32(tc.Beta1), float32(tc.Beta2), float32(tc.Eps), float32(lr)
+	c1, c2 := float32(1-tc.Beta1), float32(1-tc.Beta2)
 	inv1 := float32(1 / (1 - math.Pow(tc.Beta1, float64(t))))
 	inv2 := float32(1 / (1 - math.Pow(tc.Beta2, float64(t))))
 	for _, tensor := range o.tensors {
@@ -54,8 +58,8 @@ func (o *AdamW) Update(params, grads []float32, s float32, lr float64, t int, tc
 		}
 		for i := tensor.Offset; i < tensor.Offset+tensor.Len; i++ {
 			g := grads[i] * s
-			o.M[i] = b1*o.M[i] + (1-b1)*g
-			o.V[i] = b2*o.V[i] + (1-b2)*g*g
+			o.M[i] = b1*o.M[i] + c1*g
+			o.V[i] = b2*o.V[i] + c2*g*g
 			p := params[i] - decay*params[i]
 			params[i] = p - rate*(o.M[i]*inv1)/(float32(math.Sqrt(float64(o.V[i]*inv2)))+eps)
 		}

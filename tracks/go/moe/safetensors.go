@@ -7,6 +7,8 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"slices"
+	"strconv"
 )
 
 // A safetensors file is an 8-byte little-endian header length, a JSON header
@@ -28,7 +30,16 @@ type NamedTensor struct {
 
 // WriteSafetensors writes tensors to path atomically (temp file + rename).
 func WriteSafetensors(path string, tensors []NamedTensor) error {
-	header := map[string]stHeader{}
+	return writeSafetensors(path, tensors, nil)
+}
+
+// writeSafetensors writes tensors and, when not nil, the header's
+// __metadata__ (string → string) to path atomically.
+func writeSafetensors(path string, tensors []NamedTensor, metadata map[string]string) error {
+	header := map[string]any{}
+	if metadata != nil {
+		header["__metadata__"] = metadata
+	}
 	var data []byte
 	for _, t := range tensors {
 		start, dtype := len(data), "F32"
@@ -69,43 +80,53 @@ func WriteSafetensors(path string, tensors []NamedTensor) error {
 
 // readSafetensors reads every F32 tensor of the file at path.
 func readSafetensors(path string) (map[string]NamedTensor, error) {
+	tensors, _, err := readSafetensorsMeta(path)
+	return tensors, err
+}
+
+// readSafetensorsMeta reads every F32 tensor of the file at path and its
+// __metadata__ (string → string; empty when absent).
+func readSafetensorsMeta(path string) (map[string]NamedTensor, map[string]string, error) {
 	raw, err := os.ReadFile(path)
 	if err != nil {
-		return nil, err
+		return nil, nil, invalid("%s: %v", path, err)
 	}
 	bad := func(format string, args ...any) error {
 		return invalid("%s: %s", path, fmt.Sprintf(format, args...))
 	}
 	if len(raw) < 8 {
-		return nil, bad("truncated safetensors file")
+		return nil, nil, bad("truncated safetensors file")
 	}
 	n := binary.LittleEndian.Uint64(raw)
 	if n > uint64(len(raw)-8) {
-		return nil, bad("header length %d exceeds the file", n)
+		return nil, nil, bad("header length %d exceeds the file", n)
 	}
 	var header map[string]json.RawMessage
 	if err := json.Unmarshal(raw[8:8+n], &header); err != nil {
-		return nil, bad("corrupt header: %v", err)
+		return nil, nil, bad("corrupt header: %v", err)
 	}
-	data, out := raw[8+n:], map[string]NamedTensor{}
+	data, out, metadata := raw[8+n:], map[string]NamedTensor{}, map[string]string{}
 	for name, msg := range header {
 		if name == "__metadata__" {
+			if err := json.Unmarshal(msg, &metadata); err != nil {
+				return nil, nil, bad("__metadata__: %v", err)
+			}
 			continue
 		}
 		var h stHeader
 		if err := json.Unmarshal(msg, &h); err != nil {
-			return nil, bad("%s: %v", name, err)
+			return nil, nil, bad("%s: %v", name, err)
 		}
 		count := 1
 		for _, s := range h.Shape {
 			if s < 0 || s > 1<<31 || count > (1<<31)/max(s, 1) {
-				return nil, bad("%s: bad shape %v", name, h.Shape)
+				return nil, nil, bad("%s: bad shape %v", name, h.Shape)
 			}
 			count *= s
 		}
 		a, b := h.Offsets[0], h.Offsets[1]
 		if h.Dtype != "F32" || a < 0 || b < a || b > len(data) || b-a != 4*count {
-			return nil, bad("%s: dtype %s, offsets %v do not hold %v f32 values", name, h.Dtype, h.Offsets, h.Shape)
+			return nil, nil, bad("%s: dtype %s, offsets %v do not hold %v f32 values", name, h.Dtype, h.Offsets, h.Shape)
 		}
 		values := make([]float32, count)
 		for i := range values {
@@ -113,37 +134,124 @@ func readSafetensors(path string) (map[string]NamedTensor, error) {
 		}
 		out[name] = NamedTensor{Name: name, Shape: h.Shape, F32: values}
 	}
-	return out, nil
+	return out, metadata, nil
+}
+
+// current is checkpoint file name of dir as `moe train` left it: the copy in
+// .checkpoint-commit/ while a committed save is still moving files into place
+// (src/checkpoint.rs), else the file itself.
+func current(dir, name string) string {
+	committed := filepath.Join(dir, ".checkpoint-commit", name)
+	if _, err := os.Stat(committed); err == nil {
+		return committed
+	}
+	return filepath.Join(dir, name)
+}
+
+// readFlat reads a safetensors file that must hold exactly <name><suffix>
+// for every tensor of cfg and every suffix, of the right shape and finite;
+// it returns one flat buffer (Layout order) per suffix and the step recorded
+// in the metadata (0 when absent).
+func readFlat(path string, cfg Config, suffixes ...string) ([][]float32, int, error) {
+	found, metadata, err := readSafetensorsMeta(path)
+	if err != nil {
+		return nil, 0, err
+	}
+	tensors, total := Layout(cfg)
+	if len(found) != len(tensors)*len(suffixes) {
+		return nil, 0, invalid("%s: %d tensors, the config needs %d", path, len(found), len(tensors)*len(suffixes))
+	}
+	var buffers [][]float32
+	for _, suffix := range suffixes {
+		flat := make([]float32, total)
+		for _, t := range tensors {
+			got, ok := found[t.Name+suffix]
+			if !ok || fmt.Sprint(got.Shape) != fmt.Sprint(t.Shape) {
+				return nil, 0, invalid("%s: tensor %s missing or not of shape %v", path, t.Name+suffix, t.Shape)
+			}
+			for i, v := range got.F32 {
+				if math.IsNaN(float64(v)) || math.IsInf(float64(v), 0) {
+					return nil, 0, invalid("%s: %s has a non-finite value at %d", path, t.Name+suffix, i)
+				}
+			}
+			copy(flat[t.Offset:], got.F32)
+		}
+		buffers = append(buffers, flat)
+	}
+	step := 0
+	if text, ok := metadata["step"]; ok {
+		if step, err = strconv.Atoi(text); err != nil || step < 0 {
+			return nil, 0, invalid("%s: metadata step %q is not a step count", path, text)
+		}
+	}
+	return buffers, step, nil
 }
 
 // LoadCheckpoint reads a checkpoint directory written by `moe init` or `moe
 // train`: config.json and model.safetensors holding exactly the tensors of §2.
 func LoadCheckpoint(dir string) (*Model, error) {
-	cfg, err := LoadConfig(filepath.Join(dir, "config.json"))
+	cfg, err := LoadConfig(current(dir, "config.json"))
 	if err != nil {
 		return nil, err
 	}
-	path := filepath.Join(dir, "model.safetensors")
-	found, err := readSafetensors(path)
+	params, _, err := readFlat(current(dir, "model.safetensors"), cfg, "")
 	if err != nil {
 		return nil, err
 	}
-	tensors, total := Layout(cfg)
-	if len(found) != len(tensors) {
-		return nil, invalid("%s: %d tensors, the config needs %d", path, len(found), len(tensors))
+	return NewModel(cfg, params[0])
+}
+
+// TrainState is state.json of a `moe train` checkpoint: the steps done, the
+// training settings and the data sampler's position (not needed to take a step).
+type TrainState struct {
+	Step  int             `json:"step"`
+	Train TrainConfig     `json:"train"`
+	Data  json.RawMessage `json:"data"`
+}
+
+// LoadTraining reads a `moe train` checkpoint (CONTRACT §9) into a trainer
+// that continues it: the model, both AdamW moments (optimizer.safetensors,
+// <name>.m and <name>.v, v ≥ 0), the step count and the saved settings.
+// Both safetensors files record the step they were written at, which must be
+// state.json's: files from different saves are refused.
+func LoadTraining(dir string) (*Trainer, error) {
+	cfg, err := LoadConfig(current(dir, "config.json"))
+	if err != nil {
+		return nil, err
 	}
-	flat := make([]float32, total)
-	for _, t := range tensors {
-		got, ok := found[t.Name]
-		if !ok || fmt.Sprint(got.Shape) != fmt.Sprint(t.Shape) {
-			return nil, invalid("%s: tensor %s missing or not of shape %v", path, t.Name, t.Shape)
-		}
-		for i, v := range got.F32 {
-			if math.IsNaN(float64(v)) || math.IsInf(float64(v), 0) {
-				return nil, invalid("%s: %s has a non-finite value at %d", path, t.Name, i)
-			}
-		}
-		copy(flat[t.Offset:], got.F32)
+	statePath := current(dir, "state.json")
+	state := TrainState{Train: DefaultTrain()}
+	if err := decodeStrict(statePath, &state); err != nil {
+		return nil, err
 	}
-	return NewModel(cfg, flat)
+	if state.Step < 0 {
+		return nil, invalid("%s: step %d must be ≥ 0", statePath, state.Step)
+	}
+	loaded := map[string][][]float32{}
+	for file, suffixes := range map[string][]string{"model.safetensors": {""}, "optimizer.safetensors": {".m", ".v"}} {
+		path := current(dir, file)
+		buffers, step, err := readFlat(path, cfg, suffixes...)
+		if err != nil {
+			return nil, err
+		}
+		if step != state.Step {
+			return nil, invalid("%s: written at step %d but state.json says step %d (files from different saves)",
+				path, step, state.Step)
+		}
+		loaded[file] = buffers
+	}
+	m, v := loaded["optimizer.safetensors"][0], loaded["optimizer.safetensors"][1]
+	if i := slices.IndexFunc(v, func(x float32) bool { return x < 0 }); i >= 0 {
+		return nil, invalid("%s: negative second moment at flat index %d", current(dir, "optimizer.safetensors"), i)
+	}
+	model, err := NewModel(cfg, loaded["model.safetensors"][0])
+	if err != nil {
+		return nil, err
+	}
+	tr, err := NewTrainer(model, state.Train)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", statePath, err)
+	}
+	tr.Opt.M, tr.Opt.V, tr.Step = m, v, state.Step
+	return tr, nil
 }
