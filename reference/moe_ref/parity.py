@@ -10,16 +10,19 @@ the weights *and* moments after the step are compared. One table row per case
 and tensor group; the exit status is non-zero on any failure.
 
     python -m moe_ref.parity --moe target/release/moe [--x64] [--quick]
-                             [--dump "COMMAND"] [--label NAME]
+                             [--dump "COMMAND"] [--label NAME] [--case GLOB]
 
 `--dump` checks another implementation (a Rosetta track): COMMAND is run in
 place of `moe dump` with the same arguments (`--checkpoint DIR --batch FILE
---out FILE --step N --train FILE`) and must write the same tensors. The resume
-cases need `moe train` checkpoints and `dump --resume`, which the tracks do not
-have: they are skipped for `--dump`, with a note.
+--out FILE --step N --train FILE`, or `--resume DIR --batch FILE --out FILE`
+for the resume cases) and must write the same tensors. The checkpoints the
+resume cases continue always come from Rust's `moe train` (the `--moe`
+binary): only the dump is the track's. `--case GLOB` runs only the cases whose
+name matches (e.g. 'resume*').
 """
 
 import argparse
+import fnmatch
 import itertools
 import json
 import shlex
@@ -124,9 +127,9 @@ def rust_side(moe, dump_cmd, work, spec, batch, seq, seed, step, train):
     return ckpt, ids, targets, load_file(dump), settings
 
 
-def resume_side(moe, work, flags, batch, seq, seed):
-    """Runs a short `moe train` then `moe dump --resume` on its checkpoint;
-    returns (run dir, ids, targets, dump)."""
+def resume_side(moe, dump_cmd, work, flags, batch, seq, seed):
+    """Runs a short `moe train` (always Rust's), then the dump command with
+    `--resume` on its checkpoint; returns (run dir, ids, targets, dump)."""
     out, text = work / "run", work / "text.txt"
     words = np.random.default_rng(seed).choice(["the", "moe", "router", "expert", "token", "rope", "norm",
                                                 "adamw", "step", "moment", "of", "a", "and", "is"], 6000)
@@ -136,7 +139,7 @@ def resume_side(moe, work, flags, batch, seq, seed):
     vocab = json.loads((out / "config.json").read_text())["vocab_size"]
     ids, targets = write_batch(work, vocab, seed, batch, seq)
     dump = work / "dump.safetensors"
-    run([moe, "dump", "--resume", out, "--batch", work / "batch.json", "--out", dump])
+    run([*dump_cmd, "--resume", out, "--batch", work / "batch.json", "--out", dump])
     return out, ids, targets, load_file(dump)
 
 
@@ -234,6 +237,7 @@ def main():
     parser.add_argument("--dump", metavar="COMMAND",
                         help="the dump command to check (default: MOE dump), split like a shell line")
     parser.add_argument("--label", default="rust", help="name of the implementation in the summary")
+    parser.add_argument("--case", default="*", metavar="GLOB", help="only the cases whose name matches")
     args = parser.parse_args()
     dump_cmd = shlex.split(args.dump) if args.dump else [args.moe, "dump"]
     if args.x64:
@@ -243,16 +247,17 @@ def main():
     failures, start = 0, time.time()
     print(f"{'case':28} {'group':26} {'error':>10} {'tolerance':>10}  result  detail")
     for name, spec, batch, seq, seed, step, train in cases(args.quick):
+        if not fnmatch.fnmatch(name, args.case):
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             ckpt, ids, targets, ours, settings = rust_side(args.moe, dump_cmd, Path(tmp), spec, batch, seq, seed, step, train)
             config, params = ref.load_checkpoint(ckpt, dtype)
         failures += print_rows(name, compare(ours, config, params, ids, targets, settings, step))
-    if args.dump:
-        print(f"{'resume cases':28} skipped: they need `moe train` checkpoints and `dump --resume`, "
-              f"which {args.label} does not have")
-    for name, flags, batch, seq, seed in [] if args.dump else RESUME_CASES:
+    for name, flags, batch, seq, seed in RESUME_CASES:
+        if not fnmatch.fnmatch(name, args.case):
+            continue
         with tempfile.TemporaryDirectory() as tmp:
-            out, ids, targets, ours = resume_side(args.moe, Path(tmp), flags, batch, seq, seed)
+            out, ids, targets, ours = resume_side(args.moe, dump_cmd, Path(tmp), flags, batch, seq, seed)
             config, params, moments, done, settings = ref.load_training(out, dtype)
         rows = resume_rows(ours, moments) + compare(ours, config, params, ids, targets, settings, done + 1, moments)
         failures += print_rows(name, rows)
