@@ -172,7 +172,7 @@ func generate(args []string) error {
 	fs := flag.NewFlagSet("generate", flag.ContinueOnError)
 	ckpt := fs.String("checkpoint", "", "checkpoint directory")
 	promptIDs := fs.String("prompt-ids", "", "comma-separated prompt token ids")
-	maxNew := fs.Int("max-new", 20, "tokens to generate after the prompt")
+	maxNew := fs.Int("max-new", 20, "tokens to generate after the prompt (may exceed max_seq_len: the context window slides)")
 	strategy := fs.String("strategy", "greedy", "greedy, temperature, top-k or top-p")
 	temp := fs.Float64("temperature", 0.8, "softmax temperature (0 = greedy)")
 	topK := fs.Int("top-k", 40, "candidates kept by top-k (0 = all)")

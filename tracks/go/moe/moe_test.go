@@ -125,6 +125,30 @@ func TestSamplingRules(t *testing.T) {
 	}
 }
 
+// Past max_seq_len (8) the window slides: each token is the greedy choice of
+// a plain forward over the (at most) 8 tokens before it — from a short prompt
+// (cached, then sliding) and from one longer than the window (cut from the left).
+func TestGenerationSlidesItsWindow(t *testing.T) {
+	m, _ := newSmall(t)
+	window := m.Cfg.MaxSeqLen
+	for _, prompt := range [][]int{{1, 2, 3}, {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 0, 1}} {
+		tokens, err := Generate(m, prompt, 24, Strategy{Kind: Greedy}, 0)
+		if err != nil || len(tokens) != 24 || !slices.Equal(tokens[:len(prompt)], prompt) {
+			t.Fatal(tokens, err)
+		}
+		for n := len(prompt); n < 24; n++ {
+			pass, err := m.Forward(tokens[max(0, n-window):n], 1)
+			if err != nil {
+				t.Fatal(err)
+			}
+			logits := pass.Logits[len(pass.Logits)-m.Cfg.VocabSize:]
+			if best, _ := PickToken(logits, Strategy{Kind: Greedy}, nil); best != tokens[n] {
+				t.Fatalf("prompt %v, token %d: generated %d, a forward over its window picks %d", prompt, n, tokens[n], best)
+			}
+		}
+	}
+}
+
 // Bad input is an ErrInvalid error, never a panic.
 func TestBadInputIsAnError(t *testing.T) {
 	m, b := newSmall(t)
@@ -143,7 +167,7 @@ func TestBadInputIsAnError(t *testing.T) {
 	_, errLong := m.Forward(make([]int, 9), 1)
 	_, errID := m.Forward([]int{-1}, 1)
 	_, errEmpty := NewBatch(nil, nil)
-	_, errPrompt := Generate(m, []int{1}, 9, Strategy{Kind: Greedy}, 0)
+	_, errPrompt := Generate(m, []int{1, 2, 3}, 2, Strategy{Kind: Greedy}, 0)
 	for name, err := range map[string]error{
 		"config": cfg.Validate(), "checkpoint": errCkpt, "truncated": errST, "target": errTarget,
 		"too long": errLong, "negative id": errID, "empty batch": errEmpty, "max length": errPrompt,

@@ -92,8 +92,12 @@ func PickToken(logits []float32, s Strategy, rng *rand.Rand) (int, error) {
 	return order[keep-1], nil
 }
 
-// Generate returns prompt followed by new tokens up to maxLen tokens in all,
-// each new token costing one KV-cache position. Same seed → same tokens.
+// Generate returns prompt followed by new tokens up to maxLen tokens in all.
+// Same seed → same tokens. The model sees the last max_seq_len tokens
+// (CONTRACT §7): a longer prompt is cut from the left and maxLen may exceed
+// max_seq_len. Until the KV cache is full each new token costs one position;
+// after it, each new token re-prefills the last max_seq_len tokens into the
+// emptied cache (one window-long forward per token).
 func Generate(m *Model, prompt []int, maxLen int, s Strategy, seed uint64) ([]int, error) {
 	if len(prompt) == 0 {
 		return nil, invalid("empty prompt")
@@ -101,19 +105,27 @@ func Generate(m *Model, prompt []int, maxLen int, s Strategy, seed uint64) ([]in
 	if err := s.Validate(m.Cfg.VocabSize); err != nil {
 		return nil, err
 	}
-	if maxLen < len(prompt) || maxLen > m.Cfg.MaxSeqLen {
-		return nil, invalid("total length %d must be in %d..%d", maxLen, len(prompt), m.Cfg.MaxSeqLen)
+	if maxLen < len(prompt) {
+		return nil, invalid("total length %d is shorter than the prompt (%d)", maxLen, len(prompt))
 	}
+	window := m.Cfg.MaxSeqLen
+	last := func(tokens []int) []int { return tokens[max(0, len(tokens)-window):] }
 	tokens := append([]int(nil), prompt...)
 	kv, rng := NewKVCache(m.Cfg, maxLen), rand.New(rand.NewPCG(seed, 0x5eed))
-	logits, err := m.ForwardCached(prompt, kv)
+	logits, err := m.ForwardCached(last(prompt), kv)
 	for err == nil && len(tokens) < maxLen {
 		var next int
-		if next, err = PickToken(logits, s, rng); err == nil {
-			tokens = append(tokens, next)
-			if len(tokens) < maxLen {
-				logits, err = m.ForwardCached([]int{next}, kv)
-			}
+		if next, err = PickToken(logits, s, rng); err != nil {
+			break
+		}
+		tokens = append(tokens, next)
+		switch {
+		case len(tokens) == maxLen:
+		case kv.Len < kv.Cap:
+			logits, err = m.ForwardCached([]int{next}, kv)
+		default: // the cache is full: slide the window
+			kv.Len = 0
+			logits, err = m.ForwardCached(last(tokens), kv)
 		}
 	}
 	return tokens, err

@@ -39,7 +39,7 @@ def parser():
     g = sub.add_parser("generate", help="generate from a checkpoint with a KV cache")
     g.add_argument("--checkpoint", required=True)
     g.add_argument("--prompt", required=True, help="comma-separated token ids")
-    g.add_argument("--max-len", type=positive, required=True, help="total length, prompt included")
+    g.add_argument("--max-len", type=positive, required=True, help="total length, prompt included (may exceed max_seq_len: the context window slides)")
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-k", type=int)
     g.add_argument("--top-p", type=float)

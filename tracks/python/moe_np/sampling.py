@@ -76,27 +76,35 @@ def pick_token(logits, strategy, rng):
 
 
 def generate(model, prompt, max_len, strategy, seed):
-    """prompt + new tokens up to `max_len` in total; each new token costs one cached
-    position. Same seed → same tokens."""
+    """prompt + new tokens up to `max_len` in total. Same seed → same tokens.
+
+    The model sees the last max_seq_len tokens (CONTRACT §7): a longer prompt is cut
+    from the left and `max_len` may exceed max_seq_len. Until the cache is full each
+    new token costs one cached position; after it, each new token re-prefills the
+    last max_seq_len tokens into the emptied cache (one window-long forward per token).
+    """
     c = model.config
     if len(prompt) == 0:
         raise InputError("empty prompt")
     validate(strategy, c.vocab_size)
-    if max_len > c.max_seq_len or len(prompt) > c.max_seq_len:
-        raise InputError(f"length {max(max_len, len(prompt))} exceeds max_seq_len {c.max_seq_len}")
     if max_len < len(prompt):
         raise InputError(f"max_len {max_len} is shorter than the prompt ({len(prompt)})")
     tokens = [int(t) for t in prompt]
     if max_len == len(tokens):
         return tokens
-    cache = KvCache(c, 1, max_len)
+    window = c.max_seq_len
+    cache = KvCache(c, 1, min(max_len, window))
     rng = np.random.default_rng(seed)
-    logits = model.forward(np.asarray([tokens]), cache)
+    logits = model.forward(np.asarray([tokens[-window:]]), cache)
     while True:
         tokens.append(pick_token(logits[0, -1], strategy, rng))
         if len(tokens) == max_len:
             return tokens
-        logits = model.forward(np.asarray([tokens[-1:]]), cache)
+        if cache.length < cache.capacity:
+            logits = model.forward(np.asarray([tokens[-1:]]), cache)
+        else:  # the cache is full: slide the window
+            cache.length = 0
+            logits = model.forward(np.asarray([tokens[-window:]]), cache)
 
 
 def generate_greedy(model, prompt, max_len):

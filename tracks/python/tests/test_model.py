@@ -139,6 +139,20 @@ class SamplingTest(unittest.TestCase):
             self.assertEqual(int(np.argmax(full)), tokens[n])
         self.assertEqual(generate(model, [1], 8, TopK(5, 0.9), 7), generate(model, [1], 8, TopK(5, 0.9), 7))
 
+    def test_generation_slides_its_window_past_max_seq_len(self):
+        # max_seq_len 16: each token is the greedy choice of a plain forward over the
+        # (at most) 16 tokens before it — from a short prompt (cached, then sliding)
+        # and from a prompt longer than the window (cut from the left).
+        model = micro_model(dtype=np.float32)
+        window = model.config.max_seq_len
+        for prompt in ([1, 2, 3], list(np.arange(20) % 13)):
+            tokens = generate(model, prompt, 40, Greedy(), 0)
+            self.assertEqual(tokens[:len(prompt)], [int(t) for t in prompt])
+            self.assertEqual(len(tokens), 40)
+            for n in range(len(prompt), 40):
+                full = model.forward(np.asarray([tokens[max(0, n - window):n]]))[0, -1]
+                self.assertEqual(int(np.argmax(full)), tokens[n], f"token {n}")
+
 
 class ErrorTest(unittest.TestCase):
     def test_bad_inputs_are_typed_errors(self):
@@ -159,7 +173,7 @@ class ErrorTest(unittest.TestCase):
         with self.assertRaises(InputError):
             generate(model, [], 4, Greedy(), 0)
         with self.assertRaises(InputError):
-            generate(model, [1, 2], 17, Greedy(), 0)
+            generate(model, [1, 2, 3], 2, Greedy(), 0)
 
     def test_bad_configs_are_typed_errors(self):
         for change in ({"n_heads": 3}, {"top_k": 5}, {"hidden_dim": 0}, {"head_dim": 3, "hidden_dim": 12}, {"n_kv_heads": 3},
