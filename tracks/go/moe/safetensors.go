@@ -227,10 +227,14 @@ func LoadTraining(dir string) (*Trainer, error) {
 	if state.Step < 0 {
 		return nil, invalid("%s: step %d must be ≥ 0", statePath, state.Step)
 	}
-	loaded := map[string][][]float32{}
-	for file, suffixes := range map[string][]string{"model.safetensors": {""}, "optimizer.safetensors": {".m", ".v"}} {
-		path := current(dir, file)
-		buffers, step, err := readFlat(path, cfg, suffixes...)
+	// The parameters, then the moments m and v.
+	var loaded [][]float32
+	for _, file := range []struct {
+		name     string
+		suffixes []string
+	}{{"model.safetensors", []string{""}}, {"optimizer.safetensors", []string{".m", ".v"}}} {
+		path := current(dir, file.name)
+		buffers, step, err := readFlat(path, cfg, file.suffixes...)
 		if err != nil {
 			return nil, err
 		}
@@ -238,13 +242,13 @@ func LoadTraining(dir string) (*Trainer, error) {
 			return nil, invalid("%s: written at step %d but state.json says step %d (files from different saves)",
 				path, step, state.Step)
 		}
-		loaded[file] = buffers
+		loaded = append(loaded, buffers...)
 	}
-	m, v := loaded["optimizer.safetensors"][0], loaded["optimizer.safetensors"][1]
+	params, m, v := loaded[0], loaded[1], loaded[2]
 	if i := slices.IndexFunc(v, func(x float32) bool { return x < 0 }); i >= 0 {
 		return nil, invalid("%s: negative second moment at flat index %d", current(dir, "optimizer.safetensors"), i)
 	}
-	model, err := NewModel(cfg, loaded["model.safetensors"][0])
+	model, err := NewModel(cfg, params)
 	if err != nil {
 		return nil, err
 	}

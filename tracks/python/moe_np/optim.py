@@ -35,8 +35,9 @@ class AdamW:
     """First and second moments per parameter: zero at the start, or a resumed run's (m, v)."""
 
     def __init__(self, params, moments=None):
-        zeros = lambda: {n: np.zeros_like(p) for n, p in params.items()}  # noqa: E731
-        self.m, self.v = moments if moments is not None else (zeros(), zeros())
+        if moments is None:
+            moments = tuple({n: np.zeros_like(p) for n, p in params.items()} for _ in "mv")
+        self.m, self.v = moments
 
     def update(self, params, grads, scale, lr, t, train):
         """One step t (1-based), in place, on gradients multiplied by `scale`:
