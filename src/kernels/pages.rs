@@ -12,7 +12,6 @@
 //!
 //! (`docs/performance.md` has the before and after of both.)
 
-use std::mem::MaybeUninit;
 use std::ops::{Deref, DerefMut};
 
 /// `len` zeros in memory that asks the OS for 2 MB pages before it is first
@@ -20,9 +19,11 @@ use std::ops::{Deref, DerefMut};
 /// systems, huge pages switched off, a buffer under 2 MB) the buffer is an
 /// ordinary one: its values are the same either way.
 pub fn zeroed(len: usize) -> Vec<f32> {
-    let mut buffer = Vec::with_capacity(len);
-    advise_huge_pages(buffer.spare_capacity_mut());
-    buffer.resize(len, 0.0);
+    // A large zeroed allocation is fresh memory from the OS that nothing has
+    // touched yet (so pages never written cost nothing): the advice comes
+    // before any page exists.
+    let mut buffer = vec![0.0; len];
+    advise_huge_pages(&mut buffer);
     buffer
 }
 
@@ -119,7 +120,7 @@ const HUGE_PAGE: usize = 2 << 20;
 /// Asks for huge pages over the whole 4 KB pages inside `memory` (a hint: a
 /// refusal changes nothing).
 #[cfg(target_os = "linux")]
-fn advise_huge_pages(memory: &mut [MaybeUninit<f32>]) {
+fn advise_huge_pages(memory: &mut [f32]) {
     use nix::sys::mman::{MmapAdvise, madvise};
     const PAGE: usize = 4096;
     let first = memory.as_mut_ptr() as usize;
@@ -132,14 +133,14 @@ fn advise_huge_pages(memory: &mut [MaybeUninit<f32>]) {
         return;
     };
     // SAFETY: [start, end) lies inside `memory`, which this function borrows
-    // exclusively and which holds no values yet; MADV_HUGEPAGE changes only
-    // how the kernel backs those pages, never their contents or validity.
+    // exclusively; MADV_HUGEPAGE changes only how the kernel backs those
+    // pages, never their contents or validity.
     // A refusal (EINVAL when huge pages are off) is ignored: it is a hint.
     let _ = unsafe { madvise(addr, end - start, MmapAdvise::MADV_HUGEPAGE) };
 }
 
 #[cfg(not(target_os = "linux"))]
-fn advise_huge_pages(_memory: &mut [MaybeUninit<f32>]) {}
+fn advise_huge_pages(_memory: &mut [f32]) {}
 
 #[cfg(test)]
 mod tests {
