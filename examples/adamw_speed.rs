@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use rosetta_moe::kernels::{self, AdamWStep, Buffer};
+use rosetta_moe::kernels::{self, AdamWStep, Buffer, Stream};
 
 fn main() {
     println!("# cargo run --release --example adamw_speed (one core; best of 5 sweeps)");
@@ -16,8 +16,15 @@ fn main() {
     let ghz = kernels::fma_peak_gflops(Duration::from_millis(300)) / 32.0;
     let step = AdamWStep::new((0.9, 0.95), 1e-8, 1e-3, 1);
     for n in [4096usize, 65_536, 542_528, 7_134_464] {
-        for (placement, quarters) in [("same offset", [0; 4]), ("staggered  ", [0, 3, 1, 2])] {
-            let [mut p, mut g, mut m, mut v] = quarters.map(|q| Buffer::zeroed(n, q));
+        let same = [Stream::Params; 4];
+        let staggered = [
+            Stream::Params,
+            Stream::Gradients,
+            Stream::FirstMoment,
+            Stream::SecondMoment,
+        ];
+        for (placement, streams) in [("same offset", same), ("staggered  ", staggered)] {
+            let [mut p, mut g, mut m, mut v] = streams.map(|s| Buffer::zeroed(n, s));
             g.fill(0.1);
             let reps = (50_000_000 / n).max(3);
             let best = (0..5)

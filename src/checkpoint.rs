@@ -265,7 +265,7 @@ pub fn load_training(dir: &Path) -> Result<(Trainer, TrainState)> {
         }
     }
     let model = Model::from_params(config, params.remove(0))?;
-    let optimizer = AdamW::from_moments(&layout, &moments[0], &moments[1]);
+    let optimizer = AdamW::from_moments(&layout, &moments[0], &moments[1])?;
     let trainer = Trainer::resume(model, state.train.clone(), optimizer, state.step)?;
     Ok((trainer, state))
 }

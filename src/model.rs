@@ -11,7 +11,7 @@
 use crate::attention::{Attention, AttnActs, AttnDims, AttnScratch, KvCache, KvSource};
 use crate::config::ModelConfig;
 use crate::error::{MoeError, Result};
-use crate::kernels::{self, Buffer, Write};
+use crate::kernels::{self, Buffer, Stream, Write};
 use crate::layers::{Embedding, Linear, PackedWeights, Param, RmsNorm, Rope, Shape, Weights};
 use crate::loss;
 use crate::memory;
@@ -303,8 +303,8 @@ impl Pass<'_> {
 pub struct Model {
     config: ModelConfig,
     layout: ParamLayout,
-    /// All parameters, flat, at the start of a page's first quarter (the
-    /// AdamW moments sit in the second and third: see `kernels::Buffer`).
+    /// All parameters, flat, in the parameters' quarter of a page (see
+    /// `kernels::Stream`).
     params: Buffer,
     /// Every linear weight's (range, out, in), in the order they are packed.
     linears: Vec<(std::ops::Range<usize>, usize, usize)>,
@@ -336,7 +336,7 @@ impl Model {
     }
 
     fn assemble(config: ModelConfig, layout: ParamLayout, params: Vec<f32>) -> Self {
-        let params = Buffer::from_vec(params, 0);
+        let params = Buffer::from_vec(params, Stream::Params);
         let rope = Rope::new(&config);
         let (h, f) = (config.hidden_dim, config.ffn_dim);
         let heads_dim = config.n_heads * config.head_dim;

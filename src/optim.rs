@@ -5,7 +5,8 @@
 use std::ops::Range;
 
 use crate::config::TrainConfig;
-use crate::kernels::{self, AdamWStep, Buffer};
+use crate::error::MoeError;
+use crate::kernels::{self, AdamWStep, Buffer, Stream};
 use crate::params::{Gradients, ParamLayout};
 
 /// Learning rate at step `t` (1-based):
@@ -53,19 +54,33 @@ impl AdamW {
     pub fn new(layout: &ParamLayout) -> Self {
         Self::with_moments(
             layout,
-            Buffer::zeroed(layout.len, 1),
-            Buffer::zeroed(layout.len, 2),
+            Buffer::zeroed(layout.len, Stream::FirstMoment),
+            Buffer::zeroed(layout.len, Stream::SecondMoment),
         )
     }
 
-    /// Saved moments m and v for `layout` (copied).
-    pub fn from_moments(layout: &ParamLayout, m: &[f32], v: &[f32]) -> Self {
-        Self::with_moments(layout, Buffer::from_slice(m, 1), Buffer::from_slice(v, 2))
+    /// Saved moments m and v for `layout` (copied); refuses moments of
+    /// another length with [`MoeError::ShapeMismatch`].
+    pub fn from_moments(layout: &ParamLayout, m: &[f32], v: &[f32]) -> crate::error::Result<Self> {
+        for moment in [m, v] {
+            if moment.len() != layout.len {
+                return Err(MoeError::shape(
+                    "optimizer moments",
+                    layout.len,
+                    moment.len(),
+                ));
+            }
+        }
+        Ok(Self::with_moments(
+            layout,
+            Buffer::from_slice(m, Stream::FirstMoment),
+            Buffer::from_slice(v, Stream::SecondMoment),
+        ))
     }
 
-    /// m at a quarter of a page after the parameters' start, v at a half:
-    /// p[i], m[i] and v[i] never share their low 12 address bits, which would
-    /// stall AdamW's loads behind its stores (see `kernels::Buffer`).
+    /// m and v each in their own quarter of a page: p[i], m[i] and v[i]
+    /// never share their low 12 address bits, which would stall AdamW's
+    /// loads behind its stores (see `kernels::Buffer`).
     fn with_moments(layout: &ParamLayout, m: Buffer, v: Buffer) -> Self {
         AdamW {
             m,
@@ -223,6 +238,20 @@ mod tests {
             assert!((learning_rate(&c, 1200) - floor).abs() < 1e-12, "{ratio}");
             assert!((learning_rate(&c, 605) - (floor + 1e-3) / 2.0).abs() < 1e-9);
             assert!((learning_rate(&c, 10) - 1e-3).abs() < 1e-12);
+        }
+    }
+
+    #[test]
+    fn moments_of_another_length_are_refused() {
+        let layout = ParamLayout::new(&crate::ModelConfig::tiny());
+        let (good, short) = (vec![0.5; layout.len], vec![0.5; layout.len - 1]);
+        let opt = AdamW::from_moments(&layout, &good, &good).unwrap();
+        assert!(opt.m[..] == good[..] && opt.v[..] == good[..]);
+        for (m, v) in [(&short, &good), (&good, &short)] {
+            assert!(matches!(
+                AdamW::from_moments(&layout, m, v),
+                Err(MoeError::ShapeMismatch { .. })
+            ));
         }
     }
 

@@ -3,7 +3,7 @@
 use crate::batch::Batch;
 use crate::config::{ModelConfig, TrainConfig};
 use crate::error::{MoeError, Result};
-use crate::kernels::Buffer;
+use crate::kernels::{Buffer, Stream};
 use crate::model::{Losses, Model};
 use crate::optim::{self, AdamW};
 use crate::params::{Gradients, OuterGrads};
@@ -97,7 +97,7 @@ impl Trainer {
         }
         ensure_training_fits(model.config(), 1)?;
         Ok(Trainer {
-            grads: Buffer::zeroed(n, 3),
+            grads: Buffer::zeroed(n, Stream::Gradients),
             factored: OuterGrads::default(),
             model,
             config,

@@ -16,7 +16,7 @@ pub mod vector;
 
 pub use alloc::{CountingAllocator, allocated_bytes, allocation_count};
 pub use outer::{Outer, adamw_outer, outer_sq_norm, try_for_each_outer_block};
-pub use pages::{Buffer, zeroed};
+pub use pages::{Buffer, Stream, zeroed};
 pub use probe::fma_peak_gflops;
 pub use threads::{MAX_THREADS, set_threads, threads};
 

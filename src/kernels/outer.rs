@@ -14,7 +14,7 @@ use std::ops::Range;
 
 use super::gemm::{self, Kernel, Path};
 use super::vector::{self, AdamWStep};
-use super::{Buffer, Mat, MatMut, threads};
+use super::{Buffer, Mat, MatMut, Stream, threads};
 
 /// Floats of dW formed at a time: 64 KB, consumed from L2 as soon as it is
 /// made (in quiet runs of `scale_train_256`, 8–32 KB blocks were slower and
@@ -23,8 +23,7 @@ const BLOCK_FLOATS: usize = 16384;
 
 thread_local! {
     /// This thread's block of dW rows (grown once to the largest block it
-    /// met), three quarters of a page after the parameters' offset, as the
-    /// trainer's gradient buffer (see [`Buffer`]).
+    /// met), in the gradients' quarter of a page (see [`Buffer`]).
     static BLOCK: RefCell<Option<Buffer>> = const { RefCell::new(None) };
 }
 
@@ -135,7 +134,7 @@ fn try_blocks<E>(
     let step = block_rows(inp);
     BLOCK.with_borrow_mut(|block| {
         if block.as_ref().is_none_or(|g| g.len() < step * inp) {
-            *block = Some(Buffer::zeroed(step * inp, 3));
+            *block = Some(Buffer::zeroed(step * inp, Stream::Gradients));
         }
         let g = block.as_mut().expect("just made");
         for r0 in rows.clone().step_by(step) {

@@ -27,9 +27,31 @@ pub fn zeroed(len: usize) -> Vec<f32> {
     buffer
 }
 
+/// What a [`Buffer`] holds, which fixes the quarter of a 4 KB page its first
+/// element sits in: the four streams AdamW reads together each get their
+/// own, so p[i], m[i], v[i] and g[i] never share their low 12 address bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    /// The parameters p (the first quarter, where large allocations start).
+    Params = 0,
+    /// AdamW's first moment m.
+    FirstMoment = 1,
+    /// AdamW's second moment v.
+    SecondMoment = 2,
+    /// Gradients g (the trainer's buffer and the dW blocks formed in cache).
+    Gradients = 3,
+}
+
+impl Stream {
+    /// Quarter of a page (0 ..= 3) this stream starts in.
+    fn quarter(self) -> usize {
+        self as usize
+    }
+}
+
 /// A zeroed `[f32]` (on 2 MB pages where the OS grants them, see [`zeroed`])
-/// whose first element sits `quarter` × 1 KB into a 4 KB page, so that
-/// buffers given different quarters never alias in their low 12 address
+/// whose first element sits its [`Stream`]'s quarter of a 4 KB page in, so
+/// that buffers of different streams never alias in their low 12 address
 /// bits (see the module docs). Reads and writes as a slice.
 #[derive(Debug)]
 pub struct Buffer {
@@ -39,48 +61,46 @@ pub struct Buffer {
     start: usize,
     /// Elements.
     len: usize,
-    /// Quarter of a 4 KB page the first element sits in (0 ..= 3).
-    quarter: usize,
+    /// What it holds (the quarter of a page its first element sits in).
+    stream: Stream,
 }
 
 /// Floats in a 4 KB page.
 const PAGE_FLOATS: usize = 1024;
 
 impl Buffer {
-    /// `len` zeros starting `quarter` KB (mod 4) into a 4 KB page.
-    pub fn zeroed(len: usize, quarter: usize) -> Self {
+    /// `len` zeros of `stream`, starting in its quarter of a page.
+    pub fn zeroed(len: usize, stream: Stream) -> Self {
         let data = zeroed(len + PAGE_FLOATS);
-        let quarter = quarter % 4;
-        // First index whose address is `quarter` KB into a page.
+        // First index whose address is the stream's quarter into a page.
         let base = data.as_ptr() as usize / 4 % PAGE_FLOATS;
-        let start = (quarter * PAGE_FLOATS / 4 + PAGE_FLOATS - base) % PAGE_FLOATS;
+        let start = (stream.quarter() * PAGE_FLOATS / 4 + PAGE_FLOATS - base) % PAGE_FLOATS;
         Buffer {
             data,
             start,
             len,
-            quarter,
+            stream,
         }
     }
 
-    /// `values` starting `quarter` KB into a page: the vector itself when it
-    /// already starts in that quarter (as large allocations start in the
-    /// first), else a copy.
-    pub fn from_vec(values: Vec<f32>, quarter: usize) -> Self {
-        let quarter = quarter % 4;
-        if values.as_ptr() as usize % 4096 / 1024 != quarter {
-            return Self::from_slice(&values, quarter);
+    /// `values` as a buffer of `stream`: the vector itself when it already
+    /// starts in the stream's quarter (as large allocations start in the
+    /// first, the parameters'), else a copy.
+    pub fn from_vec(values: Vec<f32>, stream: Stream) -> Self {
+        if values.as_ptr() as usize % 4096 / 1024 != stream.quarter() {
+            return Self::from_slice(&values, stream);
         }
         Buffer {
             len: values.len(),
             data: values,
             start: 0,
-            quarter,
+            stream,
         }
     }
 
-    /// A copy of `values` starting `quarter` KB into a page.
-    pub fn from_slice(values: &[f32], quarter: usize) -> Self {
-        let mut buffer = Self::zeroed(values.len(), quarter);
+    /// A copy of `values` as a buffer of `stream`.
+    pub fn from_slice(values: &[f32], stream: Stream) -> Self {
+        let mut buffer = Self::zeroed(values.len(), stream);
         buffer.copy_from_slice(values);
         buffer
     }
@@ -103,7 +123,7 @@ impl DerefMut for Buffer {
 impl Clone for Buffer {
     /// A copy in new memory, at the same quarter of a page.
     fn clone(&self) -> Self {
-        Self::from_slice(self, self.quarter)
+        Self::from_slice(self, self.stream)
     }
 }
 
@@ -148,9 +168,15 @@ mod tests {
 
     #[test]
     fn buffers_start_at_their_quarter_of_a_page_and_read_as_slices() {
+        let streams = [
+            Stream::Params,
+            Stream::FirstMoment,
+            Stream::SecondMoment,
+            Stream::Gradients,
+        ];
         for len in [0, 5, 3 << 20] {
-            for quarter in 0..4 {
-                let mut buffer = Buffer::zeroed(len, quarter);
+            for (quarter, stream) in streams.into_iter().enumerate() {
+                let mut buffer = Buffer::zeroed(len, stream);
                 assert_eq!(buffer.len(), len);
                 assert_eq!(buffer.as_ptr() as usize % 4096, quarter * 1024);
                 assert!(buffer.iter().all(|&v| v == 0.0));
@@ -161,7 +187,7 @@ mod tests {
                 let copy = buffer.clone();
                 assert_eq!(copy.as_ptr() as usize % 4096, quarter * 1024);
                 assert!(copy == buffer && copy.iter().enumerate().all(|(i, &v)| v == i as f32));
-                let adopted = Buffer::from_vec(buffer.to_vec(), quarter);
+                let adopted = Buffer::from_vec(buffer.to_vec(), stream);
                 assert_eq!(adopted.as_ptr() as usize % 4096 / 1024, quarter);
                 assert!(adopted == buffer);
             }
