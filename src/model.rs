@@ -482,7 +482,7 @@ impl Model {
     /// As [`Model::loss_and_grads`], but a linear weight's gradient
     /// dW = dyᵀ·x is kept in `factored` as dy and x whenever they are smaller
     /// than dW (few tokens): its part of `grads` is then left as it was, and
-    /// the optimizer forms dW in cache ([`crate::kernels::adamw_outer`]).
+    /// the optimizer forms dW in cache ([`crate::kernels::adamw_tensors`]).
     /// The training step's path.
     pub fn loss_and_factored_grads(
         &mut self,

@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use crate::config::TrainConfig;
 use crate::error::MoeError;
-use crate::kernels::{self, AdamWStep, Buffer, Stream};
+use crate::kernels::{self, AdamWStep, Buffer, Stream, TensorGrad, TensorStep};
 use crate::params::{Gradients, ParamLayout};
 
 /// Learning rate at step `t` (1-based):
@@ -133,7 +133,8 @@ impl AdamW {
 
     /// [`AdamW::update`] without the dry run, for a caller that has proved the
     /// result finite (see `Trainer`): one pass over p, g, m, v — or, for a
-    /// gradient kept as factors, over p, m, v with g formed in cache.
+    /// gradient kept as factors, over p, m, v with g formed in cache — as one
+    /// call on the intra-op threads ([`kernels::adamw_tensors`]).
     pub(crate) fn update_unchecked(
         &mut self,
         params: &mut [f32],
@@ -143,15 +144,40 @@ impl AdamW {
         t: u64,
         config: &TrainConfig,
     ) {
-        for (range, step) in tensor_steps(&self.segments, grad_scale, lr, t, config) {
-            let p = &mut params[range.clone()];
-            let (m, v) = (&mut self.m[range.clone()], &mut self.v[range.clone()]);
-            match grads.factored.get(&range) {
-                None => kernels::adamw(p, &grads.values[range], m, v, step),
-                Some(product) => kernels::adamw_outer(p, m, v, product, step),
+        let steps = tensor_steps(&self.segments, grad_scale, lr, t, config);
+        let ranges = self.segments.iter().map(|(range, _)| range.clone());
+        let slices = tensor_slices(params, ranges.clone())
+            .zip(tensor_slices(&mut self.m, ranges.clone()))
+            .zip(tensor_slices(&mut self.v, ranges));
+        let tensors = steps.zip(slices).map(|((range, step), ((p, m), v))| {
+            let grad = match grads.factored.get(&range) {
+                None => TensorGrad::Stored(&grads.values[range]),
+                Some(product) => TensorGrad::Outer(product),
+            };
+            TensorStep {
+                p,
+                m,
+                v,
+                grad,
+                step,
             }
-        }
+        });
+        kernels::adamw_tensors(tensors);
     }
+}
+
+/// `values` cut into the consecutive `ranges` (which start at 0 and cover it in order).
+fn tensor_slices(
+    values: &mut [f32],
+    ranges: impl Iterator<Item = Range<usize>>,
+) -> impl Iterator<Item = &mut [f32]> {
+    let (mut rest, mut at) = (values, 0);
+    ranges.map(move |range| {
+        assert_eq!(range.start, at, "tensors in layout order, without gaps");
+        let (tensor, tail) = std::mem::take(&mut rest).split_at_mut(range.len());
+        (rest, at) = (tail, range.end);
+        tensor
+    })
 }
 
 /// Every tensor's range with its AdamW constants (decay on 2-D weights only).

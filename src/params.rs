@@ -221,7 +221,7 @@ impl<'g> Grads<'g> {
 /// Linear weights' gradients kept as the factors of dW = dyᵀ·x: with few
 /// tokens, dy [T, out] and x [T, in] are far smaller than dW [out, in], and
 /// the optimizer forms dW a block at a time in cache
-/// ([`kernels::adamw_outer`]) instead of streaming it through memory twice.
+/// ([`kernels::adamw_tensors`]) instead of streaming it through memory twice.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct OuterGrads {
     /// dy then x of every product, back to back.

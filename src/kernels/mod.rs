@@ -12,13 +12,15 @@ mod outer;
 mod pages;
 mod probe;
 mod threads;
+mod update;
 pub mod vector;
 
 pub use alloc::{CountingAllocator, allocated_bytes, allocation_count};
-pub use outer::{Outer, adamw_outer, outer_sq_norm, try_for_each_outer_block};
+pub use outer::{Outer, outer_sq_norm, try_for_each_outer_block};
 pub use pages::{Buffer, Stream, zeroed};
 pub use probe::fma_peak_gflops;
 pub use threads::{MAX_THREADS, set_threads, threads};
+pub use update::{TensorGrad, TensorStep, adamw_tensors};
 
 pub use vector::{
     AdamWStep, adamw, add_assign, axpy, cross_entropy_row, dot, rmsnorm, rmsnorm_backward,
@@ -318,14 +320,17 @@ fn matmul_with(c: MatMut<'_>, a: Mat<'_>, b: Mat<'_>, write: Write, kernel: Kern
 /// a helper costs about a microsecond.
 const PARALLEL_MIN_WORK: usize = 1 << 17;
 
-/// Runs `product` on parts of C, one per intra-op thread when threads are on
-/// and the product has at least [`PARALLEL_MIN_WORK`] multiply-adds
-/// (`k_times_n` per row). Tall products split C's rows (with A's), in blocks
-/// of whole MR-row tiles; products too short for that — the training step's
-/// few tokens — split C's columns (with B's), in multiples of NR, so each
-/// thread streams its own share of the weight. Every element is computed by
-/// the same arithmetic in the same order as on one thread, so every bit of
-/// the result is the same. Without `b` (B packed) only rows are split.
+/// Runs `product` on pieces of C, claimed by the intra-op threads, when
+/// threads are on and the product has at least [`PARALLEL_MIN_WORK`]
+/// multiply-adds (`k_times_n` per row). Tall products split C's rows (with
+/// A's) and products too short for that — the training step's few tokens —
+/// C's columns (with B's), one piece per thread either way: rows in whole
+/// MR-row tiles, columns in multiples of NR, so each thread streams its own
+/// share of the weight. (Four column pieces per thread, to let a slowed
+/// thread take fewer, were slower: dX = dy·W then reads each row of W in
+/// short segments.) Every element is computed by the same arithmetic in the same order as on
+/// one thread, so every bit of the result is the same. Without `b` (B
+/// packed) only rows are split.
 fn by_blocks(
     c: MatMut<'_>,
     a: Mat<'_>,
@@ -337,60 +342,44 @@ fn by_blocks(
     if threads <= 1 || c.rows * k_times_n < PARALLEL_MIN_WORK {
         return product(c, a, b);
     }
-    // Parts of at least two tiles: thinner ones spend more on packing B —
-    // which every part repeats — than they gain.
+    // Pieces of at least two tiles: thinner ones spend more on packing B —
+    // which every piece repeats — than they gain.
     let tiles = c.rows.div_ceil(gemm::MR);
     if tiles / 2 >= threads {
-        let rows = tiles.div_ceil(threads) * gemm::MR;
-        split(
-            c,
-            rows,
-            |c, n| c.rows.min(n),
-            MatMut::split_rows,
-            &|c, first| {
-                let rows = c.rows;
-                product(c, a.row_block(first, rows), b)
-            },
-        );
+        let (rows, size) = (c.rows, tiles.div_ceil(threads) * gemm::MR);
+        threads::for_each_claimed(pieces(c, rows, size, MatMut::split_rows), &|(c, first)| {
+            let rows = c.rows;
+            product(c, a.row_block(first, rows), b)
+        });
     } else if let Some(b) = b.filter(|_| c.cols >= 2 * gemm::NR) {
-        let cols = c.cols.div_ceil(threads).next_multiple_of(gemm::NR);
-        split(
-            c,
-            cols,
-            |c, n| c.cols.min(n),
-            MatMut::split_cols,
-            &|c, first| {
-                let cols = c.cols;
-                product(c, a, Some(b.col_block(first, cols)))
-            },
-        );
+        let (cols, size) = (c.cols, c.cols.div_ceil(threads).next_multiple_of(gemm::NR));
+        threads::for_each_claimed(pieces(c, cols, size, MatMut::split_cols), &|(c, first)| {
+            let cols = c.cols;
+            product(c, a, Some(b.col_block(first, cols)))
+        });
     } else {
         product(c, a, b)
     }
 }
 
-/// Cuts `c` into parts of `size` (rows or columns, as `take` and `cut` say)
-/// and runs `part(piece, its first row or column)` on the intra-op threads.
-fn split<'a>(
+/// `c` cut by `cut` (into rows or columns) into pieces of `size` of its
+/// `total`, each with its first row or column.
+fn pieces<'a>(
     c: MatMut<'a>,
+    total: usize,
     size: usize,
-    take: fn(&MatMut<'a>, usize) -> usize,
     cut: fn(MatMut<'a>, usize) -> (MatMut<'a>, MatMut<'a>),
-    part: &(dyn Fn(MatMut<'_>, usize) + Sync),
-) {
-    let mut parts: [Option<(MatMut<'a>, usize)>; MAX_THREADS] = Default::default();
-    let (mut rest, mut first) = (Some(c), 0);
-    for slot in &mut parts {
-        let Some(r) = rest.take() else { break };
-        let n = take(&r, size);
-        if n == 0 {
-            break;
-        }
-        let (piece, tail) = cut(r, n);
-        *slot = Some((piece, first));
-        (rest, first) = (Some(tail), first + n);
-    }
-    threads::run_parts(parts, &|(c, first)| part(c, first));
+) -> impl ExactSizeIterator<Item = (MatMut<'a>, usize)> + Send {
+    let mut rest = Some(c);
+    (0..total.div_ceil(size)).map(move |i| {
+        let first = i * size;
+        let (piece, tail) = cut(
+            rest.take().expect("one piece per step"),
+            size.min(total - first),
+        );
+        rest = Some(tail);
+        (piece, first)
+    })
 }
 
 #[cfg(test)]

@@ -4,17 +4,17 @@
 //!   dW [out, in] = dyᵀ · x,   dy [T, out], x [T, in],
 //! and with few tokens its two factors are tiny next to dW itself. Training
 //! then keeps only the factors: [`outer_sq_norm`] gives ‖dW‖² (for global-norm
-//! clipping) from two T × T Gram matrices, and [`adamw_outer`] forms dW a block
-//! of rows at a time, in cache, and hands each block straight to AdamW — so dW
-//! is never written out, read back, or summed over in a separate pass.
+//! clipping) from two T × T Gram matrices, and [`with_block`] forms dW a block
+//! of rows at a time, in cache, for AdamW to use at once (see
+//! [`super::adamw_tensors`]) — so dW is never written out, read back, or
+//! summed over in a separate pass.
 
 use std::cell::RefCell;
-use std::convert::Infallible;
 use std::ops::Range;
 
 use super::gemm::{self, Kernel, Path};
-use super::vector::{self, AdamWStep};
-use super::{Buffer, Mat, MatMut, Stream, threads};
+use super::vector;
+use super::{Buffer, Mat, MatMut, Stream};
 
 /// Floats of dW formed at a time: 64 KB, consumed from L2 as soon as it is
 /// made (in quiet runs of `scale_train_256`, 8–32 KB blocks were slower and
@@ -28,7 +28,7 @@ thread_local! {
 }
 
 /// Rows of dW per block for an input width `inp`: whole micro-kernel tiles, about 64 KB.
-fn block_rows(inp: usize) -> usize {
+pub(super) fn block_rows(inp: usize) -> usize {
     (BLOCK_FLOATS / inp.max(1) / gemm::MR).max(1) * gemm::MR
 }
 
@@ -58,7 +58,7 @@ fn row<'a>(m: Mat<'a>, t: usize) -> &'a [f32] {
     &m.data[t * m.row_stride..t * m.row_stride + m.cols]
 }
 
-/// The product dW = dyᵀ·x whose rows [`adamw_outer`] forms, or a band of
+/// The product dW = dyᵀ·x whose rows [`with_block`] forms, or a band of
 /// its rows ([`Outer::rows`]: one tensor of a stacked weight, as `q_proj` of
 /// `q|k|v`).
 #[derive(Debug, Clone, Copy)]
@@ -91,6 +91,11 @@ impl<'a> Outer<'a> {
         }
     }
 
+    /// Rows of dW (the width of dy).
+    pub fn out_rows(&self) -> usize {
+        self.dy.cols
+    }
+
     /// Columns of dW (the width of x): row r of dW starts at r·x_width().
     pub fn x_width(&self) -> usize {
         self.x.cols
@@ -99,7 +104,7 @@ impl<'a> Outer<'a> {
     /// The micro-kernel and blocking the whole product would use as one
     /// [`super::matmul`]: every block takes the same path, so its rows are
     /// the whole product's rows to the bit.
-    fn plan(&self) -> (Kernel, Path) {
+    pub(super) fn plan(&self) -> (Kernel, Path) {
         let kernel = super::best_kernel();
         (
             kernel,
@@ -122,6 +127,28 @@ fn rows_on(dst: &mut [f32], product: Outer<'_>, r0: usize, (kernel, path): (Kern
     gemm::gemm(c, dy.t().row_block(r0, rows), x, false, kernel, path);
 }
 
+/// Forms rows r0 .. r0 + rows of dW in this thread's block buffer and
+/// returns `f` of them.
+pub(super) fn with_block<R>(
+    product: Outer<'_>,
+    plan: (Kernel, Path),
+    r0: usize,
+    rows: usize,
+    f: impl FnOnce(&[f32]) -> R,
+) -> R {
+    let len = rows * product.x.cols;
+    BLOCK.with_borrow_mut(|block| {
+        if block.as_ref().is_none_or(|g| g.len() < len) {
+            // A whole block of this product (no block is longer).
+            let whole = block_rows(product.x.cols) * product.x.cols;
+            *block = Some(Buffer::zeroed(whole, Stream::Gradients));
+        }
+        let g = &mut block.as_mut().expect("just made")[..len];
+        rows_on(g, product, r0, plan);
+        f(g)
+    })
+}
+
 /// Forms rows `rows` of dW block by block ([`block_rows`] at a time) in this
 /// thread's cache and calls `f(first row of the block, block)` on each, in
 /// order, stopping at the first error.
@@ -130,24 +157,15 @@ fn try_blocks<E>(
     rows: Range<usize>,
     mut f: impl FnMut(usize, &[f32]) -> Result<(), E>,
 ) -> Result<(), E> {
-    let (plan, inp) = (product.plan(), product.x.cols);
-    let step = block_rows(inp);
-    BLOCK.with_borrow_mut(|block| {
-        if block.as_ref().is_none_or(|g| g.len() < step * inp) {
-            *block = Some(Buffer::zeroed(step * inp, Stream::Gradients));
-        }
-        let g = block.as_mut().expect("just made");
-        for r0 in rows.clone().step_by(step) {
-            let g = &mut g[..step.min(rows.end - r0) * inp];
-            rows_on(g, product, r0, plan);
-            f(r0, g)?;
-        }
-        Ok(())
-    })
+    let (plan, step) = (product.plan(), block_rows(product.x.cols));
+    for r0 in rows.clone().step_by(step) {
+        with_block(product, plan, r0, step.min(rows.end - r0), |g| f(r0, g))?;
+    }
+    Ok(())
 }
 
 /// Calls `f(first row, block)` for every block of rows of dW = dyᵀ·x, in
-/// order, formed as [`adamw_outer`] forms them (the same bits as the whole
+/// order, formed as [`super::adamw_tensors`] forms them (the same bits as the whole
 /// product's rows); stops at the first error.
 pub fn try_for_each_outer_block<E>(
     product: Outer<'_>,
@@ -155,49 +173,6 @@ pub fn try_for_each_outer_block<E>(
 ) -> Result<(), E> {
     try_blocks(product, 0..product.dy.cols, f)
 }
-
-/// One AdamW step (see [`vector::adamw`]) on W [out, in] with gradient
-/// dW = dyᵀ·x, which is never stored: per block of [`block_rows`] rows,
-///   g = dW[rows]  (in this thread's cache);  AdamW(p[rows], g, m[rows], v[rows])
-/// Blocks are split over the intra-op threads; each is computed as on one
-/// thread, so the result is the same to the bit for any thread count.
-pub fn adamw_outer(
-    p: &mut [f32],
-    m: &mut [f32],
-    v: &mut [f32],
-    product: Outer<'_>,
-    step: AdamWStep,
-) {
-    let (out, inp) = (product.dy.cols, product.x.cols);
-    assert!(p.len() == out * inp && m.len() == p.len() && v.len() == p.len());
-    let block = block_rows(inp) * inp;
-    let threads = threads::threads();
-    let per_part = if threads > 1 && p.len() >= 2 * block {
-        p.len().div_ceil(threads).next_multiple_of(block)
-    } else {
-        p.len().max(1)
-    };
-    let mut parts: [Option<OuterPart>; threads::MAX_THREADS] = Default::default();
-    let chunks = p
-        .chunks_mut(per_part)
-        .zip(m.chunks_mut(per_part))
-        .zip(v.chunks_mut(per_part));
-    for (i, (slot, ((p, m), v))) in parts.iter_mut().zip(chunks).enumerate() {
-        *slot = Some((p, m, v, i * per_part / inp));
-    }
-    threads::run_parts(parts, &|(p, m, v, first)| {
-        let rows = first..first + p.len() / inp;
-        let done: Result<(), Infallible> = try_blocks(product, rows, |r0, g| {
-            let at = (r0 - first) * inp..(r0 - first) * inp + g.len();
-            vector::adamw_serial(&mut p[at.clone()], g, &mut m[at.clone()], &mut v[at], step);
-            Ok(())
-        });
-        let Ok(()) = done;
-    });
-}
-
-/// One thread's rows of an [`adamw_outer`] step: (p, m, v, first row).
-type OuterPart<'a> = (&'a mut [f32], &'a mut [f32], &'a mut [f32], usize);
 
 #[cfg(test)]
 mod tests {
@@ -255,43 +230,6 @@ mod tests {
                 seen.unwrap();
                 assert_eq!(next, rows.end);
             }
-        }
-    }
-
-    #[test]
-    fn adamw_on_the_factors_equals_adamw_on_the_stored_gradient() {
-        let (t, out, inp) = (8, 1000, 24);
-        let (a, b) = (data(t * out, 5), data(t * inp, 6));
-        let product = Outer::new(Mat::new(&a, t, out), Mat::new(&b, t, inp));
-        let step = AdamWStep {
-            grad_scale: 0.7,
-            decay: 1e-4,
-            ..AdamWStep::new((0.9, 0.95), 1e-8, 1e-3, 2)
-        };
-        let init = (
-            data(out * inp, 7),
-            data(out * inp, 8),
-            data(out * inp, 9)
-                .iter()
-                .map(|v| v.abs())
-                .collect::<Vec<_>>(),
-        );
-        let (mut p1, mut m1, mut v1) = init.clone();
-        vector::adamw(
-            &mut p1,
-            &whole(product.dy, product.x),
-            &mut m1,
-            &mut v1,
-            step,
-        );
-        let (mut p2, mut m2, mut v2) = init;
-        adamw_outer(&mut p2, &mut m2, &mut v2, product, step);
-        for (x, y) in [(&p1, &p2), (&m1, &m2), (&v1, &v2)] {
-            assert!(
-                x.iter()
-                    .zip(y.iter())
-                    .all(|(p, q)| p.to_bits() == q.to_bits())
-            );
         }
     }
 }

@@ -1,16 +1,19 @@
 //! Intra-op threads: an opt-in pool that splits one kernel call (a large
-//! matrix multiply, the AdamW update) into parts run on several cores.
+//! matrix multiply, the AdamW update) into pieces run on several cores.
 //!
 //! Off by default: [`set_threads`]`(1)` is the single-threaded model every
 //! test and benchmark describes. With `n > 1`, `n − 1` helper threads are
-//! started once; each spins for a short while after its last part (waking a
+//! started once; each spins for a short while after its last piece (waking a
 //! parked thread costs tens of microseconds on a virtual machine, more than a
-//! small part takes) and then parks. The caller runs part 0 itself, so a call
-//! never hands off work it could do at once, and a call never allocates.
+//! small piece takes) and then parks. The caller works on the call too, so a
+//! call never hands off work it could do at once, and a call never allocates.
 //!
-//! Parts are disjoint pieces of the output computed by the same arithmetic in
-//! the same order as the single-threaded call, so results are bit-identical
-//! for any thread count.
+//! Pieces are claimed, not dealt: every thread takes the next piece as soon
+//! as it is free, so a core slowed by a neighbour (on a VM, the host's other
+//! tenants) takes fewer pieces instead of making the others wait for it.
+//! A piece is a disjoint part of the output computed by the same arithmetic
+//! in the same order as the single-threaded call, so results are
+//! bit-identical for any thread count and whichever thread takes which piece.
 
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
@@ -44,46 +47,53 @@ pub fn threads() -> usize {
     THREADS.load(Ordering::Relaxed)
 }
 
-/// Runs `f` on every `Some` of `parts`, part 0 on the caller and part i on
-/// helper i. Falls back to running them one after another when the pool is
-/// off, already busy (another caller, or a nested call) or too small.
-pub(super) fn run_parts<T: Send>(parts: [Option<T>; MAX_THREADS], f: &(dyn Fn(T) + Sync)) {
-    let used = parts.iter().rposition(Option::is_some).map_or(0, |i| i + 1);
-    let pool = POOL.get();
+/// Runs `f` on every item of `pieces`, each thread (the caller included)
+/// claiming the next item whenever it is free. Runs them all on the caller,
+/// in order, when threads are off, the pool is already busy (another caller,
+/// or a nested call) or there is at most one piece.
+pub(super) fn for_each_claimed<I>(pieces: I, f: &(dyn Fn(I::Item) + Sync))
+where
+    I: Iterator + Send,
+{
+    let most = pieces.size_hint().1.unwrap_or(usize::MAX);
+    let helpers = threads().min(most).saturating_sub(1);
+    let pool = POOL.get().filter(|_| helpers > 0);
     let guard = pool.and_then(|p| match p.busy.try_lock() {
         Ok(guard) => Some(guard),
-        // A part that panicked unwound through an earlier call holding the
+        // A piece that panicked unwound through an earlier call holding the
         // lock; the lock guards no data, so the pool is as good as before.
         Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
         Err(TryLockError::WouldBlock) => None,
     });
     let (Some(pool), Some(_guard)) = (pool, guard) else {
-        parts.into_iter().flatten().for_each(f);
+        pieces.for_each(f);
         return;
     };
-    if used <= 1 || pool.helpers() < used - 1 {
-        parts.into_iter().flatten().for_each(f);
+    if pool.helpers() < helpers {
+        pieces.for_each(f);
         return;
     }
-    let slots = parts.map(Mutex::new);
-    let run_slot = |i: usize| {
-        let part = slots[i].lock().ok().and_then(|mut slot| slot.take());
-        if let Some(part) = part {
-            f(part);
+    let queue = Mutex::new(pieces);
+    // The lock is held only to take an item, never while `f` runs; a
+    // poisoned queue (a panic inside `next`) ends every thread's loop.
+    let claim = || queue.lock().ok().and_then(|mut q| q.next());
+    let drain = |_thread: usize| {
+        while let Some(piece) = claim() {
+            f(piece);
         }
     };
-    let job = Job { run: &run_slot };
-    pool.start(&job, used - 1);
-    // Even if part 0 panics, the helpers must be done with `job` before this
-    // frame (which owns it) unwinds.
-    let outcome = catch_unwind(AssertUnwindSafe(|| run_slot(0)));
+    let job = Job { run: &drain };
+    pool.start(&job, helpers);
+    // Even if the caller's piece panics, the helpers must be done with `job`
+    // before this frame (which owns it) unwinds.
+    let outcome = catch_unwind(AssertUnwindSafe(|| drain(0)));
     pool.wait();
     if let Err(panic) = outcome {
         resume_unwind(panic);
     }
 }
 
-/// One call being run: `run(i)` for every part i.
+/// One call being run: thread i runs `run(i)`.
 struct Job<'a> {
     run: &'a (dyn Fn(usize) + Sync),
 }
@@ -97,15 +107,15 @@ struct Pool {
     started: AtomicUsize,
     /// Helper i's mailbox is `workers[i − 1]`.
     workers: [Worker; MAX_THREADS - 1],
-    /// Helpers still running a part of the current call.
+    /// Helpers still working on the current call.
     pending: AtomicUsize,
-    /// Set when a part panicked on a helper.
+    /// Set when a piece panicked on a helper.
     panicked: AtomicBool,
 }
 
 /// One helper's mailbox.
 struct Worker {
-    /// The [`Job`] it should run a part of (on the caller's stack), or null.
+    /// The [`Job`] it should take part in (on the caller's stack), or null.
     job: AtomicPtr<()>,
     /// True while it is parked (or about to park).
     parked: AtomicBool,
@@ -161,18 +171,18 @@ impl Pool {
         }
     }
 
-    /// Waits until every helper has finished its part of the current call.
+    /// Waits until every helper is done with the current call.
     fn wait(&self) {
         while self.pending.load(Ordering::Acquire) != 0 {
             std::hint::spin_loop();
         }
         if self.panicked.swap(false, Ordering::Relaxed) {
-            panic!("a kernel part panicked on a helper thread");
+            panic!("a kernel piece panicked on a helper thread");
         }
     }
 
-    /// A helper's life: wait for a job in its mailbox, run part `index`,
-    /// report, repeat.
+    /// A helper's life: wait for a job in its mailbox, run it as thread
+    /// `index`, report, repeat.
     fn helper(&self, index: usize) {
         let mailbox = &self.workers[index - 1];
         loop {
@@ -212,50 +222,65 @@ impl Pool {
 mod tests {
     use super::*;
 
-    fn two_parts() -> [Option<usize>; MAX_THREADS] {
-        let mut parts: [Option<usize>; MAX_THREADS] = Default::default();
-        parts[0] = Some(0);
-        parts[1] = Some(1);
-        parts
-    }
-
-    #[test]
-    fn every_part_runs_once_and_a_panic_in_any_part_reaches_the_caller() {
+    /// Pieces run on the helper in a call of `pieces` pieces whose caller
+    /// holds on to the first piece it takes until the helper has run all the
+    /// others — or a second has passed: the pool was busy with another
+    /// test's call and this one ran serially (then retried, up to 20 times).
+    fn taken_by_the_helper_while_the_caller_is_held_up(pieces: usize) -> usize {
         set_threads(2);
-        let runs: [AtomicUsize; MAX_THREADS] = std::array::from_fn(|_| AtomicUsize::new(0));
-        for _ in 0..100 {
-            run_parts(two_parts(), &|i| {
-                runs[i].fetch_add(1, Ordering::Relaxed);
-            });
-        }
-        let runs = runs.map(|r| r.into_inner());
-        assert_eq!(&runs[..3], &[100, 100, 0]);
-        for bad in [0, 1] {
-            let outcome = catch_unwind(|| {
-                run_parts(two_parts(), &|i| assert_ne!(i, bad, "part {bad} fails"));
-            });
-            assert!(outcome.is_err(), "a panic in part {bad} was lost");
-        }
-        // The pool still works after both panics, and still in parallel:
-        // part 1 runs on helper 1 (retried, as another test's kernel call may
-        // hold the pool at that moment and make this one serial).
-        let on_helper = AtomicBool::new(false);
-        for _ in 0..1000 {
-            let sum = AtomicUsize::new(0);
-            run_parts(two_parts(), &|i| {
-                sum.fetch_add(i + 1, Ordering::Relaxed);
-                if i == 1 && thread::current().name() == Some("moe-kernel-1") {
-                    on_helper.store(true, Ordering::Relaxed);
+        let mut by_helper = 0;
+        for _ in 0..20 {
+            let (on_helper, caller_waited) = (AtomicUsize::new(0), AtomicBool::new(false));
+            for_each_claimed(0..pieces, &|_| {
+                if thread::current().name() == Some("moe-kernel-1") {
+                    on_helper.fetch_add(1, Ordering::Relaxed);
+                } else if !caller_waited.swap(true, Ordering::Relaxed) {
+                    let since = Instant::now();
+                    while on_helper.load(Ordering::Relaxed) < pieces - 1
+                        && since.elapsed() < Duration::from_secs(1)
+                    {
+                        std::hint::spin_loop();
+                    }
                 }
             });
-            assert_eq!(sum.into_inner(), 3);
-            if on_helper.load(Ordering::Relaxed) {
+            by_helper = on_helper.into_inner();
+            if by_helper == pieces - 1 {
                 break;
             }
         }
-        assert!(
-            on_helper.into_inner(),
+        by_helper
+    }
+
+    #[test]
+    fn every_piece_runs_once_and_a_panic_in_any_piece_reaches_the_caller() {
+        set_threads(2);
+        let runs: [AtomicUsize; 5] = std::array::from_fn(|_| AtomicUsize::new(0));
+        for _ in 0..100 {
+            for_each_claimed(0..5, &|i| {
+                runs[i].fetch_add(1, Ordering::Relaxed);
+            });
+        }
+        assert_eq!(runs.map(|r| r.into_inner()), [100; 5]);
+        for bad in [0, 1] {
+            let outcome = catch_unwind(|| {
+                for_each_claimed(0..2, &|i| assert_ne!(i, bad, "piece {bad} fails"));
+            });
+            assert!(outcome.is_err(), "a panic in piece {bad} was lost");
+        }
+        // The pool still works after both panics, and still in parallel.
+        assert_eq!(
+            taken_by_the_helper_while_the_caller_is_held_up(2),
+            1,
             "after a panic every call ran serially"
+        );
+    }
+
+    #[test]
+    fn a_thread_held_up_in_one_piece_leaves_the_rest_to_the_others() {
+        assert_eq!(
+            taken_by_the_helper_while_the_caller_is_held_up(16),
+            15,
+            "the helper never took the pieces the caller left"
         );
     }
 }

@@ -180,43 +180,13 @@ impl AdamWStep {
     }
 }
 
-/// AdamW over one tensor, in one pass:
+/// AdamW over one tensor, in one pass on this thread (a whole model's update
+/// on the intra-op threads: [`super::adamw_tensors`]):
 ///   g ← s·g;  m ← β1·m + (1−β1)·g;  v ← β2·v + (1−β2)·g²
 ///   p ← p − lr·wd·p;  p ← p − lr·(m/(1−β1ᵗ)) / (sqrt(v/(1−β2ᵗ)) + eps)
 /// (the bias corrections are applied as multiplications by their reciprocals).
 pub fn adamw(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], step: AdamWStep) {
     assert!(g.len() == p.len() && m.len() == p.len() && v.len() == p.len());
-    // Elementwise, so any split gives the same bits; parts are whole vectors.
-    let threads = super::threads();
-    if threads > 1 && p.len() >= PARALLEL_MIN_LEN {
-        let per_part = p.len().div_ceil(threads).next_multiple_of(16);
-        let mut parts: [Option<AdamWPart>; super::MAX_THREADS] = Default::default();
-        let chunks = p
-            .chunks_mut(per_part)
-            .zip(g.chunks(per_part))
-            .zip(m.chunks_mut(per_part))
-            .zip(v.chunks_mut(per_part));
-        for (part, (((p, g), m), v)) in parts.iter_mut().zip(chunks) {
-            *part = Some((p, g, m, v));
-        }
-        return super::threads::run_parts(parts, &|(p, g, m, v)| adamw_serial(p, g, m, v, step));
-    }
-    adamw_serial(p, g, m, v, step)
-}
-
-/// Parameters below which an AdamW update stays on one thread.
-const PARALLEL_MIN_LEN: usize = 1 << 15;
-
-/// One thread's share of an AdamW update: (p, g, m, v).
-type AdamWPart<'a> = (&'a mut [f32], &'a [f32], &'a mut [f32], &'a mut [f32]);
-
-pub(super) fn adamw_serial(
-    p: &mut [f32],
-    g: &[f32],
-    m: &mut [f32],
-    v: &mut [f32],
-    step: AdamWStep,
-) {
     dispatch!(adamw(p, g, m, v, step))
 }
 

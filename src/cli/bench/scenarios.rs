@@ -182,7 +182,7 @@ impl Traffic {
     /// again for dX (4P), then — once the gradient norm is known — AdamW
     /// reads p, m, v and writes them back (24P). The gradient itself need
     /// not stream: with few tokens it can be formed in cache from its
-    /// factors right before AdamW uses it (`kernels::adamw_outer`), which is
+    /// factors right before AdamW uses it (`kernels::adamw_tensors`), which is
     /// what the trainer does.
     fn model(config: &ModelConfig, train: bool) -> Self {
         let weights = 4.0 * config.param_count() as f64;
