@@ -1,6 +1,6 @@
 """Paired A/B timing of two `moe` binaries (standard library only).
 
-    python3 bench/ab.py MOE_A MOE_B [--scenario ID ...] [--rounds N] [--trials T]
+    python3 bench/ab.py MOE_A MOE_B [--scenario ID ...] [--rounds N] [--trials T] [--threads N]
 
 The machine's speed drifts between minutes, so two runs taken minutes apart
 cannot be compared. This runs A and B alternately, `--rounds` times per
@@ -15,9 +15,10 @@ import statistics
 import subprocess
 
 
-def median_ns(moe, scenario, trials):
+def median_ns(moe, scenario, trials, threads):
     out = subprocess.run(
-        [moe, "bench", "--scenario", scenario, "--trials", str(trials), "--json"],
+        [moe, "bench", "--scenario", scenario, "--trials", str(trials),
+         "--threads", str(threads), "--json"],
         check=True, capture_output=True, text=True,
     ).stdout
     (entry,) = [s for s in json.loads(out)["scenarios"] if s["id"] == scenario]
@@ -35,16 +36,17 @@ def main():
     parser.add_argument("--scenario", nargs="+", default=["scale_train_256"])
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1, help="`moe bench --threads` for both")
     args = parser.parse_args()
     print(f"A = `{args.a}`, B = `{args.b}`; {args.rounds} alternating rounds of "
-          f"`moe bench --scenario ID --trials {args.trials}` per scenario.\n")
+          f"`moe bench --scenario ID --trials {args.trials} --threads {args.threads}` per scenario.\n")
     print("| scenario | A (median of rounds) | B | B ÷ A | rounds A | rounds B |")
     print("|---|---|---|---|---|---|")
     for scenario in args.scenario:
         runs = {"a": [], "b": []}
         for _ in range(args.rounds):
             for side in ("a", "b"):
-                runs[side].append(median_ns(getattr(args, side), scenario, args.trials))
+                runs[side].append(median_ns(getattr(args, side), scenario, args.trials, args.threads))
         a, b = (statistics.median(runs[s]) for s in ("a", "b"))
         rounds = {s: " ".join(f"{v / 1e6:.2f}" for v in runs[s]) for s in runs}
         print(f"| {scenario} | {duration(a)} | {duration(b)} | {b / a:.3f} | {rounds['a']} | {rounds['b']} |")

@@ -164,7 +164,8 @@ fn run_suite(args: &Args, options: Options) -> Result<Report> {
     // After the scenarios: a child inherits its parent's peak RSS, and the
     // bandwidth probe's buffers would count in every scenario's.
     eprintln!("measuring the streaming bandwidth…");
-    let probes = suite::Probes::measure(fma_peak_gflops);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let probes = suite::Probes::measure(fma_peak_gflops, cores);
     let metadata = suite::metadata(
         options,
         probes,

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use super::suite::{Report, ScenarioResult};
+use super::suite::{Metadata, Report, ScenarioResult};
 use rosetta_moe::error::{MoeError, Result};
 
 /// The axes in the order the report shows them, with their headings.
@@ -74,9 +74,10 @@ pub fn console(report: &Report) -> String {
     let ratio = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.2}"));
     let _ = writeln!(
         out,
-        "\nFMA peak {:.1} GFLOP/s · AdamW-shaped streaming {:.1} GB/s (DRAM), {:.1} GB/s (cache) · train/forward {} · cold/warm {} · speedup T2 forward {} train {} · T4 forward {} train {}",
+        "\nFMA peak {:.1} GFLOP/s · AdamW-shaped streaming {:.1} GB/s (DRAM), {} all cores from DRAM, {:.1} GB/s (cache) · train/forward {} · cold/warm {} · speedup T2 forward {} train {} · T4 forward {} train {}",
         report.metadata.fma_peak_gflops,
         report.metadata.stream_bandwidth_gbs,
+        all_cores(&report.metadata),
         report.metadata.cache_bandwidth_gbs,
         ratio(d.train_forward_ratio),
         ratio(d.cold_warm_ratio),
@@ -86,6 +87,12 @@ pub fn console(report: &Report) -> String {
         ratio(d.speedup_train_t4),
     );
     out
+}
+
+/// The all-cores DRAM bandwidth as text ("-" when the run did not measure it).
+fn all_cores(m: &Metadata) -> String {
+    m.stream_bandwidth_all_cores_gbs
+        .map_or("-".into(), |gbs| format!("{gbs:.1} GB/s"))
 }
 
 /// The Markdown report; `plots` is the directory of the SVGs relative to the
@@ -101,18 +108,20 @@ pub fn markdown(report: &Report, plots: Option<&str>) -> String {
     );
     let _ = writeln!(
         out,
-        "**Machine:** {}, {} hardware threads, {}. **Compiler:** {}. Measured by the suite at start, on one core: **FMA peak** {:.1} GFLOP/s; **streaming bandwidth** of an AdamW-shaped pass (read p, g, m, v; write p, m, v) {:.1} GB/s from DRAM (4 × 64 MB) and {:.1} GB/s from cache (4 × 128 KB).\n",
+        "**Machine:** {}, {} hardware threads, {}. **Compiler:** {}. Measured by the suite, on one core: **FMA peak** {:.1} GFLOP/s; **streaming bandwidth** of an AdamW-shaped pass (read p, g, m, v; write p, m, v) {:.1} GB/s from DRAM (4 × 64 MB) and {:.1} GB/s from cache (4 × 128 KB); the DRAM pass split over all {} hardware threads: {}.\n",
         m.cpu_model,
         m.threads,
         m.os,
         m.language_version,
         m.fma_peak_gflops,
         m.stream_bandwidth_gbs,
-        m.cache_bandwidth_gbs
+        m.cache_bandwidth_gbs,
+        m.threads,
+        all_cores(m)
     );
     let _ = writeln!(
         out,
-        "**Roofline floor** of a run: max(FLOPs ÷ peak, bytes streamed during the matrix products ÷ bandwidth) + bytes of the AdamW pass ÷ bandwidth — a model's weights are read once by the forward; a training step reads them again for dX, writes the gradients, then streams p, g, m, v in and p, m, v out (40 bytes per parameter in all); working sets up to {} MB stream at the cache bandwidth, larger ones at the DRAM bandwidth; multi-core scenarios assume every core has the single-core peak and bandwidth. **% of floor** = floor ÷ median.\n",
+        "**Roofline floor** of a run: max(FLOPs ÷ peak, bytes streamed during the matrix products ÷ bandwidth) + bytes of the AdamW pass ÷ bandwidth — a model's weights are read once by the forward; a training step reads them again for dX, then AdamW streams p, m, v in and out (32 bytes per parameter in all: the gradient is formed in cache from its factors); working sets up to {} MB stream at the cache bandwidth, larger ones at the DRAM bandwidth; a run on several cores gets the single-core peak and bandwidth per core, from DRAM at most the all-cores figure. **% of floor** = floor ÷ median.\n",
         super::suite::CACHE_RESIDENT_BYTES / 1e6
     );
     let _ = writeln!(

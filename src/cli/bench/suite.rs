@@ -91,6 +91,11 @@ pub struct Metadata {
     /// The same pass over buffers that fit in cache, in GB/s.
     #[serde(default)]
     pub cache_bandwidth_gbs: f64,
+    /// The DRAM pass split over every hardware thread, in GB/s: what the
+    /// cores stream together (they share the memory controllers). Absent
+    /// from runs before it was measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_bandwidth_all_cores_gbs: Option<f64>,
     /// Intra-op threads each model used (`moe bench --threads`; 1 = off).
     #[serde(default = "one")]
     pub intra_op_threads: usize,
@@ -433,18 +438,33 @@ pub struct Probes {
     pub stream_bandwidth_gbs: f64,
     /// The same from cache, GB/s.
     pub cache_bandwidth_gbs: f64,
+    /// The DRAM pass split over every hardware thread, GB/s (None on a
+    /// single-core machine).
+    pub stream_bandwidth_all_cores_gbs: Option<f64>,
 }
 
 impl Probes {
-    /// Measures both bandwidths on this core (about a second), beside an
-    /// already measured FMA peak.
-    pub fn measure(fma_peak_gflops: f64) -> Self {
+    /// Measures the bandwidths (about two seconds) — on this core, and from
+    /// DRAM with the pass split over `cores` threads — beside an already
+    /// measured FMA peak.
+    pub fn measure(fma_peak_gflops: f64, cores: usize) -> Self {
+        // 4 × 64 MB: far past any last-level cache.
+        let dram = || adamw_bandwidth_gbs(16 << 20, Duration::from_millis(800));
+        let stream_bandwidth_gbs = dram();
+        // 4 × 128 KB: inside L2.
+        let cache_bandwidth_gbs = adamw_bandwidth_gbs(32 << 10, Duration::from_millis(300));
+        let stream_bandwidth_all_cores_gbs = (cores > 1).then(|| {
+            let before = kernels::threads();
+            kernels::set_threads(cores);
+            let all = dram();
+            kernels::set_threads(before);
+            all
+        });
         Probes {
             fma_peak_gflops,
-            // 4 × 64 MB: far past any last-level cache.
-            stream_bandwidth_gbs: adamw_bandwidth_gbs(16 << 20, Duration::from_millis(800)),
-            // 4 × 128 KB: inside L2.
-            cache_bandwidth_gbs: adamw_bandwidth_gbs(32 << 10, Duration::from_millis(300)),
+            stream_bandwidth_gbs,
+            cache_bandwidth_gbs,
+            stream_bandwidth_all_cores_gbs,
         }
     }
 }
@@ -453,23 +473,29 @@ impl Probes {
 pub const CACHE_RESIDENT_BYTES: f64 = 16e6;
 
 /// The roofline floor in seconds of a run of `flops` and `traffic` on `cores`
-/// cores (each with the measured peak and bandwidth — optimistic for memory,
-/// which the cores share):
+/// cores, each with the measured single-core peak, and with the measured
+/// bandwidth times `cores` — from DRAM at most what all cores were measured
+/// to stream together, as they share it (still optimistic for fewer cores
+/// than that):
 ///   max(FLOPs / peak, overlapped bytes / bw) + streaming bytes / bw
 fn roofline_floor(metadata: &Metadata, flops: f64, traffic: Traffic, cores: f64) -> f64 {
     let gbs = if traffic.working_set <= CACHE_RESIDENT_BYTES {
-        metadata.cache_bandwidth_gbs
+        metadata.cache_bandwidth_gbs * cores
     } else {
-        metadata.stream_bandwidth_gbs
+        let one = metadata.stream_bandwidth_gbs;
+        let shared = metadata
+            .stream_bandwidth_all_cores_gbs
+            .unwrap_or(f64::INFINITY);
+        (one * cores).min(shared.max(one))
     };
-    let bandwidth = gbs * 1e9 * cores;
+    let bandwidth = gbs * 1e9;
     let arithmetic = flops / (metadata.fma_peak_gflops * 1e9 * cores);
     arithmetic.max(traffic.overlapped / bandwidth) + traffic.streaming / bandwidth
 }
 
-/// Best single-core GB/s of an AdamW-shaped pass (the project's own AdamW
-/// kernel: read p, g, m, v; write p, m, v — 28 bytes per parameter) over
-/// `floats` parameters, repeated for about `budget`.
+/// Best GB/s of an AdamW-shaped pass (the project's own AdamW kernel, on
+/// the intra-op threads in effect: read p, g, m, v; write p, m, v — 28 bytes
+/// per parameter) over `floats` parameters, repeated for about `budget`.
 pub fn adamw_bandwidth_gbs(floats: usize, budget: Duration) -> f64 {
     let (mut p, g) = (vec![0.5f32; floats], vec![1e-3f32; floats]);
     let (mut m, mut v) = (vec![0.0f32; floats], vec![0.0f32; floats]);
@@ -480,7 +506,13 @@ pub fn adamw_bandwidth_gbs(floats: usize, budget: Duration) -> f64 {
     let (start, mut best) = (Instant::now(), f64::INFINITY);
     while start.elapsed() < budget || best.is_infinite() {
         let pass = Instant::now();
-        kernels::adamw(&mut p, &g, &mut m, &mut v, step);
+        kernels::adamw_tensors(std::iter::once(kernels::TensorStep {
+            p: &mut p,
+            m: &mut m,
+            v: &mut v,
+            grad: kernels::TensorGrad::Stored(&g),
+            step,
+        }));
         best = best.min(pass.elapsed().as_secs_f64());
     }
     std::hint::black_box(&p);
@@ -525,6 +557,7 @@ pub fn metadata(options: Options, probes: Probes, command: String) -> Metadata {
         fma_peak_gflops: probes.fma_peak_gflops,
         stream_bandwidth_gbs: probes.stream_bandwidth_gbs,
         cache_bandwidth_gbs: probes.cache_bandwidth_gbs,
+        stream_bandwidth_all_cores_gbs: probes.stream_bandwidth_all_cores_gbs,
         intra_op_threads: options.threads,
         command,
     }
@@ -578,6 +611,7 @@ mod tests {
         fma_peak_gflops: 100.0,
         stream_bandwidth_gbs: 40.0,
         cache_bandwidth_gbs: 200.0,
+        stream_bandwidth_all_cores_gbs: Some(60.0),
     };
 
     #[test]
@@ -595,8 +629,21 @@ mod tests {
             (small - (3.588_751e-3 + 4.280_678e-3)).abs() < 1e-8,
             "{small}"
         );
-        // Two cores halve both parts.
-        assert!((floor("scale_train_256", 2.0) - small / 2.0).abs() < 1e-9);
+        // Two cores halve the arithmetic; they stream from DRAM at the 60 GB/s
+        // measured with both, not 2 × 40.
+        let two = floor("scale_train_256", 2.0);
+        assert!(
+            (two - (3.588_751e-3 / 2.0 + 4.280_678e-3 * 40.0 / 60.0)).abs() < 1e-8,
+            "{two}"
+        );
+        // Without an all-cores figure (older runs), bandwidth scales with cores.
+        let older = Metadata {
+            stream_bandwidth_all_cores_gbs: None,
+            ..meta.clone()
+        };
+        let s = select("scale_train_256").remove(0);
+        let unshared = roofline_floor(&older, s.flops(), s.traffic().unwrap(), 2.0);
+        assert!((unshared - small / 2.0).abs() < 1e-9);
         // Tiny's 6.5 MB working set streams from cache: 24P / 200 GB/s.
         let p = ModelConfig::tiny().param_count() as f64;
         let tiny = floor("mem_train_step", 1.0);
