@@ -1,12 +1,15 @@
 """Paired A/B timing of two `moe` binaries (standard library only).
 
-    python3 bench/ab.py MOE_A MOE_B [--scenario ID ...] [--rounds N] [--trials T] [--threads N]
+    python3 bench/ab.py MOE_A MOE_B [--scenario ID ...] [--rounds N] [--trials T]
+                        [--threads N] [--threads-b N]
 
 The machine's speed drifts between minutes, so two runs taken minutes apart
 cannot be compared. This runs A and B alternately, `--rounds` times per
 scenario (each a `moe bench --scenario ID --trials T --json` child), and
 prints a Markdown table of the median over rounds of each binary's median,
-the ratio B ÷ A, and every round's median so the spread is visible.
+the ratio B ÷ A, and every round's median so the spread is visible. With
+`--threads-b`, B runs with that many intra-op threads (A with `--threads`):
+the same binary twice then measures the speedup of threads in one window.
 """
 
 import argparse
@@ -36,17 +39,20 @@ def main():
     parser.add_argument("--scenario", nargs="+", default=["scale_train_256"])
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--trials", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=1, help="`moe bench --threads` for both")
+    parser.add_argument("--threads", type=int, default=1, help="`moe bench --threads` for A (and B)")
+    parser.add_argument("--threads-b", type=int, help="`moe bench --threads` for B (default: --threads)")
     args = parser.parse_args()
+    threads = {"a": args.threads, "b": args.threads if args.threads_b is None else args.threads_b}
     print(f"A = `{args.a}`, B = `{args.b}`; {args.rounds} alternating rounds of "
-          f"`moe bench --scenario ID --trials {args.trials} --threads {args.threads}` per scenario.\n")
+          f"`moe bench --scenario ID --trials {args.trials} --threads N` per scenario, "
+          f"N = {threads['a']} for A and {threads['b']} for B.\n")
     print("| scenario | A (median of rounds) | B | B ÷ A | rounds A | rounds B |")
     print("|---|---|---|---|---|---|")
     for scenario in args.scenario:
         runs = {"a": [], "b": []}
         for _ in range(args.rounds):
             for side in ("a", "b"):
-                runs[side].append(median_ns(getattr(args, side), scenario, args.trials, args.threads))
+                runs[side].append(median_ns(getattr(args, side), scenario, args.trials, threads[side]))
         a, b = (statistics.median(runs[s]) for s in ("a", "b"))
         rounds = {s: " ".join(f"{v / 1e6:.2f}" for v in runs[s]) for s in runs}
         print(f"| {scenario} | {duration(a)} | {duration(b)} | {b / a:.3f} | {rounds['a']} | {rounds['b']} |")

@@ -8,13 +8,15 @@ use rosetta_moe::{Model, ModelConfig, TrainConfig, Trainer, kernels};
 /// Logits, losses and weights after a few training steps with `threads`.
 fn run(threads: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     assert_eq!(kernels::set_threads(threads), threads);
-    // Large enough that matrix multiplies and AdamW segments are split: 128
-    // tokens split the products by rows, 16 tokens by columns.
+    // Large enough that matrix multiplies and AdamW are split: 128 tokens
+    // split the products by rows, 16 tokens by columns (the inference
+    // forward's packed weights as well as the training step's).
     let config = ModelConfig::tiny();
     let mut model = Model::new(config.clone(), 11).unwrap();
     let tall = random_batch(&config, 4, 32, 12);
     let short = random_batch(&config, 2, 8, 13);
-    let logits = model.forward(&tall.ids, 4).unwrap().to_vec();
+    let mut logits = model.forward(&tall.ids, 4).unwrap().to_vec();
+    logits.extend_from_slice(model.forward(&short.ids, 2).unwrap());
     let mut trainer = Trainer::new(model, TrainConfig::default()).unwrap();
     let losses = [&tall, &short, &tall, &short]
         .iter()

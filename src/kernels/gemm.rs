@@ -447,21 +447,25 @@ pub(super) fn pack_weight(packed: &mut [f32], b: Mat<'_>, kernel: Kernel) {
 }
 
 /// C (+)= A·B with B already packed by [`pack_weight`]: the same tiles, in
-/// the same order, as [`gemm`] — so the same result to the bit.
+/// the same order, as [`gemm`] — so the same result to the bit. C may be
+/// columns `first_col ..` (a multiple of NR) of a product `n_packed` wide:
+/// within each depth block, panel q of the packed B starts at q·NR·kc, so a
+/// range of whole panels is one contiguous run.
 pub(super) fn gemm_prepacked(
     mut c: MatMut<'_>,
     a: Mat<'_>,
-    packed: &[f32],
+    (packed, n_packed, first_col): (&[f32], usize, usize),
     accumulate: bool,
     kernel: Kernel,
 ) {
     let (n, k) = (c.cols, a.cols);
-    let n_pad = n.div_ceil(NR) * NR;
+    assert!(first_col % NR == 0 && first_col + n <= n_packed);
+    let n_pad = n_packed.div_ceil(NR) * NR;
     for jc in (0..n).step_by(NC) {
         let nc = NC.min(n - jc);
         for pc in (0..k).step_by(KC) {
             let kc = KC.min(k - pc);
-            let start = pc * n_pad + jc * kc;
+            let start = pc * n_pad + (first_col + jc) * kc;
             let panels = &packed[start..start + nc.div_ceil(NR) * NR * kc];
             multiply_block(
                 &mut c,

@@ -276,9 +276,8 @@ pub fn matmul_packed(c: MatMut<'_>, a: Mat<'_>, w: PackedWeight<'_>, write: Writ
     }
     let kernel = best_kernel();
     let accumulate = write == Write::Accumulate;
-    // Packed panels are not cut by columns: only tall products are split.
-    by_blocks(c, a, None, w.inp * w.out, &|c, a, _| {
-        gemm::gemm_prepacked(c, a, w.data, accumulate, kernel)
+    by_blocks(c, a, w.inp * w.out, &|c, a, first_col| {
+        gemm::gemm_prepacked(c, a, (w.data, w.out, first_col), accumulate, kernel)
     });
 }
 
@@ -309,10 +308,9 @@ fn matmul_with(c: MatMut<'_>, a: Mat<'_>, b: Mat<'_>, write: Write, kernel: Kern
     }
     let accumulate = write == Write::Accumulate;
     let path = Path::choose(m, k, b, kernel);
-    by_blocks(c, a, Some(b), k * n, &|c, a, b| {
-        if let Some(b) = b {
-            gemm::gemm(c, a, b, accumulate, kernel, path)
-        }
+    by_blocks(c, a, k * n, &|c, a, first_col| {
+        let cols = c.cols;
+        gemm::gemm(c, a, b.col_block(first_col, cols), accumulate, kernel, path)
     });
 }
 
@@ -320,45 +318,45 @@ fn matmul_with(c: MatMut<'_>, a: Mat<'_>, b: Mat<'_>, write: Write, kernel: Kern
 /// a helper costs about a microsecond.
 const PARALLEL_MIN_WORK: usize = 1 << 17;
 
-/// Runs `product` on pieces of C, claimed by the intra-op threads, when
-/// threads are on and the product has at least [`PARALLEL_MIN_WORK`]
-/// multiply-adds (`k_times_n` per row). Tall products split C's rows (with
-/// A's) and products too short for that — the training step's few tokens —
-/// C's columns (with B's), one piece per thread either way: rows in whole
-/// MR-row tiles, columns in multiples of NR, so each thread streams its own
-/// share of the weight. (Four column pieces per thread, to let a slowed
-/// thread take fewer, were slower: dX = dy·W then reads each row of W in
-/// short segments.) Every element is computed by the same arithmetic in the same order as on
-/// one thread, so every bit of the result is the same. Without `b` (B
-/// packed) only rows are split.
+/// Runs `product(piece of C, its rows of A, its first column)` on pieces of
+/// C, claimed by the intra-op threads, when threads are on and the product
+/// has at least [`PARALLEL_MIN_WORK`] multiply-adds (`k_times_n` per row).
+/// One piece per thread. Wide products (four NR panels or more per thread)
+/// split C's columns with B's, or B's packed panels, so each thread streams
+/// its own share of the weight — split by rows, every thread would read all
+/// of it (the small model's forward on two threads took 0.87× the time with
+/// wide products cut by columns). Narrower products split C's rows (with
+/// A's) in whole MR-row tiles when there are at least two tiles per thread,
+/// and otherwise — few tokens on a narrow weight — columns again. (Four
+/// column pieces per thread, to let a slowed thread take fewer, were slower:
+/// dX = dy·W then reads each row of W in short segments.) Every element is
+/// computed by the same arithmetic in the same order as on one thread, so
+/// every bit of the result is the same.
 fn by_blocks(
     c: MatMut<'_>,
     a: Mat<'_>,
-    b: Option<Mat<'_>>,
     k_times_n: usize,
-    product: &(dyn Fn(MatMut<'_>, Mat<'_>, Option<Mat<'_>>) + Sync),
+    product: &(dyn Fn(MatMut<'_>, Mat<'_>, usize) + Sync),
 ) {
     let threads = threads();
     if threads <= 1 || c.rows * k_times_n < PARALLEL_MIN_WORK {
-        return product(c, a, b);
+        return product(c, a, 0);
     }
-    // Pieces of at least two tiles: thinner ones spend more on packing B —
-    // which every piece repeats — than they gain.
     let tiles = c.rows.div_ceil(gemm::MR);
-    if tiles / 2 >= threads {
+    let (wide, tall) = (c.cols >= 4 * gemm::NR * threads, tiles / 2 >= threads);
+    if wide || (!tall && c.cols >= 2 * gemm::NR) {
+        let (cols, size) = (c.cols, c.cols.div_ceil(threads).next_multiple_of(gemm::NR));
+        threads::for_each_claimed(pieces(c, cols, size, MatMut::split_cols), &|(c, first)| {
+            product(c, a, first)
+        });
+    } else if tall {
         let (rows, size) = (c.rows, tiles.div_ceil(threads) * gemm::MR);
         threads::for_each_claimed(pieces(c, rows, size, MatMut::split_rows), &|(c, first)| {
             let rows = c.rows;
-            product(c, a.row_block(first, rows), b)
-        });
-    } else if let Some(b) = b.filter(|_| c.cols >= 2 * gemm::NR) {
-        let (cols, size) = (c.cols, c.cols.div_ceil(threads).next_multiple_of(gemm::NR));
-        threads::for_each_claimed(pieces(c, cols, size, MatMut::split_cols), &|(c, first)| {
-            let cols = c.cols;
-            product(c, a, Some(b.col_block(first, cols)))
+            product(c, a.row_block(first, rows), 0)
         });
     } else {
-        product(c, a, b)
+        product(c, a, 0)
     }
 }
 
