@@ -74,7 +74,7 @@ pub fn console(report: &Report) -> String {
     let ratio = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.2}"));
     let _ = writeln!(
         out,
-        "\nFMA peak {:.1} GFLOP/s · AdamW-shaped streaming {:.1} GB/s (DRAM), {} all cores from DRAM, {:.1} GB/s (cache) · train/forward {} · cold/warm {} · speedup T2 forward {} train {} · T4 forward {} train {}",
+        "\nFMA peak {:.1} GFLOP/s · AdamW-shaped streaming {:.1} GB/s (DRAM), DRAM all cores {}, {:.1} GB/s (cache) · train/forward {} · cold/warm {} · speedup T2 forward {} train {} · T4 forward {} train {}",
         report.metadata.fma_peak_gflops,
         report.metadata.stream_bandwidth_gbs,
         all_cores(&report.metadata),
@@ -89,10 +89,10 @@ pub fn console(report: &Report) -> String {
     out
 }
 
-/// The all-cores DRAM bandwidth as text ("-" when the run did not measure it).
+/// The all-cores DRAM bandwidth as text (runs before the probe lack it).
 fn all_cores(m: &Metadata) -> String {
     m.stream_bandwidth_all_cores_gbs
-        .map_or("-".into(), |gbs| format!("{gbs:.1} GB/s"))
+        .map_or("not measured".into(), |gbs| format!("{gbs:.1} GB/s"))
 }
 
 /// The Markdown report; `plots` is the directory of the SVGs relative to the
