@@ -7,7 +7,9 @@ The machine's speed drifts between minutes, so two runs taken minutes apart
 cannot be compared. This runs A and B alternately, `--rounds` times per
 scenario (each a `moe bench --scenario ID --trials T --json` child), and
 prints a Markdown table of the median over rounds of each binary's median,
-the ratio B ÷ A, and every round's median so the spread is visible. With
+the ratio B ÷ A of those, the median of the rounds' own ratios (each round's
+B ÷ A, measured a second apart, is the pairing's point), and every round's
+median so the spread is visible. With
 `--threads-b`, B runs with that many intra-op threads (A with `--threads`):
 the same binary twice then measures the speedup of threads in one window.
 """
@@ -46,8 +48,8 @@ def main():
     print(f"A = `{args.a}`, B = `{args.b}`; {args.rounds} alternating rounds of "
           f"`moe bench --scenario ID --trials {args.trials} --threads N` per scenario, "
           f"N = {threads['a']} for A and {threads['b']} for B.\n")
-    print("| scenario | A (median of rounds) | B | B ÷ A | rounds A | rounds B |")
-    print("|---|---|---|---|---|---|")
+    print("| scenario | A (median of rounds) | B | B ÷ A | median of round ratios | rounds A | rounds B |")
+    print("|---|---|---|---|---|---|---|")
     for scenario in args.scenario:
         runs = {"a": [], "b": []}
         for _ in range(args.rounds):
@@ -55,7 +57,9 @@ def main():
                 runs[side].append(median_ns(getattr(args, side), scenario, args.trials, threads[side]))
         a, b = (statistics.median(runs[s]) for s in ("a", "b"))
         rounds = {s: " ".join(f"{v / 1e6:.2f}" for v in runs[s]) for s in runs}
-        print(f"| {scenario} | {duration(a)} | {duration(b)} | {b / a:.3f} | {rounds['a']} | {rounds['b']} |")
+        paired = statistics.median(y / x for x, y in zip(runs["a"], runs["b"]))
+        print(f"| {scenario} | {duration(a)} | {duration(b)} | {b / a:.3f} | {paired:.3f} "
+              f"| {rounds['a']} | {rounds['b']} |")
 
 
 if __name__ == "__main__":
