@@ -216,8 +216,19 @@ fn gemm_weight_rows(c: &mut MatMut<'_>, a: Mat<'_>, b: Mat<'_>, accumulate: bool
 }
 
 /// Aᵀ of tokens t0..t0+tokens over depth pc..pc+kc: at[p·16 + t] = A[t0 + t, pc + p],
-/// zero for t ≥ tokens.
+/// zero for t ≥ tokens (by register transposes when A's rows are contiguous).
 fn pack_a_transposed(at: &mut [f32], a: Mat<'_>, t0: usize, tokens: usize, pc: usize) {
+    let kc = at.len() / TOKENS;
+    #[cfg(target_arch = "x86_64")]
+    if a.col_stride == 1 && tokens > 0 {
+        assert!(tokens <= TOKENS && (t0 + tokens - 1) * a.row_stride + pc + kc <= a.data.len());
+        let rows = &a.data[t0 * a.row_stride + pc..];
+        // SAFETY: only Path::WeightRows packs Aᵀ, and it is chosen only for
+        // the AVX-512 kernel, so the CPU has AVX-512F; rows t0..t0+tokens are
+        // contiguous over depth pc..pc+kc inside `a.data` (asserted above),
+        // TOKENS is 16, and `at` holds kc·TOKENS floats.
+        return unsafe { pack_transposed_avx512(at, rows, a.row_stride, (kc, tokens, TOKENS)) };
+    }
     for (p, lanes) in at.chunks_exact_mut(TOKENS).enumerate() {
         let col = (pc + p) * a.col_stride;
         for (t, lane) in lanes.iter_mut().enumerate() {
@@ -575,10 +586,11 @@ fn pack_b(out: &mut [f32], b: Mat<'_>, pc: usize, kc: usize, jc: usize, nc: usiz
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512 if b.row_stride == 1 => {
                 assert!((j0 + width - 1) * b.col_stride + pc + kc <= b.data.len());
+                let columns = &b.data[j0 * b.col_stride + pc..];
                 // SAFETY: the CPU has AVX-512F; B's columns j0..j0+width are
                 // contiguous over depth pc..pc+kc inside `b.data` (asserted above),
-                // and `panel` holds kc·NR floats.
-                unsafe { pack_b_columns_avx512(panel, b, pc, kc, j0, width) }
+                // NR is a multiple of 16, and `panel` holds kc·NR floats.
+                unsafe { pack_transposed_avx512(panel, columns, b.col_stride, (kc, width, NR)) }
             }
             _ => {
                 // Columns of B are contiguous (B = Wᵀ): walk each column down the depth.
@@ -596,27 +608,27 @@ fn pack_b(out: &mut [f32], b: Mat<'_>, pc: usize, kc: usize, jc: usize, nc: usiz
     }
 }
 
-/// Packs one NR-column panel of a B whose columns are contiguous (B = Wᵀ with
-/// W row-major), by 16 × 16 register transposes: 16 rows of W (16 depths each)
-/// become 16 panel rows of 16 columns.
+/// Packs `width` (≤ `ld`) vectors that are contiguous over depth — columns of
+/// a B = Wᵀ with W row-major, or rows of an A read as Aᵀ — side by side:
+///   panel[p·ld + j] = src[j·stride + p]   for p < kc, j < width
+/// (zero for width ≤ j < ld), by 16 × 16 register transposes: 16 vectors of
+/// 16 depths each become 16 panel rows of 16.
 ///
 /// # Safety
-/// The CPU must support AVX-512F; `b.row_stride == 1`; for every j < width,
-/// `b.data[(j0 + j)·col_stride + pc .. + kc]` must be in bounds; `panel` must
-/// hold `kc·NR` floats.
+/// The CPU must support AVX-512F; `ld` must be a multiple of 16; for every
+/// j < width, `src[j·stride .. j·stride + kc]` must be in bounds; `panel` must
+/// hold `kc·ld` floats.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn pack_b_columns_avx512(
+unsafe fn pack_transposed_avx512(
     panel: &mut [f32],
-    b: Mat<'_>,
-    pc: usize,
-    kc: usize,
-    j0: usize,
-    width: usize,
+    src: &[f32],
+    stride: usize,
+    (kc, width, ld): (usize, usize, usize),
 ) {
     use std::arch::x86_64::*;
-    debug_assert!(panel.len() >= kc * NR && b.row_stride == 1);
-    for half in 0..NR / 16 {
+    debug_assert!(panel.len() >= kc * ld && ld % 16 == 0);
+    for half in 0..ld / 16 {
         for p0 in (0..kc).step_by(16) {
             let depth = (kc - p0).min(16);
             let depth_mask = ((1u32 << depth) - 1) as __mmask16;
@@ -624,21 +636,18 @@ unsafe fn pack_b_columns_avx512(
             for (i, row) in r.iter_mut().enumerate() {
                 let j = half * 16 + i;
                 if j < width {
-                    // SAFETY: column j0 + j exists and depths pc+p0 .. pc+p0+depth
-                    // are in bounds (caller's contract); masked-off lanes are not read.
+                    // SAFETY: vector j exists and depths p0 .. p0+depth are in
+                    // bounds (caller's contract); masked-off lanes are not read.
                     *row = unsafe {
-                        _mm512_maskz_loadu_ps(
-                            depth_mask,
-                            b.data.as_ptr().add((j0 + j) * b.col_stride + pc + p0),
-                        )
+                        _mm512_maskz_loadu_ps(depth_mask, src.as_ptr().add(j * stride + p0))
                     };
                 }
             }
             let t = transpose16(r);
             for (i, v) in t.iter().enumerate().take(depth) {
                 // SAFETY: (p0 + i) < kc, so the 16 floats at row p0 + i, columns
-                // half·16 .. half·16 + 16 lie inside the kc·NR panel.
-                unsafe { _mm512_storeu_ps(panel.as_mut_ptr().add((p0 + i) * NR + half * 16), *v) };
+                // half·16 .. half·16 + 16 lie inside the kc·ld panel.
+                unsafe { _mm512_storeu_ps(panel.as_mut_ptr().add((p0 + i) * ld + half * 16), *v) };
             }
         }
     }

@@ -430,7 +430,8 @@ mod tests {
     #[test]
     fn matmul_matches_naive_for_all_transposes_and_edge_sizes() {
         // Sizes straddle the tile (8 × 32) and depth-block (128) edges, and both
-        // sides of the swap to Cᵀ = Bᵀ·Aᵀ (taken when B is transposed and m ≤ min(n, 256)).
+        // sides of the swap to Cᵀ = Bᵀ·Aᵀ (taken when B is transposed and m ≤ min(n, 256));
+        // 16 rows fill a weight-rows tile (all 16 lanes of Aᵀ packed).
         let shapes = [
             (1, 5, 3),
             (7, 13, 5),
@@ -438,6 +439,7 @@ mod tests {
             (13, 129, 33),
             (150, 70, 600),
             (2, 300, 40),
+            (16, 300, 17),
         ];
         for kernel in kernels() {
             for &(m, k, n) in &shapes {
