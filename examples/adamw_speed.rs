@@ -3,6 +3,8 @@
 //! allocations land — and staggered a quarter of a page apart, as the trainer
 //! places them (`kernels::Buffer`). Cycles per 16-lane vector, and the bytes
 //! it moves (p, g, m, v read, p, m, v written: 28 bytes per parameter).
+//! First, the square root and division every vector needs, timed alone
+//! (`kernels::sqrt_div_seconds`): the pass's floor when its data is in cache.
 //!
 //!     cargo run --release --example adamw_speed > docs/perf/adamw-speed.txt
 
@@ -14,6 +16,11 @@ fn main() {
     println!("# cargo run --release --example adamw_speed (one core; best of 5 sweeps)");
     // One 16-lane FMA (32 FLOPs) per cycle at the peak.
     let ghz = kernels::fma_peak_gflops(Duration::from_millis(300)) / 32.0;
+    let pair = kernels::sqrt_div_seconds(Duration::from_millis(300));
+    println!(
+        "16-lane square root + division alone: {:5.1} cycles per vector at {ghz:.2} GHz",
+        pair * ghz * 1e9
+    );
     let step = AdamWStep::new((0.9, 0.95), 1e-8, 1e-3, 1);
     for n in [4096usize, 65_536, 542_528, 7_134_464] {
         let same = [Stream::Params; 4];

@@ -18,7 +18,7 @@ pub mod vector;
 pub use alloc::{CountingAllocator, allocated_bytes, allocation_count};
 pub use outer::{Outer, outer_sq_norm, try_for_each_outer_block};
 pub use pages::{Buffer, Stream, zeroed};
-pub use probe::fma_peak_gflops;
+pub use probe::{fma_peak_gflops, sqrt_div_seconds};
 pub use threads::{MAX_THREADS, set_threads, threads};
 pub use update::{TensorGrad, TensorStep, adamw_tensors};
 
