@@ -465,14 +465,10 @@ mod avx512 {
                 }
             }
         }
+        let sums = lane_sums(std::array::from_fn(|k| acc[k / 4][k % 4]));
         let mut out = [0.0f32; 16];
         // SAFETY: `out` holds the 16 floats stored.
-        unsafe {
-            _mm512_storeu_ps(
-                out.as_mut_ptr(),
-                lane_sums(acc.concat().try_into().expect("16")),
-            )
-        };
+        unsafe { _mm512_storeu_ps(out.as_mut_ptr(), sums) };
         out
     }
 
