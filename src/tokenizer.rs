@@ -101,10 +101,18 @@ impl Tokenizer {
         let to_byte = unicode_to_byte();
         let vocab = inner.get_vocab(false);
         let mut token_bytes = vec![Vec::new(); vocab.len()];
+        let mut given = vec![false; vocab.len()];
         for (token, &id) in &vocab {
             let slot = token_bytes.get_mut(id as usize).ok_or_else(|| {
                 MoeError::InvalidConfig(format!("token id {id} beyond the vocabulary"))
             })?;
+            // Two tokens of one id would decode one as the other (found by
+            // the tokenizer fuzz target): encode → decode must give the bytes back.
+            if std::mem::replace(&mut given[id as usize], true) {
+                return Err(MoeError::InvalidConfig(format!(
+                    "token id {id} is given to two tokens"
+                )));
+            }
             *slot = token
                 .chars()
                 .map(|c| {
