@@ -67,28 +67,23 @@ impl Batch {
 
     /// A batch from JSON `{"ids": [[...]], "targets": [[...]]}` (rows of equal length).
     pub fn from_json(text: &str) -> Result<Self> {
+        Self::from_json_at(text, std::path::Path::new("<batch>"))
+    }
+
+    /// [`Batch::from_json`], naming `path` in errors.
+    pub fn from_json_at(text: &str, path: &std::path::Path) -> Result<Self> {
         #[derive(serde::Deserialize)]
         #[serde(deny_unknown_fields)]
         struct Rows {
             ids: Vec<Vec<u32>>,
             targets: Vec<Vec<u32>>,
         }
-        let rows: Rows = serde_json::from_str(text).map_err(|e| MoeError::Json {
-            path: "<batch>".into(),
-            reason: e.to_string(),
-        })?;
+        let rows: Rows = crate::error::parse_json(text, path)?;
         Batch::from_rows(&rows.ids, &rows.targets)
     }
 
     /// A batch from a JSON file (see [`Batch::from_json`]).
     pub fn load(path: &std::path::Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| MoeError::io(path, e))?;
-        Batch::from_json(&text).map_err(|e| match e {
-            MoeError::Json { reason, .. } => MoeError::Json {
-                path: path.into(),
-                reason,
-            },
-            other => other,
-        })
+        Self::from_json_at(&crate::memory::read_text(path)?, path)
     }
 }

@@ -33,7 +33,8 @@ use serde::{Deserialize, Serialize};
 use crate::atomic_write::{readable_by_all, sync_dir, sync_file};
 use crate::config::{ModelConfig, TrainConfig};
 use crate::data::DataState;
-use crate::error::{LOCK_FILE, MoeError, Result};
+use crate::error::{LOCK_FILE, MoeError, Result, parse_json};
+use crate::memory;
 use crate::model::Model;
 use crate::optim::AdamW;
 use crate::params::ParamLayout;
@@ -92,11 +93,22 @@ fn write_model_files(staging: &Path, model: &Model, step: u64) -> Result<()> {
     )
 }
 
-/// Reads a model from `dir`, checking every name, shape and value.
+/// Reads a model from `dir`, checking every name, shape and value. Its
+/// memory need (the model, a staging copy of the weights and the file) is
+/// checked before the weights are read.
 pub fn load_model(dir: &Path) -> Result<Model> {
     let config = load_config(dir)?;
+    memory::ensure_model_fits(&config, 1, current_len(dir, MODEL_FILE))?;
+    let weights = read_current(dir, MODEL_FILE)?;
+    model_from_bytes(config, &weights, &dir.join(MODEL_FILE))
+}
+
+/// A model of `config` from the bytes of its `model.safetensors` (`path`
+/// names the file in errors); the memory check comes first.
+pub fn model_from_bytes(config: ModelConfig, weights: &[u8], path: &Path) -> Result<Model> {
+    memory::ensure_model_fits(&config, 1, weights.len() as u64)?;
     let layout = ParamLayout::new(&config);
-    let (mut tensors, _) = read_tensors(dir, MODEL_FILE, &layout, &[""])?;
+    let (mut tensors, _) = decode_tensors(path, weights, &layout, &[""])?;
     Model::from_params(config, tensors.remove(0))
 }
 
@@ -221,6 +233,14 @@ fn remove_if_present(path: &Path) -> Result<()> {
     removed.map_err(|e| MoeError::io(path, e))
 }
 
+/// The length of the current version of checkpoint file `name` in `dir`
+/// (0 when it cannot be read: reading it then reports why).
+fn current_len(dir: &Path, name: &str) -> u64 {
+    fs::metadata(current(dir, name))
+        .or_else(|_| fs::metadata(dir.join(name)))
+        .map_or(0, |m| m.len())
+}
+
 /// The current version of checkpoint file `name` in `dir`: the committed copy
 /// while a save is moving files into place, else the file itself.
 fn current(dir: &Path, name: &str) -> PathBuf {
@@ -232,10 +252,16 @@ fn current(dir: &Path, name: &str) -> PathBuf {
     }
 }
 
-/// Reads checkpoint file `name` of `dir` (see [`current`]); a file moved into
-/// place between the look and the read is read at its new place.
-fn read_current(dir: &Path, name: &str) -> std::io::Result<Vec<u8>> {
-    fs::read(current(dir, name)).or_else(|_| fs::read(dir.join(name)))
+/// Reads checkpoint file `name` of `dir` (see [`current`]), once its length
+/// is known to fit in memory; a file moved into place between the look and
+/// the read is read at its new place.
+fn read_current(dir: &Path, name: &str) -> Result<Vec<u8>> {
+    let path = dir.join(name);
+    let len = current_len(dir, name);
+    memory::ensure_fits(|| format!("reading {}", path.display()), Some(len), "")?;
+    fs::read(current(dir, name))
+        .or_else(|_| fs::read(&path))
+        .map_err(|e| MoeError::checkpoint(&path, format!("cannot read: {e}")))
 }
 
 /// Writes a new file of a staging directory and syncs it.
@@ -246,13 +272,41 @@ fn write_new(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// Reads a full training checkpoint; continuing from it is bit-identical to
-/// never having stopped.
+/// never having stopped. Its memory need (the model, its two moments and
+/// gradients, and the files) is checked before the tensors are read.
 pub fn load_training(dir: &Path) -> Result<(Trainer, TrainState)> {
     let config = load_config(dir)?;
+    let files: u64 = [MODEL_FILE, OPTIMIZER_FILE, STATE_FILE]
+        .iter()
+        .map(|name| current_len(dir, name))
+        .fold(0, u64::saturating_add);
+    memory::ensure_model_fits(&config, 3, files)?;
+    let state = read_current(dir, STATE_FILE)?;
+    let weights = read_current(dir, MODEL_FILE)?;
+    let moments = read_current(dir, OPTIMIZER_FILE)?;
+    training_from_bytes(dir, config, &weights, &moments, &state)
+}
+
+/// A trainer and its state from the bytes of a training checkpoint's
+/// `model.safetensors`, `optimizer.safetensors` and `state.json` (the files
+/// of `dir`, named in errors); the memory check comes first.
+pub fn training_from_bytes(
+    dir: &Path,
+    config: ModelConfig,
+    weights: &[u8],
+    moments: &[u8],
+    state: &[u8],
+) -> Result<(Trainer, TrainState)> {
+    let files = [weights, moments, state]
+        .iter()
+        .map(|b| b.len() as u64)
+        .fold(0, u64::saturating_add);
+    memory::ensure_model_fits(&config, 3, files)?;
+    let state = state_from_bytes(state, &config, &dir.join(STATE_FILE))?;
     let layout = ParamLayout::new(&config);
-    let state = load_state(dir, &config)?;
-    let (mut params, model_step) = read_tensors(dir, MODEL_FILE, &layout, &[""])?;
-    let (moments, opt_step) = read_tensors(dir, OPTIMIZER_FILE, &layout, &[".m", ".v"])?;
+    let (mut params, model_step) = decode_tensors(&dir.join(MODEL_FILE), weights, &layout, &[""])?;
+    let (moments, opt_step) =
+        decode_tensors(&dir.join(OPTIMIZER_FILE), moments, &layout, &[".m", ".v"])?;
     for (file, step) in [(MODEL_FILE, model_step), (OPTIMIZER_FILE, opt_step)] {
         if step != state.step {
             return Err(MoeError::checkpoint(
@@ -270,13 +324,16 @@ pub fn load_training(dir: &Path) -> Result<(Trainer, TrainState)> {
     Ok((trainer, state))
 }
 
-/// Reads `state.json` and checks its data shape against the model.
-fn load_state(dir: &Path, config: &ModelConfig) -> Result<TrainState> {
-    let path = dir.join(STATE_FILE);
-    let bad = |reason: String| MoeError::checkpoint(&path, reason);
-    let bytes = read_current(dir, STATE_FILE).map_err(|e| bad(format!("cannot read: {e}")))?;
-    let state: TrainState =
-        serde_json::from_slice(&bytes).map_err(|e| bad(format!("unreadable: {e}")))?;
+/// Parses `state.json` (`path` names it in errors) and checks its data shape
+/// against the model: a window batch of B × S ids and targets must be valid
+/// for `max_seq_len` and fit in memory.
+pub fn state_from_bytes(bytes: &[u8], config: &ModelConfig, path: &Path) -> Result<TrainState> {
+    let bad = |reason: String| MoeError::checkpoint(path, reason);
+    let text = std::str::from_utf8(bytes).map_err(|_| bad("unreadable: not UTF-8".into()))?;
+    let state: TrainState = parse_json(text, path).map_err(|e| match e {
+        MoeError::Json { reason, .. } => bad(format!("unreadable: {reason}")),
+        other => other,
+    })?;
     state
         .train
         .validate()
@@ -289,26 +346,40 @@ fn load_state(dir: &Path, config: &ModelConfig) -> Result<TrainState> {
                 config.max_seq_len
             )));
         }
+        // The run's window batch: ids and targets, 4 bytes each per token.
+        let need = (b as u64)
+            .checked_mul(s as u64)
+            .and_then(|t| t.checked_mul(8));
+        memory::ensure_fits(
+            || format!("{}: a batch of {b} × {s} tokens", path.display()),
+            need,
+            "",
+        )?;
     }
     Ok(state)
 }
 
 /// Reads and validates `config.json` of a checkpoint directory.
 pub fn load_config(dir: &Path) -> Result<ModelConfig> {
-    let path = dir.join(CONFIG_FILE);
     if !dir.is_dir() {
         return Err(MoeError::checkpoint(dir, "not a directory"));
     }
-    let bytes = read_current(dir, CONFIG_FILE)
-        .map_err(|e| MoeError::checkpoint(&path, format!("cannot read: {e}")))?;
-    let text = String::from_utf8(bytes)
-        .map_err(|_| MoeError::checkpoint(&path, "unreadable: not UTF-8"))?;
-    ModelConfig::from_json(&text).map_err(|e| match e {
+    let bytes = read_current(dir, CONFIG_FILE)?;
+    config_from_bytes(&bytes, &dir.join(CONFIG_FILE))
+}
+
+/// Parses and validates the bytes of our `config.json` (`path` names it in
+/// errors): a syntax error is [`MoeError::JsonSyntax`], a wrong key or value
+/// a [`MoeError::Checkpoint`].
+pub fn config_from_bytes(bytes: &[u8], path: &Path) -> Result<ModelConfig> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|_| MoeError::checkpoint(path, "unreadable: not UTF-8"))?;
+    ModelConfig::from_json_at(text, path).map_err(|e| match e {
         MoeError::Json { reason, .. } => {
-            MoeError::checkpoint(&path, format!("unreadable: {reason}"))
+            MoeError::checkpoint(path, format!("unreadable: {reason}"))
         }
         MoeError::InvalidConfig(reason) => {
-            MoeError::checkpoint(&path, format!("invalid config: {reason}"))
+            MoeError::checkpoint(path, format!("invalid config: {reason}"))
         }
         other => other,
     })
@@ -341,21 +412,19 @@ fn write_tensors(
     sync_file(path)
 }
 
-/// Reads a safetensors file that must hold exactly `<name><suffix>` for every
+/// Decodes a safetensors file (`path` names it in errors) that must hold exactly `<name><suffix>` for every
 /// tensor of `layout` and every suffix, f32 and of the right shape; returns one
 /// flat buffer per suffix and the step recorded in the metadata.
-fn read_tensors(
-    dir: &Path,
-    name: &str,
+fn decode_tensors(
+    path: &Path,
+    bytes: &[u8],
     layout: &ParamLayout,
     suffixes: &[&str],
 ) -> Result<(Vec<Vec<f32>>, u64)> {
-    let path = &dir.join(name);
     let bad = |reason: String| MoeError::checkpoint(path, reason);
-    let bytes = read_current(dir, name).map_err(|e| bad(format!("cannot read: {e}")))?;
-    let (_, metadata) = SafeTensors::read_metadata(&bytes)
+    let (_, metadata) = SafeTensors::read_metadata(bytes)
         .map_err(|e| bad(format!("truncated or corrupt safetensors file: {e}")))?;
-    let file = SafeTensors::deserialize(&bytes)
+    let file = SafeTensors::deserialize(bytes)
         .map_err(|e| bad(format!("truncated or corrupt safetensors file: {e}")))?;
     let step = metadata
         .metadata()

@@ -8,7 +8,13 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{MoeError, Result};
+use crate::error::{MoeError, Result, parse_json};
+
+/// Bytes of bookkeeping counted per named tensor, an upper bound on what a
+/// model and its loaders keep for each: its `TensorSpec` (name, shape,
+/// range), its entry in the list of linear weights and in a loader's map
+/// from file names to tensors.
+pub const BYTES_PER_TENSOR: u64 = 512;
 
 /// The shape of a model: every size the parameters and activations depend on.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -136,24 +142,19 @@ impl ModelConfig {
 
     /// Parses and validates a config from JSON text.
     pub fn from_json(text: &str) -> Result<Self> {
-        let config: ModelConfig = serde_json::from_str(text).map_err(|e| MoeError::Json {
-            path: "<config>".into(),
-            reason: e.to_string(),
-        })?;
+        Self::from_json_at(text, Path::new("<config>"))
+    }
+
+    /// [`ModelConfig::from_json`], naming `path` in errors.
+    pub fn from_json_at(text: &str, path: &Path) -> Result<Self> {
+        let config: ModelConfig = parse_json(text, path)?;
         config.validate()?;
         Ok(config)
     }
 
     /// Reads and validates `config.json`-style file.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| MoeError::io(path, e))?;
-        Self::from_json(&text).map_err(|e| match e {
-            MoeError::Json { reason, .. } => MoeError::Json {
-                path: path.into(),
-                reason,
-            },
-            other => other,
-        })
+        Self::from_json_at(&crate::memory::read_text(path)?, path)
     }
 
     /// The config as pretty JSON with exactly the contract's keys.
@@ -274,8 +275,10 @@ impl ModelConfig {
     }
 
     /// Bytes a model takes in memory: its weights and RoPE tables (cos and
-    /// sin of max_seq_len × head_dim/2 angles), f32. Training adds three times
-    /// the weights (gradients and the two AdamW moments).
+    /// sin of max_seq_len × head_dim/2 angles), f32, and the bookkeeping of
+    /// its tensors (names, shapes, ranges: [`BYTES_PER_TENSOR`] each, which
+    /// outweighs the weights of a config of many tiny experts). Training adds
+    /// three times the weights (gradients and the two AdamW moments).
     pub fn model_bytes(&self) -> u64 {
         self.checked_model_bytes()
             .expect("validated configs do not overflow")
@@ -284,9 +287,25 @@ impl ModelConfig {
     fn checked_model_bytes(&self) -> Option<u64> {
         let params = u64::try_from(self.checked_param_count()?).ok()?;
         let rope = (self.max_seq_len as u64).checked_mul(self.head_dim as u64)?;
+        let floats = params.checked_add(rope)?;
         // ×16 must fit too: a trainer holds weights, gradients and two moments.
-        params.checked_add(rope)?.checked_mul(16)?;
-        params.checked_add(rope)?.checked_mul(4)
+        floats.checked_mul(16)?;
+        let bookkeeping = self.checked_tensor_count()?.checked_mul(BYTES_PER_TENSOR)?;
+        floats.checked_mul(4)?.checked_add(bookkeeping)
+    }
+
+    /// Number of named tensors: embedding, final norm and head, and per layer
+    /// two norms, four attention projections, the router and three per expert.
+    pub fn tensor_count(&self) -> u64 {
+        self.checked_tensor_count()
+            .expect("validated configs do not overflow")
+    }
+
+    fn checked_tensor_count(&self) -> Option<u64> {
+        let per_layer = (self.n_experts as u64).checked_mul(3)?.checked_add(7)?;
+        (self.n_layers as u64)
+            .checked_mul(per_layer)?
+            .checked_add(3)
     }
 
     /// Bytes of the activations of a forward over `batch` × `seq` tokens whose
@@ -391,24 +410,19 @@ impl Default for TrainConfig {
 impl TrainConfig {
     /// Parses and validates training settings from JSON (missing keys take defaults).
     pub fn from_json(text: &str) -> Result<Self> {
-        let config: TrainConfig = serde_json::from_str(text).map_err(|e| MoeError::Json {
-            path: "<train config>".into(),
-            reason: e.to_string(),
-        })?;
+        Self::from_json_at(text, Path::new("<train config>"))
+    }
+
+    /// [`TrainConfig::from_json`], naming `path` in errors.
+    pub fn from_json_at(text: &str, path: &Path) -> Result<Self> {
+        let config: TrainConfig = parse_json(text, path)?;
         config.validate()?;
         Ok(config)
     }
 
     /// Reads and validates a `train.json` file.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| MoeError::io(path, e))?;
-        Self::from_json(&text).map_err(|e| match e {
-            MoeError::Json { reason, .. } => MoeError::Json {
-                path: path.into(),
-                reason,
-            },
-            other => other,
-        })
+        Self::from_json_at(&crate::memory::read_text(path)?, path)
     }
 
     /// Checks that every value is finite and in range.

@@ -1,7 +1,7 @@
 //! The one error type of the crate: every public entry point returns
 //! `Result<T, MoeError>`, and nothing panics on user input (CONTRACT §8).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Everything that can go wrong when building, running, training, saving or
 /// loading a model. Each variant names the problem precisely enough to fix it.
@@ -158,7 +158,21 @@ pub enum MoeError {
         path: PathBuf,
     },
 
-    /// A JSON document (config, batch, training settings) that does not parse.
+    /// A file that is not JSON at all: the syntax error and where it is.
+    #[error("{path}: not valid JSON: {reason} (line {line}, column {column})")]
+    JsonSyntax {
+        /// The file concerned (or "<string>").
+        path: PathBuf,
+        /// The parser's message, without its position.
+        reason: String,
+        /// 1-based line of the error.
+        line: usize,
+        /// 1-based column of the error.
+        column: usize,
+    },
+
+    /// A JSON document (config, batch, training settings) that is valid JSON
+    /// but not of the expected form (unknown or missing key, wrong type).
     #[error("{path}: {reason}")]
     Json {
         /// The file concerned (or "<string>").
@@ -179,6 +193,40 @@ pub enum MoeError {
 
 /// The advisory lock file of a run directory (see `checkpoint::lock`).
 pub const LOCK_FILE: &str = ".lock";
+
+/// Parses JSON text into `T` in two passes: first as any JSON at all, so a
+/// syntax error is reported as [`MoeError::JsonSyntax`] with its line and
+/// column (not as whatever key the typed parse meets first), then as `T`,
+/// whose complaints are [`MoeError::Json`]. `path` names the file in errors.
+pub fn parse_json<T: serde::de::DeserializeOwned>(text: &str, path: &Path) -> Result<T> {
+    check_json_syntax(text, path)?;
+    serde_json::from_str(text).map_err(|e| MoeError::Json {
+        path: path.into(),
+        reason: e.to_string(),
+    })
+}
+
+/// [`MoeError::JsonSyntax`] unless `text` is one well-formed JSON value
+/// (checked without building it: nothing is allocated per value).
+pub fn check_json_syntax(text: &str, path: &Path) -> Result<()> {
+    match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let (line, column) = (e.line(), e.column());
+            let full = e.to_string();
+            let reason = full
+                .strip_suffix(&format!(" at line {line} column {column}"))
+                .unwrap_or(&full)
+                .to_string();
+            Err(MoeError::JsonSyntax {
+                path: path.into(),
+                reason,
+                line,
+                column,
+            })
+        }
+    }
+}
 
 /// Bytes as decimal gigabytes with one decimal ("27.5").
 fn gb(bytes: u64) -> String {

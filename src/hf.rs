@@ -28,7 +28,8 @@ use serde_json::{Value, json};
 
 use crate::checkpoint::{self, CONFIG_FILE, MODEL_FILE};
 use crate::config::ModelConfig;
-use crate::error::{MoeError, Result};
+use crate::error::{MoeError, Result, check_json_syntax};
+use crate::memory;
 use crate::model::Model;
 use crate::params::ParamLayout;
 use crate::tokenizer::Tokenizer;
@@ -288,7 +289,7 @@ fn refuse_features(
 
 /// True when `dir/config.json` is a Hugging Face config (it has `model_type`).
 pub fn is_hf_dir(dir: &Path) -> bool {
-    std::fs::read_to_string(dir.join(CONFIG_FILE))
+    memory::read_text(&dir.join(CONFIG_FILE))
         .ok()
         .and_then(|text| serde_json::from_str::<Value>(&text).ok())
         .is_some_and(|v| v.get("model_type").is_some())
@@ -296,9 +297,21 @@ pub fn is_hf_dir(dir: &Path) -> bool {
 
 /// A model from a checkpoint directory of either kind: ours (CONTRACT §9) or
 /// a Hugging Face Mixtral one (detected by `model_type` in `config.json`).
+/// A `config.json` that is not JSON at all is reported as such, with the
+/// line and column of the syntax error, whichever kind it was meant to be.
 pub fn load_model(dir: &Path) -> Result<Model> {
-    if is_hf_dir(dir) {
-        import(dir)
+    let path = dir.join(CONFIG_FILE);
+    // Unreadable here (absent, or mid-commit): our loader says why.
+    let Ok(text) = memory::read_text(&path) else {
+        return checkpoint::load_model(dir);
+    };
+    check_json_syntax(&text, &path)?;
+    let hf: Value = serde_json::from_str(&text).map_err(|e| MoeError::Json {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    if hf.get("model_type").is_some() {
+        import_config(dir, &hf)
     } else {
         checkpoint::load_model(dir)
     }
@@ -307,13 +320,21 @@ pub fn load_model(dir: &Path) -> Result<Model> {
 /// Reads a Hugging Face Mixtral directory (`config.json` + `model.safetensors`,
 /// f32 or bf16) into our model, undoing the RoPE row order.
 pub fn import(dir: &Path) -> Result<Model> {
-    let config_path = dir.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&config_path).map_err(|e| MoeError::io(&config_path, e))?;
+    let path = dir.join(CONFIG_FILE);
+    let text = memory::read_text(&path)?;
+    check_json_syntax(&text, &path)?;
     let hf: Value = serde_json::from_str(&text).map_err(|e| MoeError::Json {
-        path: config_path.clone(),
+        path: path.clone(),
         reason: e.to_string(),
     })?;
-    let config = config_from_hf(&hf, &config_path)?;
+    import_config(dir, &hf)
+}
+
+/// [`import`] with `config.json` already parsed: the config is checked and
+/// its memory need (the model, staging copies and the weights file) is
+/// checked before the weights are read.
+fn import_config(dir: &Path, hf: &Value) -> Result<Model> {
+    let config = config_from_hf(hf, &dir.join(CONFIG_FILE))?;
     let path = dir.join(MODEL_FILE);
     if !path.exists() && dir.join("model.safetensors.index.json").exists() {
         return Err(MoeError::checkpoint(
@@ -321,12 +342,35 @@ pub fn import(dir: &Path) -> Result<Model> {
             "sharded checkpoints (model.safetensors.index.json) are not read yet; merge the shards into one file",
         ));
     }
-    let bytes = std::fs::read(&path).map_err(|e| MoeError::io(&path, e))?;
-    let file = SafeTensors::deserialize(&bytes).map_err(|e| {
-        MoeError::checkpoint(&path, format!("truncated or corrupt safetensors file: {e}"))
+    memory::ensure_model_fits(&config, STAGING_COPIES, memory::file_len(&path)?)?;
+    let bytes = memory::read_file(&path)?;
+    model_from_hf_bytes(config, &bytes, &path)
+}
+
+/// Weight-sized buffers an import holds besides the model: the flat buffer
+/// it fills, and at most one tensor's f32 copy and its RoPE reordering.
+const STAGING_COPIES: u64 = 2;
+
+/// Our config from the text of a Hugging Face `config.json` (`path` names
+/// it in errors): a syntax error is [`MoeError::JsonSyntax`].
+pub fn config_from_hf_json(text: &str, path: &Path) -> Result<ModelConfig> {
+    check_json_syntax(text, path)?;
+    let hf: Value = serde_json::from_str(text).map_err(|e| MoeError::Json {
+        path: path.into(),
+        reason: e.to_string(),
+    })?;
+    config_from_hf(&hf, path)
+}
+
+/// A model of `config` from the bytes of a Hugging Face `model.safetensors`
+/// (`path` names it in errors); the memory check comes first.
+pub fn model_from_hf_bytes(config: ModelConfig, weights: &[u8], path: &Path) -> Result<Model> {
+    memory::ensure_model_fits(&config, STAGING_COPIES, weights.len() as u64)?;
+    let file = SafeTensors::deserialize(weights).map_err(|e| {
+        MoeError::checkpoint(path, format!("truncated or corrupt safetensors file: {e}"))
     })?;
     let layout = ParamLayout::new(&config);
-    let params = read_params(&file, &layout, config.head_dim, &path)?;
+    let params = read_params(&file, &layout, config.head_dim, path)?;
     Model::from_params(config, params)
 }
 

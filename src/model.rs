@@ -667,11 +667,7 @@ impl Model {
 
 /// Refuses a config whose weights and tables do not fit in memory.
 fn ensure_model_fits(config: &ModelConfig) -> Result<()> {
-    memory::ensure_fits(
-        || format!("a model of {} parameters", config.param_count()),
-        Some(config.model_bytes()),
-        " (training needs 4× the weights: gradients and two AdamW moments)",
-    )
+    memory::ensure_model_fits(config, 0, 0)
 }
 
 /// Every id must be < `vocab`.

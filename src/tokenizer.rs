@@ -64,12 +64,24 @@ impl Tokenizer {
 
     /// Reads a `tokenizer.json` written by [`Tokenizer::save`].
     pub fn load(path: &Path) -> Result<Self> {
+        let bytes = crate::memory::read_file(path).map_err(|e| match e {
+            MoeError::Io { source, .. } => {
+                MoeError::checkpoint(path, format!("unreadable tokenizer: {source}"))
+            }
+            other => other,
+        })?;
+        Self::from_bytes(&bytes, path)
+    }
+
+    /// A tokenizer from the bytes of a `tokenizer.json` (`path` names it in
+    /// errors): a syntax error is [`MoeError::JsonSyntax`].
+    pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Self> {
         let bad =
             |reason: String| MoeError::checkpoint(path, format!("unreadable tokenizer: {reason}"));
-        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+        let text = std::str::from_utf8(bytes).map_err(|_| bad("not UTF-8".into()))?;
         // `tokenizers` panics on some malformed JSON (an unwrap in its decoder
         // visitor): reject what is not JSON first, and contain any panic left.
-        serde_json::from_str::<serde_json::Value>(&text).map_err(|e| bad(e.to_string()))?;
+        crate::error::check_json_syntax(text, path)?;
         let parsed = std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>())
             .map_err(|_| bad("malformed tokenizer JSON".into()))?;
         let inner = parsed.map_err(|e| bad(e.to_string()))?;
@@ -89,10 +101,18 @@ impl Tokenizer {
         let to_byte = unicode_to_byte();
         let vocab = inner.get_vocab(false);
         let mut token_bytes = vec![Vec::new(); vocab.len()];
+        let mut given = vec![false; vocab.len()];
         for (token, &id) in &vocab {
             let slot = token_bytes.get_mut(id as usize).ok_or_else(|| {
                 MoeError::InvalidConfig(format!("token id {id} beyond the vocabulary"))
             })?;
+            // Two tokens of one id would decode one as the other (found by
+            // the tokenizer fuzz target): encode → decode must give the bytes back.
+            if std::mem::replace(&mut given[id as usize], true) {
+                return Err(MoeError::InvalidConfig(format!(
+                    "token id {id} is given to two tokens"
+                )));
+            }
             *slot = token
                 .chars()
                 .map(|c| {

@@ -241,7 +241,11 @@ fn truncated_or_corrupt_checkpoints() {
     let reason = checkpoint_reason(load_model(dir.path()).unwrap_err());
     assert!(reason.contains("cannot read"), "{reason}");
     fs::write(dir.path().join(checkpoint::CONFIG_FILE), "{ not json").unwrap();
-    checkpoint_reason(load_model(dir.path()).unwrap_err());
+    // Not JSON at all: a syntax error with its position (issue 22).
+    assert!(matches!(
+        load_model(dir.path()).unwrap_err(),
+        MoeError::JsonSyntax { line: 1, .. }
+    ));
     checkpoint_reason(load_model(&dir.path().join("missing")).unwrap_err());
 }
 
