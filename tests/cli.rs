@@ -621,6 +621,170 @@ fn sigkill_during_saves_never_loses_the_run_200_times() {
     killed_runs_resume_bit_identically(200);
 }
 
+/// The checkpoint files of two run directories are the same bytes.
+fn assert_same_run(f: &Fixture, a: &str, b: &str, context: &str) {
+    for name in ["model.safetensors", "optimizer.safetensors", "state.json"] {
+        assert!(
+            file(&f.path(a).join(name)) == file(&f.path(b).join(name)),
+            "{name} differs from the uninterrupted run ({context})"
+        );
+    }
+}
+
+/// `moe train --resume` on the fixture's `run`: its exit code and stderr.
+fn resume_run(f: &Fixture, steps: &str) -> (Option<i32>, String) {
+    let (data, run) = (f.s("text.txt"), f.s("run"));
+    let out = moe(&["train", "--data", &data, "--resume", &run, "--steps", steps]);
+    (out.status.code(), stderr(&out))
+}
+
+/// What a SIGKILL during a start-up may leave in `run`: nothing, the remains
+/// of a start-up (a lock, a tokenizer, an empty metrics log, temporaries, an
+/// uncommitted save) or a checkpoint. Each must lead on, without --force, to
+/// the run an uninterrupted start makes: the first two by the same command
+/// (`--resume` says why it cannot), the last by `--resume`, with that same
+/// command refused so the checkpoint is never overwritten.
+fn carry_on_after_kill(f: &Fixture, steps: &str) -> &'static str {
+    let run = f.path("run");
+    let outcome = if !run.exists() {
+        "no directory"
+    } else if let Ok((_, state)) = rosetta_moe::checkpoint::load_training(&run) {
+        let before = file(&run.join("model.safetensors"));
+        let again = f.train("run", &["--steps", steps, "--save-every", "1"]);
+        assert_eq!(again.status.code(), Some(1), "{}", stderr(&again));
+        assert!(stderr(&again).contains("--force"), "{}", stderr(&again));
+        assert_eq!(file(&run.join("model.safetensors")), before, "overwritten");
+        if state.step < steps.parse().unwrap() {
+            let (code, err) = resume_run(f, steps);
+            assert_eq!(code, Some(0), "{err}");
+        }
+        "a checkpoint"
+    } else {
+        let (code, err) = resume_run(f, steps);
+        assert_eq!(code, Some(1), "{err}");
+        assert!(err.contains("holds no checkpoint yet"), "{err}");
+        assert!(err.contains("no --force needed"), "{err}");
+        "start-up remains"
+    };
+    if outcome != "a checkpoint" {
+        let out = f.train("run", &["--steps", steps, "--save-every", "1"]);
+        assert!(out.status.success(), "{outcome}: {}", stderr(&out));
+    }
+    // A kill after the last commit point may leave its files in the commit
+    // directory; the next writer (as here) moves them into place.
+    rosetta_moe::checkpoint::recover(&run).unwrap();
+    assert_same_run(f, "straight", "run", outcome);
+    for junk in [".checkpoint-new", ".checkpoint-commit"] {
+        assert!(!run.join(junk).exists(), "{junk} left after {outcome}");
+    }
+    outcome
+}
+
+#[test]
+fn the_remains_of_a_start_up_restart_without_force_and_resume_says_so() {
+    const STEPS: &str = "3";
+    let f = Fixture::new();
+    let straight = f.train("straight", &["--steps", STEPS, "--save-every", "1"]);
+    assert!(straight.status.success(), "{}", stderr(&straight));
+    let tokenizer = file(&f.path("straight/tokenizer.json"));
+    let run = f.path("run");
+    // Every state a start-up passes through before its step-0 checkpoint
+    // commits, in order (each later one adds files).
+    let states: [&[(&str, &[u8])]; 5] = [
+        &[],
+        &[(".lock", b"")],
+        &[(".lock", b""), ("tokenizer.json", &tokenizer)],
+        &[
+            (".lock", b""),
+            ("tokenizer.json", &tokenizer),
+            ("metrics.jsonl", b""),
+        ],
+        &[
+            (".lock", b""),
+            (".tmpAb12Cd", b"half a tok"),
+            ("tokenizer.json", &tokenizer),
+            ("metrics.jsonl", b""),
+            (".checkpoint-new/model.safetensors", b"half a file"),
+        ],
+    ];
+    for state in states {
+        let _ = std::fs::remove_dir_all(&run);
+        std::fs::create_dir_all(run.join(".checkpoint-new")).unwrap();
+        if !state
+            .iter()
+            .any(|(name, _)| name.starts_with(".checkpoint-new"))
+        {
+            std::fs::remove_dir(run.join(".checkpoint-new")).unwrap();
+        }
+        for (name, bytes) in state {
+            std::fs::write(run.join(name), bytes).unwrap();
+        }
+        let names: Vec<_> = state.iter().map(|(name, _)| name).collect();
+        assert_eq!(
+            carry_on_after_kill(&f, STEPS),
+            "start-up remains",
+            "{names:?}"
+        );
+    }
+    // Not what a start-up leaves: refused without --force, untouched.
+    for (name, bytes) in [
+        ("metrics.jsonl", &b"{\"step\": 1}\n"[..]),
+        ("notes.txt", b"mine"),
+        ("config.json", b"{}"),
+    ] {
+        let _ = std::fs::remove_dir_all(&run);
+        std::fs::create_dir(&run).unwrap();
+        std::fs::write(run.join(".lock"), b"").unwrap();
+        std::fs::write(run.join("tokenizer.json"), &tokenizer).unwrap();
+        std::fs::write(run.join(name), bytes).unwrap();
+        let out = f.train("run", &["--steps", STEPS]);
+        assert_eq!(out.status.code(), Some(1), "{name}: {}", stderr(&out));
+        assert!(stderr(&out).contains("--force"), "{name}: {}", stderr(&out));
+        assert_eq!(file(&run.join(name)), bytes, "{name} was touched");
+    }
+}
+
+/// Kills `moe train` with SIGKILL at moments spread evenly over its start-up
+/// (launch to its step-0 checkpoint, and a little beyond), each moment
+/// jittered at random: whatever the kill leaves, the run carries on to the
+/// bits of an uninterrupted one without --force and without losing a save.
+#[test]
+fn sigkill_at_every_moment_of_start_up_never_strands_the_directory() {
+    const STEPS: &str = "3";
+    const KILLS: u64 = 30;
+    let f = Fixture::new();
+    let launched = Instant::now();
+    let mut straight = spawn_train_into(&f, "straight", false, STEPS);
+    wait_for(&f.path("straight/state.json"));
+    let span = (launched.elapsed().as_micros() as u64).max(KILLS);
+    assert!(straight.wait().unwrap().success());
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("kill moments seeded with {seed}, start-up {span} µs");
+    let mut rng = seed | 1;
+    let mut seen = std::collections::BTreeMap::new();
+    // Slot k of KILLS + KILLS/5 covers [k, k + 1)·span/KILLS.
+    let slot = span / KILLS;
+    for k in 0..KILLS + KILLS / 5 {
+        rng = rng
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        let _ = std::fs::remove_dir_all(f.path("run"));
+        let mut child = spawn_train(&f, false, STEPS);
+        std::thread::sleep(Duration::from_micros(k * slot + (rng >> 33) % slot));
+        let finished = child.try_wait().unwrap().is_some();
+        if !finished {
+            child.kill().unwrap();
+        }
+        let status = child.wait().unwrap();
+        assert!(!finished || status.success(), "{status}");
+        *seen.entry(carry_on_after_kill(&f, STEPS)).or_insert(0) += 1;
+    }
+    eprintln!("after the kills: {seen:?}");
+}
+
 #[test]
 fn a_second_trainer_on_the_same_directory_fails_at_once() {
     let f = Fixture::new();

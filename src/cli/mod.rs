@@ -145,7 +145,7 @@ pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
 
 /// Refuses to write into `dir` when it already holds files (other than a lock
 /// file left by an earlier run), unless `force`.
-pub fn ensure_fresh_dir(dir: &PathBuf, force: bool) -> Result<()> {
+pub fn ensure_fresh_dir(dir: &Path, force: bool) -> Result<()> {
     let occupied = std::fs::read_dir(dir)
         .map(|d| {
             d.flatten()

@@ -315,7 +315,7 @@ fn start(args: &Args, source: String, text: &[u8]) -> Result<Run> {
         ..args.hyper.apply(TrainConfig::default())
     };
     train.validate()?;
-    super::ensure_fresh_dir(&args.out, args.force)?;
+    check_free(&args.out, args.force)?;
     // An existing directory is locked at once (another run may hold it); a
     // new one is created only once the tokenizer, data and model are built.
     let early_lock = args
@@ -323,6 +323,15 @@ fn start(args: &Args, source: String, text: &[u8]) -> Result<Run> {
         .is_dir()
         .then(|| checkpoint::lock(&args.out))
         .transpose()?;
+    if early_lock.is_some() {
+        // Again under the lock: a run that held it may have saved meanwhile.
+        if check_free(&args.out, args.force)? {
+            eprintln!(
+                "note: {} holds no checkpoint yet (an earlier start was stopped before step 0 was saved, so nothing was trained): starting afresh",
+                args.out.display()
+            );
+        }
+    }
     let (model, tokenizer) = match initial {
         Some(initial) => initial,
         None => {
@@ -357,6 +366,50 @@ fn start(args: &Args, source: String, text: &[u8]) -> Result<Run> {
     })
 }
 
+/// Refuses an output directory that holds anything but what an interrupted
+/// start-up leaves, unless `force`. True when it holds such remains (which
+/// the new run replaces: they hold nothing trained).
+fn check_free(dir: &Path, force: bool) -> Result<bool> {
+    if !force && holds_no_checkpoint_yet(dir) {
+        return Ok(true);
+    }
+    super::ensure_fresh_dir(dir, force)?;
+    Ok(false)
+}
+
+/// The uncommitted save of `checkpoint::save_training` (see its transaction).
+const STAGING_DIR: &str = ".checkpoint-new";
+
+/// True when `dir` holds only what `moe train` writes during its start-up,
+/// before its step-0 checkpoint commits: the lock file and, beside it, the
+/// tokenizer, an empty metrics log, atomic-write temporaries and an
+/// uncommitted save. Nothing trained is in such a directory (no checkpoint,
+/// no metrics), so starting afresh in it loses nothing. The lock file is
+/// required: `moe train` takes it before writing anything else, so a
+/// directory without it was not left by a start-up.
+fn holds_no_checkpoint_yet(dir: &Path) -> bool {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return false;
+    };
+    let mut locked = false;
+    for entry in entries {
+        let Ok(entry) = entry else {
+            return false;
+        };
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        match &*name {
+            rosetta_moe::error::LOCK_FILE => locked = true,
+            TOKENIZER_FILE | STAGING_DIR => {}
+            METRICS_FILE if entry.metadata().is_ok_and(|m| m.len() == 0) => {}
+            // `tempfile`'s names: half-written tokenizer or metrics files.
+            other if other.starts_with(".tmp") => {}
+            _ => return false,
+        }
+    }
+    locked
+}
+
 /// The model and tokenizer of `--init-from DIR`.
 fn initial_model(dir: &Path) -> Result<(Model, Tokenizer)> {
     let model = rosetta_moe::hf::load_model(dir)?;
@@ -383,6 +436,13 @@ fn checkpoint_tokenizer(dir: &Path, vocab_size: usize) -> Result<Tokenizer> {
 fn resume(args: &Args, dir: &Path, source: String, text: &[u8]) -> Result<Run> {
     let lock = checkpoint::lock(dir)?;
     checkpoint::recover(dir)?;
+    if holds_no_checkpoint_yet(dir) {
+        // Its settings were never saved: guessing them would train another run.
+        return Err(MoeError::checkpoint(
+            dir,
+            "holds no checkpoint yet: its run was stopped during start-up, before step 0 was saved, so nothing was trained; start it again with the `moe train --out` command that made it (no --force needed)",
+        ));
+    }
     let (mut trainer, state) = checkpoint::load_training(dir)?;
     check_steps(args.steps, trainer.step())?;
     if let Some(total) = args.schedule_steps {
