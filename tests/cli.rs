@@ -146,6 +146,82 @@ fn a_run_trains_saves_and_generates() {
     assert!(String::from_utf8_lossy(&streamed.stdout).starts_with("the quick"));
 }
 
+/// The JSON report of a successful `moe` command.
+fn report(args: &[&str]) -> serde_json::Value {
+    let out = moe(args);
+    assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn threads_default_to_every_core_and_never_change_the_results() {
+    let f = Fixture::new();
+    let cores = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(rosetta_moe::kernels::MAX_THREADS);
+    let mut summaries = Vec::new();
+    for (dir, threads) in [("t0", None), ("t1", Some("1")), ("t2", Some("2"))] {
+        let mut flags = vec!["--steps", "6", "--json"];
+        flags.extend(threads.map(|n| ["--threads", n]).into_iter().flatten());
+        let out = f.train(dir, &flags);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let expected = threads.map_or(cores, |n| n.parse().unwrap());
+        assert_eq!(summary["threads"], expected, "{dir}");
+        summaries.push(summary);
+    }
+    assert_eq!(summaries[1]["val_loss"], summaries[2]["val_loss"]);
+    assert_same_run(&f, "t1", "t2", "1 against 2 threads");
+    let (run, data) = (f.s("t1"), f.s("text.txt"));
+    let generate = |threads: Option<&str>| {
+        let mut args = vec![
+            "generate",
+            "--checkpoint",
+            &run,
+            "--prompt",
+            "the quick",
+            "--max-new",
+            "40",
+            "--json",
+        ];
+        args.extend(threads.map(|n| ["--threads", n]).into_iter().flatten());
+        report(&args)
+    };
+    let evaluate = |threads: Option<&str>| {
+        let mut args = vec!["eval", "--checkpoint", &run, "--data", &data, "--json"];
+        args.extend(threads.map(|n| ["--threads", n]).into_iter().flatten());
+        report(&args)
+    };
+    let (g0, g1, g2) = (generate(None), generate(Some("1")), generate(Some("2")));
+    let (e0, e1, e2) = (evaluate(None), evaluate(Some("1")), evaluate(Some("2")));
+    for (report, threads) in [
+        (&g0, cores),
+        (&g1, 1),
+        (&g2, 2),
+        (&e0, cores),
+        (&e1, 1),
+        (&e2, 2),
+    ] {
+        assert_eq!(report["threads"], threads, "{report}");
+    }
+    assert_eq!(g1["tokens"], g2["tokens"]);
+    assert_eq!(g0["tokens"], g1["tokens"]);
+    for key in ["loss", "bits_per_byte", "tokens"] {
+        assert_eq!(e1[key], e2[key], "{key}");
+        assert_eq!(e0[key], e1[key], "{key}");
+    }
+    for command in [
+        vec!["generate", "--checkpoint", &run, "--prompt", "a"],
+        vec!["eval", "--checkpoint", &run, "--data", &data],
+        vec!["train", "--data", &data, "--resume", &run, "--steps", "9"],
+    ] {
+        for bad in ["0", "9"] {
+            let out = moe(&[&command[..], &["--threads", bad]].concat());
+            assert_eq!(out.status.code(), Some(2), "{command:?} --threads {bad}");
+        }
+    }
+}
+
 #[test]
 fn resuming_is_bit_identical_to_training_straight_through() {
     let f = Fixture::new();

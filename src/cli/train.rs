@@ -75,10 +75,8 @@ pub struct Args {
     /// Write a checkpoint every N steps, N ≥ 1 (and always at the start and the end).
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..))]
     save_every: u64,
-    /// Threads for large matrix multiplies and the AdamW update (results are
-    /// bit-identical for any count).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=8))]
-    threads: u64,
+    #[command(flatten)]
+    threads: super::ThreadsArg,
     /// Overwrite an output directory that holds another run.
     #[arg(long)]
     force: bool,
@@ -233,6 +231,8 @@ struct Summary {
     train_loss: f32,
     val_loss: f32,
     val_bits_per_byte: f64,
+    /// Threads the kernels used.
+    threads: usize,
     checkpoint: PathBuf,
 }
 
@@ -253,7 +253,7 @@ struct Run {
 /// leaves no directory, checkpoint or output behind.
 pub fn run(args: Args) -> Result<()> {
     args.json.check()?;
-    kernels::set_threads(args.threads as usize);
+    args.threads.apply();
     let (source, text) = read_text(args.data.as_deref())?;
     let mut run = match &args.resume {
         Some(dir) => resume(&args, dir, source, &text)?,
@@ -663,6 +663,7 @@ fn train(args: &Args, run: &mut Run) -> Result<()> {
         train_loss,
         val_loss,
         val_bits_per_byte: f64::from(val_loss) / std::f64::consts::LN_2 / bytes_per_token,
+        threads: kernels::threads(),
         checkpoint: run.dir.clone(),
     };
     super::write_json(&run.dir.join(SUMMARY_FILE), &summary)?;
