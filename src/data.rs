@@ -182,4 +182,19 @@ pub struct DataState {
     pub seq_len: usize,
     /// The window sampler's position.
     pub rng: RngState,
+    /// The training clock of a run given a time budget (`moe train --time`);
+    /// absent for a run counted in steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock: Option<RunClock>,
+}
+
+/// A time-budgeted run's training clock at its checkpoint (see
+/// [`crate::budget`] for what the clock counts).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunClock {
+    /// Seconds of training clock the whole run may use.
+    pub budget_secs: f64,
+    /// Seconds used up to the checkpoint.
+    pub elapsed_secs: f64,
 }

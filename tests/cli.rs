@@ -222,6 +222,110 @@ fn threads_default_to_every_core_and_never_change_the_results() {
     }
 }
 
+/// The lines of a run's `metrics.jsonl`.
+fn metrics_lines(dir: &Path) -> Vec<serde_json::Value> {
+    String::from_utf8(file(&dir.join("metrics.jsonl")))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn a_timed_run_ends_its_schedule_at_the_floor_records_its_clock_and_resumes_its_budget() {
+    let f = Fixture::new();
+    let flags = [
+        "--time",
+        "2s",
+        "--warmup",
+        "5",
+        "--eval-every",
+        "20",
+        "--json",
+    ];
+    let out = f.train("run", &flags);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["stopped_by"], "time");
+    assert_eq!(summary["time_budget"]["seconds"], 2.0);
+    let lines = metrics_lines(&f.path("run"));
+    let last = lines.last().unwrap();
+    assert_eq!(summary["steps"], last["step"]);
+    assert_eq!(summary["time_budget"]["schedule_steps"], last["step"]);
+    // The schedule's last step is the run's: its rate is the floor (the
+    // estimate of the step before may have been a step or two longer).
+    let floor = 0.1 * 1e-3;
+    let lr = last["lr"].as_f64().unwrap();
+    assert!(lr >= floor && lr < 1.01 * floor, "last lr {lr}");
+    // Every line carries the clock; every evaluation its own time, in the
+    // summary too.
+    let clocks: Vec<f64> = lines
+        .iter()
+        .map(|l| l["seconds"].as_f64().unwrap())
+        .collect();
+    assert!(clocks.windows(2).all(|w| w[0] <= w[1]) && clocks[0] > 0.0);
+    let evaluated: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l.get("val_loss").is_some())
+        .collect();
+    assert!(
+        evaluated
+            .iter()
+            .all(|l| l["eval_seconds"].as_f64().unwrap() > 0.0)
+    );
+    let evaluations = summary["evaluations"].as_array().unwrap();
+    assert_eq!(evaluations.len(), evaluated.len());
+    assert_eq!(evaluations.last().unwrap()["step"], last["step"]);
+    assert_eq!(evaluations[0]["seconds"], evaluated[0]["seconds"]);
+    let state: serde_json::Value =
+        serde_json::from_slice(&file(&f.path("run/state.json"))).unwrap();
+    assert_eq!(state["data"]["clock"]["budget_secs"], 2.0);
+    assert_eq!(
+        state["data"]["clock"]["elapsed_secs"],
+        summary["training_seconds"]
+    );
+
+    // Resuming continues the same budget (spent) unless --time sets a new total.
+    let (data, run) = (f.s("text.txt"), f.s("run"));
+    let (code, err) = resume_run(&f, "900");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("time budget; extend it with --time"), "{err}");
+    let spent = moe(&["train", "--data", &data, "--resume", &run]);
+    assert_eq!(spent.status.code(), Some(1), "{}", stderr(&spent));
+    assert!(
+        stderr(&spent).contains("already used"),
+        "{}",
+        stderr(&spent)
+    );
+    let more = report(&[
+        "train", "--data", &data, "--resume", &run, "--time", "3s", "--json",
+    ]);
+    assert_eq!(more["time_budget"]["seconds"], 3.0);
+    assert!(more["steps"].as_u64() > last["step"].as_u64());
+    let after = metrics_lines(&f.path("run"));
+    assert_eq!(&after[..lines.len()], &lines[..]);
+    assert!(after[lines.len()]["seconds"].as_f64() > last["seconds"].as_f64());
+    assert!(more["evaluations"].as_array().unwrap().len() > evaluations.len());
+    let lr = after.last().unwrap()["lr"].as_f64().unwrap();
+    assert!(lr >= floor && lr < 1.01 * floor, "last lr {lr}");
+
+    // --time and --steps are exclusive; a budget is longer than zero; a run
+    // counted in steps stays so.
+    for bad in [
+        &["--time", "1s", "--steps", "5"][..],
+        &["--time", "0s"],
+        &["--time", "soon"],
+    ] {
+        let out = f.train("other", bad);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {}", stderr(&out));
+    }
+    assert!(f.train("steps", &["--steps", "2"]).status.success());
+    let steps = f.s("steps");
+    let out = moe(&["train", "--data", &data, "--resume", &steps, "--time", "1s"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("counts steps"), "{}", stderr(&out));
+}
+
 #[test]
 fn resuming_is_bit_identical_to_training_straight_through() {
     let f = Fixture::new();
