@@ -327,6 +327,73 @@ fn a_timed_run_ends_its_schedule_at_the_floor_records_its_clock_and_resumes_its_
 }
 
 #[test]
+fn without_data_it_trains_on_tiny_shakespeare_and_the_source_corpus_is_a_flag() {
+    let f = Fixture::new();
+    let config = f.s("config.json");
+    for (corpus, source) in [
+        (None, "built-in:shakespeare"),
+        (Some("source"), "built-in:source"),
+    ] {
+        let out = f.s(source);
+        let mut args = vec![
+            "train", "--config", &config, "--out", &out, "--steps", "2", "--batch", "2", "--seq",
+            "16",
+        ];
+        args.extend(corpus.map(|c| ["--corpus", c]).into_iter().flatten());
+        let trained = moe(&args);
+        assert!(trained.status.success(), "{}", stderr(&trained));
+        assert!(
+            String::from_utf8_lossy(&trained.stdout).contains(&format!("on {source} (")),
+            "{}",
+            String::from_utf8_lossy(&trained.stdout)
+        );
+        let state: serde_json::Value =
+            serde_json::from_slice(&file(&f.path(source).join("state.json"))).unwrap();
+        assert_eq!(state["data"]["source"], source);
+        let text = match corpus {
+            None => rosetta_moe::data::SHAKESPEARE,
+            Some(_) => rosetta_moe::data::SOURCE_CORPUS,
+        };
+        // The run's text is that corpus: its FNV-1a hash is the fingerprint.
+        let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        assert_eq!(
+            state["data"]["fingerprint"],
+            format!("{hash:016x}"),
+            "{source}"
+        );
+        // A resume needs no --data: the run's own corpus is taken again.
+        let resumed = moe(&["train", "--resume", &out, "--steps", "3"]);
+        assert!(resumed.status.success(), "{}", stderr(&resumed));
+    }
+    // The other corpus with --resume is another text; a name that is not a
+    // corpus and --corpus beside --data are usage errors.
+    let other = moe(&[
+        "train",
+        "--resume",
+        &f.s("built-in:source"),
+        "--corpus",
+        "shakespeare",
+        "--steps",
+        "4",
+    ]);
+    assert_eq!(other.status.code(), Some(1), "{}", stderr(&other));
+    assert!(
+        stderr(&other).contains("another text"),
+        "{}",
+        stderr(&other)
+    );
+    let data = f.s("text.txt");
+    for bad in [
+        &["train", "--corpus", "nosuch"][..],
+        &["train", "--corpus", "source", "--data", &data],
+    ] {
+        assert_eq!(moe(bad).status.code(), Some(2), "{bad:?}");
+    }
+}
+
+#[test]
 fn resuming_is_bit_identical_to_training_straight_through() {
     let f = Fixture::new();
     assert!(

@@ -1,4 +1,4 @@
-//! `moe train`: train on a text file (or the built-in corpus) with progress,
+//! `moe train`: train on a text file (or a built-in corpus) with progress,
 //! validation, checkpoints, a metrics log and a loss curve.
 
 use std::fs;
@@ -11,7 +11,7 @@ use std::time::Instant;
 use rosetta_moe::budget::{Plan, TimeBudget};
 use rosetta_moe::checkpoint::{self, STATE_FILE};
 use rosetta_moe::data::{
-    BUILTIN_CORPUS, DataState, RunClock, TextData, WindowSampler, evenly_spaced_batches,
+    DataState, RunClock, TextData, WindowSampler, builtin_corpus, evenly_spaced_batches,
 };
 use rosetta_moe::{
     Batch, Model, ModelConfig, MoeError, Result, Tokenizer, TrainConfig, Trainer, kernels, memory,
@@ -27,10 +27,16 @@ const SUMMARY_FILE: &str = "summary.json";
 /// Train the model on text: tokenizer, 90/10 split, random windows, AdamW.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Text file to train on [default: the built-in corpus — this project's
-    /// own documentation and source, compiled into the binary].
+    /// Text file to train on [default: --corpus shakespeare, or a resumed
+    /// run's own text].
     #[arg(long, value_name = "FILE")]
     data: Option<PathBuf>,
+    /// A corpus compiled into the binary instead of --data: `shakespeare`
+    /// (Tiny Shakespeare, 1.1 MB, the default) or `source` (this project's
+    /// own documentation and source code).
+    #[arg(long, value_name = "NAME", conflicts_with = "data",
+          value_parser = clap::builder::PossibleValuesParser::new(["shakespeare", "source"]))]
+    corpus: Option<String>,
     /// Preset (tiny, small) or path to a config JSON file [default: tiny].
     #[arg(long)]
     config: Option<String>,
@@ -334,10 +340,10 @@ struct Run {
 pub fn run(args: Args) -> Result<()> {
     args.json.check()?;
     args.threads.apply();
-    let (source, text) = read_text(args.data.as_deref())?;
     let mut run = match &args.resume {
-        Some(dir) => resume(&args, dir, source, &text)?,
+        Some(dir) => resume(&args, dir)?,
         None => {
+            let (source, text) = read_text(&args, None)?;
             if args.time.is_none() {
                 check_steps(args.steps.unwrap_or(DEFAULT_STEPS), 0)?;
             }
@@ -362,18 +368,30 @@ fn check_steps(steps: u64, step: u64) -> Result<()> {
     Ok(())
 }
 
-/// The training text and a name for it.
-fn read_text(path: Option<&Path>) -> Result<(String, Vec<u8>)> {
-    match path {
-        None => Ok(("built-in".into(), BUILTIN_CORPUS.as_bytes().to_vec())),
-        Some(path) => {
-            let text = fs::read(path).map_err(|e| MoeError::io(path, e))?;
-            if text.is_empty() {
-                return Err(MoeError::EmptyInput("data file"));
+/// The training text and a name for it: --data, --corpus, or else the
+/// source `recorded` by a resumed run, or Tiny Shakespeare.
+fn read_text(args: &Args, recorded: Option<&str>) -> Result<(String, Vec<u8>)> {
+    let builtin = |name: &str| {
+        builtin_corpus(name).map(|text| (format!("built-in:{name}"), text.as_bytes().to_vec()))
+    };
+    let path = match (&args.data, &args.corpus, recorded) {
+        (Some(path), _, _) => path.clone(),
+        (None, Some(name), _) => return Ok(builtin(name).expect("clap checks --corpus")),
+        (None, None, None) => return Ok(builtin("shakespeare").expect("compiled in")),
+        // The name of the source corpus before Tiny Shakespeare shipped.
+        (None, None, Some("built-in")) => return Ok(builtin("source").expect("compiled in")),
+        (None, None, Some(recorded)) => {
+            if let Some(text) = recorded.strip_prefix("built-in:").and_then(builtin) {
+                return Ok(text);
             }
-            Ok((path.display().to_string(), text))
+            PathBuf::from(recorded)
         }
+    };
+    let text = fs::read(&path).map_err(|e| MoeError::io(&path, e))?;
+    if text.is_empty() {
+        return Err(MoeError::EmptyInput("data file"));
     }
+    Ok((path.display().to_string(), text))
 }
 
 fn start(args: &Args, source: String, text: &[u8]) -> Result<Run> {
@@ -540,7 +558,7 @@ fn checkpoint_tokenizer(dir: &Path, vocab_size: usize) -> Result<Tokenizer> {
     Ok(tokenizer)
 }
 
-fn resume(args: &Args, dir: &Path, source: String, text: &[u8]) -> Result<Run> {
+fn resume(args: &Args, dir: &Path) -> Result<Run> {
     let lock = checkpoint::lock(dir)?;
     checkpoint::recover(dir)?;
     if holds_no_checkpoint_yet(dir) {
@@ -611,12 +629,13 @@ fn resume(args: &Args, dir: &Path, source: String, text: &[u8]) -> Result<Run> {
         }
     }
     let tokenizer = checkpoint_tokenizer(dir, config.vocab_size)?;
-    let data = TextData::new(text, &tokenizer, data_state.seq_len)?;
+    let (source, text) = read_text(args, Some(&data_state.source))?;
+    let data = TextData::new(&text, &tokenizer, data_state.seq_len)?;
     if data.fingerprint != data_state.fingerprint {
         return Err(MoeError::checkpoint(
             dir,
             format!(
-                "the run trained on {} (another text than {source}); pass the same --data",
+                "the run trained on {} (another text than {source}); pass the same --data or --corpus",
                 data_state.source
             ),
         ));
