@@ -1,8 +1,9 @@
 //! Build-time facts about the project itself:
 //!
-//! - the built-in training corpus (`moe train` without `--data`): the README,
-//!   documentation and source concatenated, so training works on a fresh
-//!   machine with no download;
+//! - the source corpus (`moe train --corpus source`): the README,
+//!   documentation and source concatenated, compiled into the binary like
+//!   Tiny Shakespeare (`data/tinyshakespeare.txt`, the default corpus, which
+//!   `src/data.rs` includes as it is), so training works with no download;
 //! - the static metrics the benchmark reports for `src/` (gzip size, SLOC,
 //!   function count) and the compiler's version.
 

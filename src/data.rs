@@ -1,4 +1,4 @@
-//! Training text: the built-in corpus, the train/validation split, and seeded
+//! Training text: the built-in corpora, the train/validation split, and seeded
 //! random windows.
 
 use rand::{RngExt, SeedableRng};
@@ -9,9 +9,28 @@ use crate::batch::Batch;
 use crate::error::{MoeError, Result};
 use crate::tokenizer::Tokenizer;
 
-/// This project's README, documentation and source, compiled into the binary
-/// (more than 50 KB of text), so `moe train` works with no download.
-pub const BUILTIN_CORPUS: &str = include_str!(concat!(env!("OUT_DIR"), "/corpus.txt"));
+/// Tiny Shakespeare (40,000 lines of the plays, 1,115,394 bytes of ASCII;
+/// public domain), from `data/tinyshakespeare.txt`, compiled into the binary:
+/// what `moe train` trains on by default, with no download.
+pub const SHAKESPEARE: &str = include_str!("../data/tinyshakespeare.txt");
+
+/// This project's README, documentation and source, gathered by `build.rs`
+/// and compiled into the binary (more than 50 KB of text): `moe train
+/// --corpus source`.
+pub const SOURCE_CORPUS: &str = include_str!(concat!(env!("OUT_DIR"), "/corpus.txt"));
+
+/// The corpora compiled into the binary, by the name `moe train --corpus`
+/// gives them: `shakespeare` (the default) and `source`.
+pub const BUILTIN_CORPORA: [(&str, &str); 2] =
+    [("shakespeare", SHAKESPEARE), ("source", SOURCE_CORPUS)];
+
+/// The built-in corpus called `name`.
+pub fn builtin_corpus(name: &str) -> Option<&'static str> {
+    BUILTIN_CORPORA
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, text)| *text)
+}
 
 /// Fraction of the tokens used for training; the rest is validation.
 pub const TRAIN_FRACTION: f64 = 0.9;
@@ -172,7 +191,9 @@ impl WindowSampler {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataState {
-    /// Where the text came from ("built-in" or a path).
+    /// Where the text came from: a path, or `built-in:NAME` for a built-in
+    /// corpus (plain `built-in`, from before Tiny Shakespeare shipped, is
+    /// `built-in:source`).
     pub source: String,
     /// [`TextData::fingerprint`] of the text.
     pub fingerprint: String,
@@ -182,4 +203,19 @@ pub struct DataState {
     pub seq_len: usize,
     /// The window sampler's position.
     pub rng: RngState,
+    /// The training clock of a run given a time budget (`moe train --time`);
+    /// absent for a run counted in steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock: Option<RunClock>,
+}
+
+/// A time-budgeted run's training clock at its checkpoint (see
+/// [`crate::budget`] for what the clock counts).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunClock {
+    /// Seconds of training clock the whole run may use.
+    pub budget_secs: f64,
+    /// Seconds used up to the checkpoint.
+    pub elapsed_secs: f64,
 }

@@ -25,6 +25,7 @@
 pub mod atomic_write;
 pub mod attention;
 pub mod batch;
+pub mod budget;
 pub mod checkpoint;
 pub mod config;
 pub mod data;

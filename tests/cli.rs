@@ -146,6 +146,254 @@ fn a_run_trains_saves_and_generates() {
     assert!(String::from_utf8_lossy(&streamed.stdout).starts_with("the quick"));
 }
 
+/// The JSON report of a successful `moe` command.
+fn report(args: &[&str]) -> serde_json::Value {
+    let out = moe(args);
+    assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn threads_default_to_every_core_and_never_change_the_results() {
+    let f = Fixture::new();
+    let cores = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(rosetta_moe::kernels::MAX_THREADS);
+    let mut summaries = Vec::new();
+    for (dir, threads) in [("t0", None), ("t1", Some("1")), ("t2", Some("2"))] {
+        let mut flags = vec!["--steps", "6", "--json"];
+        flags.extend(threads.map(|n| ["--threads", n]).into_iter().flatten());
+        let out = f.train(dir, &flags);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let expected = threads.map_or(cores, |n| n.parse().unwrap());
+        assert_eq!(summary["threads"], expected, "{dir}");
+        summaries.push(summary);
+    }
+    assert_eq!(summaries[1]["val_loss"], summaries[2]["val_loss"]);
+    assert_same_run(&f, "t1", "t2", "1 against 2 threads");
+    let (run, data) = (f.s("t1"), f.s("text.txt"));
+    let generate = |threads: Option<&str>| {
+        let mut args = vec![
+            "generate",
+            "--checkpoint",
+            &run,
+            "--prompt",
+            "the quick",
+            "--max-new",
+            "40",
+            "--json",
+        ];
+        args.extend(threads.map(|n| ["--threads", n]).into_iter().flatten());
+        report(&args)
+    };
+    let evaluate = |threads: Option<&str>| {
+        let mut args = vec!["eval", "--checkpoint", &run, "--data", &data, "--json"];
+        args.extend(threads.map(|n| ["--threads", n]).into_iter().flatten());
+        report(&args)
+    };
+    let (g0, g1, g2) = (generate(None), generate(Some("1")), generate(Some("2")));
+    let (e0, e1, e2) = (evaluate(None), evaluate(Some("1")), evaluate(Some("2")));
+    for (report, threads) in [
+        (&g0, cores),
+        (&g1, 1),
+        (&g2, 2),
+        (&e0, cores),
+        (&e1, 1),
+        (&e2, 2),
+    ] {
+        assert_eq!(report["threads"], threads, "{report}");
+    }
+    assert_eq!(g1["tokens"], g2["tokens"]);
+    assert_eq!(g0["tokens"], g1["tokens"]);
+    for key in ["loss", "bits_per_byte", "tokens"] {
+        assert_eq!(e1[key], e2[key], "{key}");
+        assert_eq!(e0[key], e1[key], "{key}");
+    }
+    for command in [
+        vec!["generate", "--checkpoint", &run, "--prompt", "a"],
+        vec!["eval", "--checkpoint", &run, "--data", &data],
+        vec!["train", "--data", &data, "--resume", &run, "--steps", "9"],
+    ] {
+        for bad in ["0", "9"] {
+            let out = moe(&[&command[..], &["--threads", bad]].concat());
+            assert_eq!(out.status.code(), Some(2), "{command:?} --threads {bad}");
+        }
+    }
+}
+
+/// The lines of a run's `metrics.jsonl`.
+fn metrics_lines(dir: &Path) -> Vec<serde_json::Value> {
+    String::from_utf8(file(&dir.join("metrics.jsonl")))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn a_timed_run_ends_its_schedule_at_the_floor_records_its_clock_and_resumes_its_budget() {
+    let f = Fixture::new();
+    let flags = [
+        "--time",
+        "2s",
+        "--warmup",
+        "5",
+        "--eval-every",
+        "20",
+        "--json",
+    ];
+    let out = f.train("run", &flags);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["stopped_by"], "time");
+    assert_eq!(summary["time_budget"]["seconds"], 2.0);
+    let lines = metrics_lines(&f.path("run"));
+    let last = lines.last().unwrap();
+    assert_eq!(summary["steps"], last["step"]);
+    assert_eq!(summary["time_budget"]["schedule_steps"], last["step"]);
+    // The schedule's last step is the run's: its rate is the floor, or near
+    // it when a stall (this machine is shared) made the last step arrive
+    // before the estimate taken just before it had counted on.
+    let floor = 0.1 * 1e-3;
+    let lr = last["lr"].as_f64().unwrap();
+    assert!(lr >= floor && lr < 1.1 * floor, "last lr {lr}");
+    // Every line carries the clock; every evaluation its own time, in the
+    // summary too.
+    let clocks: Vec<f64> = lines
+        .iter()
+        .map(|l| l["seconds"].as_f64().unwrap())
+        .collect();
+    assert!(clocks.windows(2).all(|w| w[0] <= w[1]) && clocks[0] > 0.0);
+    let evaluated: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l.get("val_loss").is_some())
+        .collect();
+    assert!(
+        evaluated
+            .iter()
+            .all(|l| l["eval_seconds"].as_f64().unwrap() > 0.0)
+    );
+    let evaluations = summary["evaluations"].as_array().unwrap();
+    assert_eq!(evaluations.len(), evaluated.len());
+    assert_eq!(evaluations.last().unwrap()["step"], last["step"]);
+    assert_eq!(evaluations[0]["seconds"], evaluated[0]["seconds"]);
+    let state: serde_json::Value =
+        serde_json::from_slice(&file(&f.path("run/state.json"))).unwrap();
+    assert_eq!(state["data"]["clock"]["budget_secs"], 2.0);
+    assert_eq!(
+        state["data"]["clock"]["elapsed_secs"],
+        summary["training_seconds"]
+    );
+
+    // Resuming continues the same budget (spent) unless --time sets a new total.
+    let (data, run) = (f.s("text.txt"), f.s("run"));
+    let (code, err) = resume_run(&f, "900");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("time budget; extend it with --time"), "{err}");
+    let spent = moe(&["train", "--data", &data, "--resume", &run]);
+    assert_eq!(spent.status.code(), Some(1), "{}", stderr(&spent));
+    assert!(
+        stderr(&spent).contains("already used"),
+        "{}",
+        stderr(&spent)
+    );
+    let more = report(&[
+        "train", "--data", &data, "--resume", &run, "--time", "3s", "--json",
+    ]);
+    assert_eq!(more["time_budget"]["seconds"], 3.0);
+    assert!(more["steps"].as_u64() > last["step"].as_u64());
+    let after = metrics_lines(&f.path("run"));
+    assert_eq!(&after[..lines.len()], &lines[..]);
+    assert!(after[lines.len()]["seconds"].as_f64() > last["seconds"].as_f64());
+    assert!(more["evaluations"].as_array().unwrap().len() > evaluations.len());
+    let lr = after.last().unwrap()["lr"].as_f64().unwrap();
+    assert!(lr >= floor && lr < 1.1 * floor, "last lr {lr}");
+
+    // --time and --steps are exclusive; a budget is longer than zero; a run
+    // counted in steps stays so.
+    for bad in [
+        &["--time", "1s", "--steps", "5"][..],
+        &["--time", "0s"],
+        &["--time", "soon"],
+    ] {
+        let out = f.train("other", bad);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {}", stderr(&out));
+    }
+    assert!(f.train("steps", &["--steps", "2"]).status.success());
+    let steps = f.s("steps");
+    let out = moe(&["train", "--data", &data, "--resume", &steps, "--time", "1s"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("counts steps"), "{}", stderr(&out));
+}
+
+#[test]
+fn without_data_it_trains_on_tiny_shakespeare_and_the_source_corpus_is_a_flag() {
+    let f = Fixture::new();
+    let config = f.s("config.json");
+    for (corpus, source) in [
+        (None, "built-in:shakespeare"),
+        (Some("source"), "built-in:source"),
+    ] {
+        let out = f.s(source);
+        let mut args = vec![
+            "train", "--config", &config, "--out", &out, "--steps", "2", "--batch", "2", "--seq",
+            "16",
+        ];
+        args.extend(corpus.map(|c| ["--corpus", c]).into_iter().flatten());
+        let trained = moe(&args);
+        assert!(trained.status.success(), "{}", stderr(&trained));
+        assert!(
+            String::from_utf8_lossy(&trained.stdout).contains(&format!("on {source} (")),
+            "{}",
+            String::from_utf8_lossy(&trained.stdout)
+        );
+        let state: serde_json::Value =
+            serde_json::from_slice(&file(&f.path(source).join("state.json"))).unwrap();
+        assert_eq!(state["data"]["source"], source);
+        let text = match corpus {
+            None => rosetta_moe::data::SHAKESPEARE,
+            Some(_) => rosetta_moe::data::SOURCE_CORPUS,
+        };
+        // The run's text is that corpus: its FNV-1a hash is the fingerprint.
+        let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        assert_eq!(
+            state["data"]["fingerprint"],
+            format!("{hash:016x}"),
+            "{source}"
+        );
+        // A resume needs no --data: the run's own corpus is taken again.
+        let resumed = moe(&["train", "--resume", &out, "--steps", "3"]);
+        assert!(resumed.status.success(), "{}", stderr(&resumed));
+    }
+    // The other corpus with --resume is another text; a name that is not a
+    // corpus and --corpus beside --data are usage errors.
+    let other = moe(&[
+        "train",
+        "--resume",
+        &f.s("built-in:source"),
+        "--corpus",
+        "shakespeare",
+        "--steps",
+        "4",
+    ]);
+    assert_eq!(other.status.code(), Some(1), "{}", stderr(&other));
+    assert!(
+        stderr(&other).contains("another text"),
+        "{}",
+        stderr(&other)
+    );
+    let data = f.s("text.txt");
+    for bad in [
+        &["train", "--corpus", "nosuch"][..],
+        &["train", "--corpus", "source", "--data", &data],
+    ] {
+        assert_eq!(moe(bad).status.code(), Some(2), "{bad:?}");
+    }
+}
+
 #[test]
 fn resuming_is_bit_identical_to_training_straight_through() {
     let f = Fixture::new();
@@ -619,6 +867,173 @@ fn sigkill_during_saves_never_loses_the_run_20_times() {
 #[ignore = "heavy: 200 kills, a few minutes"]
 fn sigkill_during_saves_never_loses_the_run_200_times() {
     killed_runs_resume_bit_identically(200);
+}
+
+/// The checkpoint files of two run directories are the same bytes.
+fn assert_same_run(f: &Fixture, a: &str, b: &str, context: &str) {
+    for name in ["model.safetensors", "optimizer.safetensors", "state.json"] {
+        assert!(
+            file(&f.path(a).join(name)) == file(&f.path(b).join(name)),
+            "{name} differs from the uninterrupted run ({context})"
+        );
+    }
+}
+
+/// `moe train --resume` on the fixture's `run`: its exit code and stderr.
+fn resume_run(f: &Fixture, steps: &str) -> (Option<i32>, String) {
+    let (data, run) = (f.s("text.txt"), f.s("run"));
+    let out = moe(&["train", "--data", &data, "--resume", &run, "--steps", steps]);
+    (out.status.code(), stderr(&out))
+}
+
+/// What a SIGKILL during a start-up may leave in `run`: nothing, the remains
+/// of a start-up (a lock, a tokenizer, an empty metrics log, temporaries, an
+/// uncommitted save) or a checkpoint. Each must lead on, without --force, to
+/// the run an uninterrupted start makes: the first two by the same command
+/// (`--resume` says why it cannot), the last by `--resume`, with that same
+/// command refused so the checkpoint is never overwritten.
+fn carry_on_after_kill(f: &Fixture, steps: &str) -> &'static str {
+    let run = f.path("run");
+    let outcome = if !run.exists() {
+        "no directory"
+    } else if let Ok((saved, state)) = rosetta_moe::checkpoint::load_training(&run) {
+        // Read as a reader does: a kill after the commit point may have left
+        // the set in the commit directory.
+        let before = saved.model().params().to_vec();
+        let again = f.train("run", &["--steps", steps, "--save-every", "1"]);
+        assert_eq!(again.status.code(), Some(1), "{}", stderr(&again));
+        assert!(stderr(&again).contains("--force"), "{}", stderr(&again));
+        let (after, _) = rosetta_moe::checkpoint::load_training(&run).unwrap();
+        assert_eq!(after.model().params(), &before[..], "overwritten");
+        if state.step < steps.parse().unwrap() {
+            let (code, err) = resume_run(f, steps);
+            assert_eq!(code, Some(0), "{err}");
+        }
+        "a checkpoint"
+    } else {
+        let (code, err) = resume_run(f, steps);
+        assert_eq!(code, Some(1), "{err}");
+        assert!(err.contains("holds no checkpoint yet"), "{err}");
+        assert!(err.contains("no --force needed"), "{err}");
+        "start-up remains"
+    };
+    if outcome != "a checkpoint" {
+        let out = f.train("run", &["--steps", steps, "--save-every", "1"]);
+        assert!(out.status.success(), "{outcome}: {}", stderr(&out));
+    }
+    // A kill after the last commit point may leave its files in the commit
+    // directory; the next writer (as here) moves them into place.
+    rosetta_moe::checkpoint::recover(&run).unwrap();
+    assert_same_run(f, "straight", "run", outcome);
+    for junk in [".checkpoint-new", ".checkpoint-commit"] {
+        assert!(!run.join(junk).exists(), "{junk} left after {outcome}");
+    }
+    outcome
+}
+
+#[test]
+fn the_remains_of_a_start_up_restart_without_force_and_resume_says_so() {
+    const STEPS: &str = "3";
+    let f = Fixture::new();
+    let straight = f.train("straight", &["--steps", STEPS, "--save-every", "1"]);
+    assert!(straight.status.success(), "{}", stderr(&straight));
+    let tokenizer = file(&f.path("straight/tokenizer.json"));
+    let run = f.path("run");
+    // Every state a start-up passes through before its step-0 checkpoint
+    // commits, in order (each later one adds files).
+    let states: [&[(&str, &[u8])]; 5] = [
+        &[],
+        &[(".lock", b"")],
+        &[(".lock", b""), ("tokenizer.json", &tokenizer)],
+        &[
+            (".lock", b""),
+            ("tokenizer.json", &tokenizer),
+            ("metrics.jsonl", b""),
+        ],
+        &[
+            (".lock", b""),
+            (".tmpAb12Cd", b"half a tok"),
+            ("tokenizer.json", &tokenizer),
+            ("metrics.jsonl", b""),
+            (".checkpoint-new/model.safetensors", b"half a file"),
+        ],
+    ];
+    for state in states {
+        let _ = std::fs::remove_dir_all(&run);
+        std::fs::create_dir_all(run.join(".checkpoint-new")).unwrap();
+        if !state
+            .iter()
+            .any(|(name, _)| name.starts_with(".checkpoint-new"))
+        {
+            std::fs::remove_dir(run.join(".checkpoint-new")).unwrap();
+        }
+        for (name, bytes) in state {
+            std::fs::write(run.join(name), bytes).unwrap();
+        }
+        let names: Vec<_> = state.iter().map(|(name, _)| name).collect();
+        assert_eq!(
+            carry_on_after_kill(&f, STEPS),
+            "start-up remains",
+            "{names:?}"
+        );
+    }
+    // Not what a start-up leaves: refused without --force, untouched.
+    for (name, bytes) in [
+        ("metrics.jsonl", &b"{\"step\": 1}\n"[..]),
+        ("notes.txt", b"mine"),
+        ("config.json", b"{}"),
+    ] {
+        let _ = std::fs::remove_dir_all(&run);
+        std::fs::create_dir(&run).unwrap();
+        std::fs::write(run.join(".lock"), b"").unwrap();
+        std::fs::write(run.join("tokenizer.json"), &tokenizer).unwrap();
+        std::fs::write(run.join(name), bytes).unwrap();
+        let out = f.train("run", &["--steps", STEPS]);
+        assert_eq!(out.status.code(), Some(1), "{name}: {}", stderr(&out));
+        assert!(stderr(&out).contains("--force"), "{name}: {}", stderr(&out));
+        assert_eq!(file(&run.join(name)), bytes, "{name} was touched");
+    }
+}
+
+/// Kills `moe train` with SIGKILL at moments spread evenly over its start-up
+/// (launch to its step-0 checkpoint, and a little beyond), each moment
+/// jittered at random: whatever the kill leaves, the run carries on to the
+/// bits of an uninterrupted one without --force and without losing a save.
+#[test]
+fn sigkill_at_every_moment_of_start_up_never_strands_the_directory() {
+    const STEPS: &str = "3";
+    const KILLS: u64 = 30;
+    let f = Fixture::new();
+    let launched = Instant::now();
+    let mut straight = spawn_train_into(&f, "straight", false, STEPS);
+    wait_for(&f.path("straight/state.json"));
+    let span = (launched.elapsed().as_micros() as u64).max(KILLS);
+    assert!(straight.wait().unwrap().success());
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("kill moments seeded with {seed}, start-up {span} µs");
+    let mut rng = seed | 1;
+    let mut seen = std::collections::BTreeMap::new();
+    // Slot k of KILLS + KILLS/5 covers [k, k + 1)·span/KILLS.
+    let slot = span / KILLS;
+    for k in 0..KILLS + KILLS / 5 {
+        rng = rng
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        let _ = std::fs::remove_dir_all(f.path("run"));
+        let mut child = spawn_train(&f, false, STEPS);
+        std::thread::sleep(Duration::from_micros(k * slot + (rng >> 33) % slot));
+        let finished = child.try_wait().unwrap().is_some();
+        if !finished {
+            child.kill().unwrap();
+        }
+        let status = child.wait().unwrap();
+        assert!(!finished || status.success(), "{status}");
+        *seen.entry(carry_on_after_kill(&f, STEPS)).or_insert(0) += 1;
+    }
+    eprintln!("after the kills: {seen:?}");
 }
 
 #[test]

@@ -3,28 +3,40 @@
 use std::sync::OnceLock;
 
 use proptest::prelude::*;
-use rosetta_moe::data::{BUILTIN_CORPUS, TextData, WindowSampler, evenly_spaced_batches};
+use rosetta_moe::data::{
+    SHAKESPEARE, SOURCE_CORPUS, TextData, WindowSampler, builtin_corpus, evenly_spaced_batches,
+};
 use rosetta_moe::{Batch, MoeError, Tokenizer};
 
 fn tokenizer() -> &'static Tokenizer {
     static TOKENIZER: OnceLock<Tokenizer> = OnceLock::new();
-    TOKENIZER.get_or_init(|| Tokenizer::train(BUILTIN_CORPUS.as_bytes(), 1000).unwrap())
+    TOKENIZER.get_or_init(|| Tokenizer::train(SOURCE_CORPUS.as_bytes(), 1000).unwrap())
 }
 
 #[test]
 fn the_builtin_corpus_is_large_enough() {
     assert!(
-        BUILTIN_CORPUS.len() >= 50_000,
+        SOURCE_CORPUS.len() >= 50_000,
         "{} bytes",
-        BUILTIN_CORPUS.len()
+        SOURCE_CORPUS.len()
     );
+}
+
+#[test]
+fn tiny_shakespeare_is_compiled_in_whole_and_named_like_the_source_corpus() {
+    assert_eq!(SHAKESPEARE.len(), 1_115_394);
+    assert!(SHAKESPEARE.starts_with("First Citizen:\nBefore we proceed any further"));
+    assert!(SHAKESPEARE.trim_end().ends_with("Whiles thou art waking."));
+    assert_eq!(builtin_corpus("shakespeare"), Some(SHAKESPEARE));
+    assert_eq!(builtin_corpus("source"), Some(SOURCE_CORPUS));
+    assert_eq!(builtin_corpus("built-in"), None);
 }
 
 #[test]
 fn training_fills_the_vocabulary_and_compresses() {
     let t = tokenizer();
     assert_eq!(t.vocab_size(), 1000);
-    let sample = &BUILTIN_CORPUS.as_bytes()[..20_000];
+    let sample = &SOURCE_CORPUS.as_bytes()[..20_000];
     let ids = t.encode(sample).unwrap();
     assert!(
         ids.len() * 2 < sample.len(),
@@ -37,7 +49,7 @@ fn training_fills_the_vocabulary_and_compresses() {
 
 #[test]
 fn training_is_deterministic_and_survives_save_and_load() {
-    let text = &BUILTIN_CORPUS.as_bytes()[..30_000];
+    let text = &SOURCE_CORPUS.as_bytes()[..30_000];
     let a = Tokenizer::train(text, 400).unwrap();
     let b = Tokenizer::train(text, 400).unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -81,7 +93,7 @@ proptest! {
 #[test]
 fn data_splits_ninety_ten_and_refuses_too_little_text() {
     let t = tokenizer();
-    let data = TextData::new(BUILTIN_CORPUS.as_bytes(), t, 64).unwrap();
+    let data = TextData::new(SOURCE_CORPUS.as_bytes(), t, 64).unwrap();
     let total = data.train.len() + data.val.len();
     assert_eq!(data.train.len(), (total as f64 * 0.9) as usize);
     assert!(data.val_bytes > data.val.len());
@@ -98,7 +110,7 @@ fn data_splits_ninety_ten_and_refuses_too_little_text() {
 #[test]
 fn windows_are_contiguous_seeded_and_resumable() {
     let t = tokenizer();
-    let data = TextData::new(BUILTIN_CORPUS.as_bytes(), t, 16).unwrap();
+    let data = TextData::new(SOURCE_CORPUS.as_bytes(), t, 16).unwrap();
     let mut batch = Batch::new(vec![0; 4 * 16], vec![0; 4 * 16], 4).unwrap();
     let mut sampler = WindowSampler::new(7);
     sampler.fill(&mut batch, &data.train);

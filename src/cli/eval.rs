@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use rosetta_moe::eval::{self, EvalReport};
-use rosetta_moe::{MoeError, Result, Tokenizer, hf, kernels};
+use rosetta_moe::{MoeError, Result, Tokenizer, hf};
 use serde::Serialize;
 
 use super::JsonArg;
@@ -29,9 +29,8 @@ pub struct Args {
     /// token more context [default: --seq, no overlap].
     #[arg(long)]
     stride: Option<usize>,
-    /// Threads for large matrix multiplies.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=8))]
-    threads: u64,
+    #[command(flatten)]
+    threads: super::ThreadsArg,
     #[command(flatten)]
     json: JsonArg,
 }
@@ -42,6 +41,7 @@ struct Report {
     data: PathBuf,
     seq: usize,
     stride: usize,
+    threads: usize,
     seconds: f64,
     #[serde(flatten)]
     figures: EvalReport,
@@ -49,7 +49,7 @@ struct Report {
 
 pub fn run(args: Args) -> Result<()> {
     args.json.check()?;
-    kernels::set_threads(args.threads as usize);
+    let threads = args.threads.apply();
     let mut model = hf::load_model(&args.checkpoint)?;
     let max = model.config().max_seq_len;
     let seq = args.seq.unwrap_or(max.min(256));
@@ -99,6 +99,7 @@ pub fn run(args: Args) -> Result<()> {
         data: args.data.clone(),
         seq,
         stride,
+        threads,
         seconds: start.elapsed().as_secs_f64(),
         figures,
     };

@@ -62,6 +62,8 @@ pub struct Args {
     #[arg(long, value_name = "STRING")]
     stop: Vec<String>,
     #[command(flatten)]
+    threads: super::ThreadsArg,
+    #[command(flatten)]
     json: JsonArg,
 }
 
@@ -92,6 +94,7 @@ struct Report<'a> {
     top_k: usize,
     top_p: f32,
     seed: u64,
+    threads: usize,
     seconds: f64,
     tokens_per_sec: f64,
 }
@@ -209,6 +212,7 @@ pub fn run(args: Args) -> Result<()> {
     if args.stop.iter().any(String::is_empty) {
         return Err(MoeError::EmptyInput("--stop string"));
     }
+    let threads = args.threads.apply();
     let mut model = hf::load_model(&args.checkpoint)?;
     let tokenizer_path = args.checkpoint.join(TOKENIZER_FILE);
     if !tokenizer_path.exists() {
@@ -294,6 +298,7 @@ pub fn run(args: Args) -> Result<()> {
         top_k: args.top_k,
         top_p: args.top_p,
         seed: args.seed,
+        threads,
         seconds,
         tokens_per_sec: new.len() as f64 / seconds,
     })

@@ -118,6 +118,26 @@ impl JsonArg {
     }
 }
 
+/// `--threads N`, the same on `train`, `generate` and `eval`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ThreadsArg {
+    /// Threads for large matrix multiplies (and training's AdamW update);
+    /// results are bit-identical for any count [default: every core, at most 8].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=rosetta_moe::kernels::MAX_THREADS as u64))]
+    threads: Option<u64>,
+}
+
+impl ThreadsArg {
+    /// Sets the kernels' thread count (given, or one per core) and returns it.
+    pub fn apply(&self) -> usize {
+        let n = self.threads.map_or_else(
+            || std::thread::available_parallelism().map_or(1, |n| n.get()),
+            |n| n as usize,
+        );
+        rosetta_moe::kernels::set_threads(n)
+    }
+}
+
 /// Refuses an output file whose directory does not exist or that names a directory.
 pub fn check_out_file(path: &Path) -> Result<()> {
     let dir = match path.parent() {
@@ -145,7 +165,7 @@ pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
 
 /// Refuses to write into `dir` when it already holds files (other than a lock
 /// file left by an earlier run), unless `force`.
-pub fn ensure_fresh_dir(dir: &PathBuf, force: bool) -> Result<()> {
+pub fn ensure_fresh_dir(dir: &Path, force: bool) -> Result<()> {
     let occupied = std::fs::read_dir(dir)
         .map(|d| {
             d.flatten()

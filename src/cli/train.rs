@@ -1,4 +1,4 @@
-//! `moe train`: train on a text file (or the built-in corpus) with progress,
+//! `moe train`: train on a text file (or a built-in corpus) with progress,
 //! validation, checkpoints, a metrics log and a loss curve.
 
 use std::fs;
@@ -8,9 +8,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
+use rosetta_moe::budget::{Plan, TimeBudget};
 use rosetta_moe::checkpoint::{self, STATE_FILE};
 use rosetta_moe::data::{
-    BUILTIN_CORPUS, DataState, TextData, WindowSampler, evenly_spaced_batches,
+    DataState, RunClock, TextData, WindowSampler, builtin_corpus, evenly_spaced_batches,
 };
 use rosetta_moe::{
     Batch, Model, ModelConfig, MoeError, Result, Tokenizer, TrainConfig, Trainer, kernels, memory,
@@ -26,19 +27,35 @@ const SUMMARY_FILE: &str = "summary.json";
 /// Train the model on text: tokenizer, 90/10 split, random windows, AdamW.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Text file to train on [default: the built-in corpus — this project's
-    /// own documentation and source, compiled into the binary].
+    /// Text file to train on [default: --corpus shakespeare, or a resumed
+    /// run's own text].
     #[arg(long, value_name = "FILE")]
     data: Option<PathBuf>,
+    /// A corpus compiled into the binary instead of --data: `shakespeare`
+    /// (Tiny Shakespeare, 1.1 MB, the default) or `source` (this project's
+    /// own documentation and source code).
+    #[arg(long, value_name = "NAME", conflicts_with = "data",
+          value_parser = clap::builder::PossibleValuesParser::new(["shakespeare", "source"]))]
+    corpus: Option<String>,
     /// Preset (tiny, small) or path to a config JSON file [default: tiny].
     #[arg(long)]
     config: Option<String>,
-    /// Train until this step number.
-    #[arg(long, default_value_t = 1000)]
-    steps: u64,
+    /// Train until this step number [default: 1000, or with --time as many
+    /// as fit].
+    #[arg(long, conflicts_with = "time")]
+    steps: Option<u64>,
+    /// Train for this much wall time instead of a step count (15m, 90s, 1h30m):
+    /// the warm-up + cosine schedule is fitted to the budget from the measured
+    /// step rate and ends at its floor as the time runs out; the run then
+    /// evaluates, saves and stops. The clock counts the training loop
+    /// (evaluations and saves included, start-up not) over all of the run's
+    /// sessions: --resume continues the same budget, and --time with --resume
+    /// sets a new total for the run.
+    #[arg(long, value_name = "DURATION", value_parser = parse_budget)]
+    time: Option<std::time::Duration>,
     /// Length of the warm-up + cosine schedule [default: --steps of a new run;
     /// a resumed run keeps its own].
-    #[arg(long)]
+    #[arg(long, conflicts_with = "time")]
     schedule_steps: Option<u64>,
     /// Sequences per step, B [default: 8, or the resumed run's].
     #[arg(long)]
@@ -49,7 +66,8 @@ pub struct Args {
     /// Peak learning rate.
     #[arg(long, default_value_t = 1e-3)]
     lr: f64,
-    /// Linear warm-up steps [default: a tenth of the steps, at most 100].
+    /// Linear warm-up steps [default: a tenth of the steps, at most 100;
+    /// with --time, 100].
     #[arg(long)]
     warmup: Option<u64>,
     /// Output directory for checkpoints, metrics and the loss curve.
@@ -75,10 +93,8 @@ pub struct Args {
     /// Write a checkpoint every N steps, N ≥ 1 (and always at the start and the end).
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..))]
     save_every: u64,
-    /// Threads for large matrix multiplies and the AdamW update (results are
-    /// bit-identical for any count).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=8))]
-    threads: u64,
+    #[command(flatten)]
+    threads: super::ThreadsArg,
     /// Overwrite an output directory that holds another run.
     #[arg(long)]
     force: bool,
@@ -208,6 +224,18 @@ impl ShapeFlags {
     }
 }
 
+/// `--time`: a humantime duration longer than zero.
+fn parse_budget(text: &str) -> std::result::Result<std::time::Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(d) if d.is_zero() => Err("the budget must be longer than zero".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Steps of a run given neither --steps nor --time.
+const DEFAULT_STEPS: u64 = 1000;
+
 /// One line of `metrics.jsonl`.
 #[derive(Serialize, serde::Deserialize)]
 struct Metrics {
@@ -222,18 +250,71 @@ struct Metrics {
     train_eval: Option<f32>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     val_loss: Option<f32>,
+    /// The run's training clock after this step (and its evaluation).
+    #[serde(default)]
+    seconds: f64,
+    /// How long this step's evaluation took.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    eval_seconds: Option<f64>,
 }
 
 /// The end-of-run report (`summary.json`).
 #[derive(Serialize)]
 struct Summary {
+    /// The step the run reached.
     steps: u64,
+    /// Wall time of this session's training loop.
     seconds: f64,
+    /// The run's training clock at the end: every session's training loop.
+    training_seconds: f64,
+    /// What stopped the run: "steps" (--steps reached) or "time" (--time spent).
+    stopped_by: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    time_budget: Option<BudgetReport>,
     tokens_per_sec: f64,
     train_loss: f32,
     val_loss: f32,
     val_bits_per_byte: f64,
+    /// Threads the kernels used.
+    threads: usize,
     checkpoint: PathBuf,
+    /// Every evaluation of the run (earlier sessions' included), in order.
+    evaluations: Vec<Evaluation>,
+}
+
+/// One evaluation in `summary.json`.
+#[derive(Serialize)]
+struct Evaluation {
+    step: u64,
+    /// The run's training clock when it was done.
+    seconds: f64,
+    val_loss: f32,
+    val_bits_per_byte: f64,
+    train_loss: Option<f32>,
+    /// How long it took.
+    eval_seconds: Option<f64>,
+}
+
+/// The time budget in `summary.json`.
+#[derive(Serialize)]
+struct BudgetReport {
+    /// The run's budget of training clock.
+    seconds: f64,
+    /// What the clock counts and what a resume does with the budget.
+    clock: &'static str,
+    /// The schedule length the last estimate settled on (the last step).
+    schedule_steps: u64,
+}
+
+const CLOCK_MEANING: &str = "wall time of the training loop (steps, evaluations, saves) summed over the run's sessions, start-up excluded; --resume continues the same budget, --resume with --time sets a new total";
+
+/// When a run stops.
+#[derive(Debug, Clone, Copy)]
+enum Until {
+    /// At this step.
+    Step(u64),
+    /// When this many seconds of training clock are spent.
+    Time(f64),
 }
 
 /// Everything a run needs, fresh or resumed.
@@ -245,6 +326,11 @@ struct Run {
     batch: usize,
     seq: usize,
     dir: PathBuf,
+    until: Until,
+    /// The run's training clock when this session began.
+    clock_start: f64,
+    /// The training clock now (as of the last step), saved with a timed run.
+    clock: f64,
     /// This process's exclusive right to write `dir`.
     _lock: checkpoint::WriterLock,
 }
@@ -253,19 +339,23 @@ struct Run {
 /// leaves no directory, checkpoint or output behind.
 pub fn run(args: Args) -> Result<()> {
     args.json.check()?;
-    kernels::set_threads(args.threads as usize);
-    let (source, text) = read_text(args.data.as_deref())?;
+    args.threads.apply();
     let mut run = match &args.resume {
-        Some(dir) => resume(&args, dir, source, &text)?,
+        Some(dir) => resume(&args, dir)?,
         None => {
-            check_steps(args.steps, 0)?;
+            let (source, text) = read_text(&args, None)?;
+            if args.time.is_none() {
+                check_steps(args.steps.unwrap_or(DEFAULT_STEPS), 0)?;
+            }
             let mut run = start(&args, source, &text)?;
             // Step 0 is a checkpoint too: a run killed at any moment resumes.
+            let saving = Instant::now();
             save(&mut run, None)?;
-            run
+            let save_secs = saving.elapsed().as_secs_f64();
+            return train(&args, &mut run, Some(save_secs));
         }
     };
-    train(&args, &mut run)
+    train(&args, &mut run, None)
 }
 
 /// `--steps` must lie beyond the run's current step.
@@ -278,18 +368,30 @@ fn check_steps(steps: u64, step: u64) -> Result<()> {
     Ok(())
 }
 
-/// The training text and a name for it.
-fn read_text(path: Option<&Path>) -> Result<(String, Vec<u8>)> {
-    match path {
-        None => Ok(("built-in".into(), BUILTIN_CORPUS.as_bytes().to_vec())),
-        Some(path) => {
-            let text = fs::read(path).map_err(|e| MoeError::io(path, e))?;
-            if text.is_empty() {
-                return Err(MoeError::EmptyInput("data file"));
+/// The training text and a name for it: --data, --corpus, or else the
+/// source `recorded` by a resumed run, or Tiny Shakespeare.
+fn read_text(args: &Args, recorded: Option<&str>) -> Result<(String, Vec<u8>)> {
+    let builtin = |name: &str| {
+        builtin_corpus(name).map(|text| (format!("built-in:{name}"), text.as_bytes().to_vec()))
+    };
+    let path = match (&args.data, &args.corpus, recorded) {
+        (Some(path), _, _) => path.clone(),
+        (None, Some(name), _) => return Ok(builtin(name).expect("clap checks --corpus")),
+        (None, None, None) => return Ok(builtin("shakespeare").expect("compiled in")),
+        // The name of the source corpus before Tiny Shakespeare shipped.
+        (None, None, Some("built-in")) => return Ok(builtin("source").expect("compiled in")),
+        (None, None, Some(recorded)) => {
+            if let Some(text) = recorded.strip_prefix("built-in:").and_then(builtin) {
+                return Ok(text);
             }
-            Ok((path.display().to_string(), text))
+            PathBuf::from(recorded)
         }
+    };
+    let text = fs::read(&path).map_err(|e| MoeError::io(&path, e))?;
+    if text.is_empty() {
+        return Err(MoeError::EmptyInput("data file"));
     }
+    Ok((path.display().to_string(), text))
 }
 
 fn start(args: &Args, source: String, text: &[u8]) -> Result<Run> {
@@ -307,15 +409,35 @@ fn start(args: &Args, source: String, text: &[u8]) -> Result<Run> {
     }
     let (batch, seq) = (args.batch.unwrap_or(8), args.seq.unwrap_or(64));
     check_shape(&config, batch, seq)?;
+    let (until, warmup, total) = match args.time {
+        Some(budget) => {
+            let warmup = args.warmup.unwrap_or(100);
+            // Refitted to the budget once the step rate is measured.
+            (
+                Until::Time(budget.as_secs_f64()),
+                warmup,
+                (10 * warmup).max(1000),
+            )
+        }
+        None => {
+            let steps = args.steps.unwrap_or(DEFAULT_STEPS);
+            let warmup = args.warmup.unwrap_or((steps / 10).clamp(1, 100));
+            (
+                Until::Step(steps),
+                warmup,
+                args.schedule_steps.unwrap_or(steps),
+            )
+        }
+    };
     let train = TrainConfig {
         lr: args.lr,
-        warmup_steps: args.warmup.unwrap_or((args.steps / 10).clamp(1, 100)),
-        total_steps: args.schedule_steps.unwrap_or(args.steps),
+        warmup_steps: warmup,
+        total_steps: total,
         seed: args.seed,
         ..args.hyper.apply(TrainConfig::default())
     };
     train.validate()?;
-    super::ensure_fresh_dir(&args.out, args.force)?;
+    check_free(&args.out, args.force)?;
     // An existing directory is locked at once (another run may hold it); a
     // new one is created only once the tokenizer, data and model are built.
     let early_lock = args
@@ -323,6 +445,15 @@ fn start(args: &Args, source: String, text: &[u8]) -> Result<Run> {
         .is_dir()
         .then(|| checkpoint::lock(&args.out))
         .transpose()?;
+    if early_lock.is_some() {
+        // Again under the lock: a run that held it may have saved meanwhile.
+        if check_free(&args.out, args.force)? {
+            eprintln!(
+                "note: {} holds no checkpoint yet (an earlier start was stopped before step 0 was saved, so nothing was trained): starting afresh",
+                args.out.display()
+            );
+        }
+    }
     let (model, tokenizer) = match initial {
         Some(initial) => initial,
         None => {
@@ -353,8 +484,55 @@ fn start(args: &Args, source: String, text: &[u8]) -> Result<Run> {
         batch,
         seq,
         dir: args.out.clone(),
+        until,
+        clock_start: 0.0,
+        clock: 0.0,
         _lock: lock,
     })
+}
+
+/// Refuses an output directory that holds anything but what an interrupted
+/// start-up leaves, unless `force`. True when it holds such remains (which
+/// the new run replaces: they hold nothing trained).
+fn check_free(dir: &Path, force: bool) -> Result<bool> {
+    if !force && holds_no_checkpoint_yet(dir) {
+        return Ok(true);
+    }
+    super::ensure_fresh_dir(dir, force)?;
+    Ok(false)
+}
+
+/// The uncommitted save of `checkpoint::save_training` (see its transaction).
+const STAGING_DIR: &str = ".checkpoint-new";
+
+/// True when `dir` holds only what `moe train` writes during its start-up,
+/// before its step-0 checkpoint commits: the lock file and, beside it, the
+/// tokenizer, an empty metrics log, atomic-write temporaries and an
+/// uncommitted save. Nothing trained is in such a directory (no checkpoint,
+/// no metrics), so starting afresh in it loses nothing. The lock file is
+/// required: `moe train` takes it before writing anything else, so a
+/// directory without it was not left by a start-up.
+fn holds_no_checkpoint_yet(dir: &Path) -> bool {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return false;
+    };
+    let mut locked = false;
+    for entry in entries {
+        let Ok(entry) = entry else {
+            return false;
+        };
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        match &*name {
+            rosetta_moe::error::LOCK_FILE => locked = true,
+            TOKENIZER_FILE | STAGING_DIR => {}
+            METRICS_FILE if entry.metadata().is_ok_and(|m| m.len() == 0) => {}
+            // `tempfile`'s names: half-written tokenizer or metrics files.
+            other if other.starts_with(".tmp") => {}
+            _ => return false,
+        }
+    }
+    locked
 }
 
 /// The model and tokenizer of `--init-from DIR`.
@@ -380,11 +558,47 @@ fn checkpoint_tokenizer(dir: &Path, vocab_size: usize) -> Result<Tokenizer> {
     Ok(tokenizer)
 }
 
-fn resume(args: &Args, dir: &Path, source: String, text: &[u8]) -> Result<Run> {
+fn resume(args: &Args, dir: &Path) -> Result<Run> {
     let lock = checkpoint::lock(dir)?;
     checkpoint::recover(dir)?;
+    if holds_no_checkpoint_yet(dir) {
+        // Its settings were never saved: guessing them would train another run.
+        return Err(MoeError::checkpoint(
+            dir,
+            "holds no checkpoint yet: its run was stopped during start-up, before step 0 was saved, so nothing was trained; start it again with the `moe train --out` command that made it (no --force needed)",
+        ));
+    }
     let (mut trainer, state) = checkpoint::load_training(dir)?;
-    check_steps(args.steps, trainer.step())?;
+    let clock = state.data.as_ref().and_then(|d| d.clock);
+    let until = match (clock, args.time) {
+        (Some(clock), time) => {
+            if let Some(steps) = args.steps {
+                return Err(MoeError::InvalidTraining(format!(
+                    "--steps {steps}: the run trains for a time budget; extend it with --time"
+                )));
+            }
+            let budget = time.map_or(clock.budget_secs, |t| t.as_secs_f64());
+            // A run that stopped at its budget ended its schedule there.
+            let finished = time.is_none() && trainer.step() >= trainer.config().total_steps;
+            if finished || clock.elapsed_secs >= budget {
+                return Err(MoeError::InvalidTraining(format!(
+                    "the run has already used {:.1} s of its {budget:.1} s budget; give a longer --time",
+                    clock.elapsed_secs
+                )));
+            }
+            Until::Time(budget)
+        }
+        (None, Some(_)) => {
+            return Err(MoeError::InvalidTraining(
+                "--time: the run counts steps; continue it with --steps".into(),
+            ));
+        }
+        (None, None) => {
+            let steps = args.steps.unwrap_or(DEFAULT_STEPS);
+            check_steps(steps, trainer.step())?;
+            Until::Step(steps)
+        }
+    };
     if let Some(total) = args.schedule_steps {
         let mut schedule = trainer.config().clone();
         schedule.total_steps = total;
@@ -415,17 +629,19 @@ fn resume(args: &Args, dir: &Path, source: String, text: &[u8]) -> Result<Run> {
         }
     }
     let tokenizer = checkpoint_tokenizer(dir, config.vocab_size)?;
-    let data = TextData::new(text, &tokenizer, data_state.seq_len)?;
+    let (source, text) = read_text(args, Some(&data_state.source))?;
+    let data = TextData::new(&text, &tokenizer, data_state.seq_len)?;
     if data.fingerprint != data_state.fingerprint {
         return Err(MoeError::checkpoint(
             dir,
             format!(
-                "the run trained on {} (another text than {source}); pass the same --data",
+                "the run trained on {} (another text than {source}); pass the same --data or --corpus",
                 data_state.source
             ),
         ));
     }
-    truncate_metrics(&dir.join(METRICS_FILE), state.step)?;
+    let last_clock = truncate_metrics(&dir.join(METRICS_FILE), state.step)?;
+    let clock = clock.map_or(last_clock, |c| c.elapsed_secs);
     Ok(Run {
         trainer,
         data,
@@ -434,6 +650,9 @@ fn resume(args: &Args, dir: &Path, source: String, text: &[u8]) -> Result<Run> {
         batch: data_state.batch_size,
         seq: data_state.seq_len,
         dir: dir.to_path_buf(),
+        until,
+        clock_start: clock,
+        clock,
         _lock: lock,
     })
 }
@@ -460,15 +679,23 @@ fn check_shape(config: &ModelConfig, batch: usize, seq: usize) -> Result<()> {
     )
 }
 
-/// Keeps the metrics of steps ≤ `step` (later ones were not checkpointed).
-fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
+/// Keeps the metrics of steps ≤ `step` (later ones were not checkpointed);
+/// returns the training clock of the last one kept.
+fn truncate_metrics(path: &Path, step: u64) -> Result<f64> {
     let text = fs::read_to_string(path).unwrap_or_default();
+    let mut clock = 0.0;
     let kept: String = text
         .lines()
-        .filter(|line| serde_json::from_str::<Metrics>(line).is_ok_and(|m| m.step <= step))
+        .filter(|line| {
+            serde_json::from_str::<Metrics>(line).is_ok_and(|m| {
+                clock = if m.step <= step { m.seconds } else { clock };
+                m.step <= step
+            })
+        })
         .map(|line| format!("{line}\n"))
         .collect();
-    rosetta_moe::atomic_write::write_atomic(path, kept.as_bytes())
+    rosetta_moe::atomic_write::write_atomic(path, kept.as_bytes())?;
+    Ok(clock)
 }
 
 /// Mean cross-entropy over `batches` (nats/token).
@@ -493,11 +720,28 @@ fn save(run: &mut Run, trained_on: Option<&Batch>) -> Result<()> {
         batch_size: run.batch,
         seq_len: run.seq,
         rng: run.sampler.state(),
+        clock: match run.until {
+            Until::Time(budget) => Some(RunClock {
+                budget_secs: budget,
+                elapsed_secs: run.clock,
+            }),
+            Until::Step(_) => None,
+        },
     };
     checkpoint::save_training(&run.trainer, Some(&state), &run.dir)
 }
 
-fn train(args: &Args, run: &mut Run) -> Result<()> {
+/// `resume` for the interruption message: how to continue this run.
+fn continue_hint(run: &Run) -> String {
+    let until = match run.until {
+        Until::Step(steps) => format!(" --steps {steps}"),
+        Until::Time(_) => String::new(),
+    };
+    format!("moe train --resume {}{until}", run.dir.display())
+}
+
+/// `save_secs`: how long the step-0 save took (a new run).
+fn train(args: &Args, run: &mut Run, save_secs: Option<f64>) -> Result<()> {
     let interrupted = Arc::new(AtomicBool::new(false));
     let flag = interrupted.clone();
     // Best effort: without a handler Ctrl-C still stops the run, just unsaved.
@@ -508,9 +752,13 @@ fn train(args: &Args, run: &mut Run) -> Result<()> {
     let train_eval_batches = evenly_spaced_batches(&run.data.train, b, s, args.eval_batches)?;
     let mut batch = Batch::new(vec![0; b * s], vec![0; b * s], b)?;
     let first = run.trainer.step() + 1;
+    // A step bar, or for a timed run a bar of the budget's milliseconds.
     // At most 80 columns: 20 + 1 + message (≤ 46) + 1 + "12:34<56:07" (11).
     let bar = super::progress(
-        args.steps - run.trainer.step(),
+        match run.until {
+            Until::Step(steps) => steps - run.trainer.step(),
+            Until::Time(budget) => ((budget - run.clock_start) * 1000.0) as u64,
+        },
         "{bar:20} {msg} {elapsed}<{eta}",
     );
     let terminal = std::io::stderr().is_terminal();
@@ -519,21 +767,50 @@ fn train(args: &Args, run: &mut Run) -> Result<()> {
         .create(true)
         .open(run.dir.join(METRICS_FILE))
         .map_err(|e| MoeError::io(run.dir.join(METRICS_FILE), e))?;
+    let mut budget = match run.until {
+        Until::Time(seconds) => Some(TimeBudget::new(seconds)),
+        Until::Step(_) => None,
+    };
+    let (mut last_eval_secs, mut last_save_secs) = (None::<f64>, save_secs);
     let start = Instant::now();
+    let clock_start = run.clock_start;
+    let clock = |start: &Instant| clock_start + start.elapsed().as_secs_f64();
     let mut window = Instant::now();
     let (mut smoothed, mut last_val, mut last_train_eval) = (None::<f32>, None::<f32>, None::<f32>);
-    for step in first..=args.steps {
+    loop {
+        let step = run.trainer.step() + 1;
         if interrupted.load(Ordering::SeqCst) {
             bar.finish_and_clear();
             save(run, (step > first).then_some(&batch))?;
             eprintln!(
-                "interrupted: checkpoint at step {} saved in {}; continue with `moe train --resume {} --steps {}`",
+                "interrupted: checkpoint at step {} saved in {}; continue with `{}`",
                 run.trainer.step(),
                 run.dir.display(),
-                run.dir.display(),
-                args.steps
+                continue_hint(run),
             );
             std::process::exit(130);
+        }
+        let reserve = |budget: &TimeBudget| {
+            rosetta_moe::budget::reserve(
+                last_eval_secs,
+                last_save_secs,
+                args.eval_batches,
+                budget.seconds_per_step(),
+            )
+        };
+        if let Some(budget) = &budget {
+            // Fit the schedule to the time left (it ends at the last step that fits).
+            let current = run.trainer.config().total_steps;
+            let total_steps = match budget.plan(step - 1, clock(&start), reserve(budget), current) {
+                Plan::Step { total_steps } => total_steps,
+                // Evaluations or saves overran: this step ends the schedule.
+                Plan::Stop => step,
+            };
+            if total_steps != current {
+                let mut schedule = run.trainer.config().clone();
+                schedule.total_steps = total_steps;
+                run.trainer.set_config(schedule)?;
+            }
         }
         run.sampler.fill(&mut batch, &run.data.train);
         let stats = match run.trainer.train_step(&batch) {
@@ -550,11 +827,26 @@ fn train(args: &Args, run: &mut Run) -> Result<()> {
         };
         let tokens_per_sec = (b * s) as f64 / window.elapsed().as_secs_f64();
         window = Instant::now();
-        let (mut val_loss, mut train_eval) = (None, None);
-        if step % args.eval_every == 0 || step == args.steps {
+        run.clock = clock(&start);
+        let last = match (&mut budget, run.until) {
+            (Some(budget), _) => {
+                budget.record(step, run.clock);
+                let reserve = reserve(budget);
+                let current = run.trainer.config().total_steps;
+                budget.plan(step, run.clock, reserve, current) == Plan::Stop
+            }
+            (None, Until::Step(steps)) => step == steps,
+            (None, Until::Time(_)) => unreachable!("a timed run has a budget"),
+        };
+        let (mut val_loss, mut train_eval, mut eval_seconds) = (None, None, None);
+        if step.is_multiple_of(args.eval_every) || last {
+            let evaluating = Instant::now();
             val_loss = Some(evaluate(run.trainer.model_mut(), &val_batches)?);
             train_eval = Some(evaluate(run.trainer.model_mut(), &train_eval_batches)?);
             (last_val, last_train_eval) = (val_loss, train_eval);
+            let took = evaluating.elapsed().as_secs_f64();
+            (eval_seconds, last_eval_secs) = (Some(took), Some(took));
+            run.clock = clock(&start);
         }
         let line = Metrics {
             step,
@@ -566,29 +858,52 @@ fn train(args: &Args, run: &mut Run) -> Result<()> {
             tokens_per_sec,
             train_eval,
             val_loss,
+            seconds: run.clock,
+            eval_seconds,
         };
         let json = serde_json::to_string(&line).expect("metrics serialise");
         writeln!(metrics, "{json}").map_err(|e| MoeError::io(run.dir.join(METRICS_FILE), e))?;
         let ema = smoothed.map_or(stats.loss, |m| 0.95 * m + 0.05 * stats.loss);
         smoothed = Some(ema);
         let val = last_val.map_or("-".into(), |v| format!("{v:.3}"));
+        let of = match run.until {
+            Until::Step(steps) => steps.to_string(),
+            Until::Time(_) => format!("~{}", run.trainer.config().total_steps),
+        };
         bar.set_message(format!(
-            "{step}/{} loss {ema:.3} val {val} {tokens_per_sec:.0} tok/s",
-            args.steps
+            "{step}/{of} loss {ema:.3} val {val} {tokens_per_sec:.0} tok/s"
         ));
-        bar.inc(1);
-        if !terminal && (step % args.log_every == 0 || step == args.steps) {
-            let eta = bar.eta().as_secs_f64();
+        match run.until {
+            Until::Step(_) => bar.inc(1),
+            Until::Time(_) => bar.set_position(((run.clock - run.clock_start) * 1000.0) as u64),
+        }
+        if !terminal && (step.is_multiple_of(args.log_every) || last) {
+            let eta = match run.until {
+                Until::Step(_) => bar.eta().as_secs_f64(),
+                Until::Time(budget) => (budget - run.clock).max(0.0),
+            };
             eprintln!(
-                "step {step}/{} loss {ema:.3} val {val} {tokens_per_sec:.0} tok/s ETA {eta:.0} s",
-                args.steps
+                "step {step}/{of} loss {ema:.3} val {val} {tokens_per_sec:.0} tok/s ETA {eta:.0} s"
             );
         }
-        if step % args.save_every == 0 && step != args.steps {
+        if last {
+            break;
+        }
+        if step.is_multiple_of(args.save_every) {
+            let saving = Instant::now();
             save(run, Some(&batch))?;
+            last_save_secs = Some(saving.elapsed().as_secs_f64());
         }
     }
     bar.finish_and_clear();
+    if budget.is_some() {
+        // The schedule ended here (the estimate before the last step may
+        // have been a step or two longer).
+        let mut schedule = run.trainer.config().clone();
+        schedule.total_steps = run.trainer.step();
+        run.trainer.set_config(schedule)?;
+    }
+    run.clock = clock(&start);
     save(run, Some(&batch))?;
     let seconds = start.elapsed().as_secs_f64();
     let (train_loss, val_loss) = (
@@ -596,26 +911,60 @@ fn train(args: &Args, run: &mut Run) -> Result<()> {
         last_val.unwrap_or(f32::NAN),
     );
     let bytes_per_token = run.data.val_bytes as f64 / run.data.val.len() as f64;
+    let bits = |loss: f32| f64::from(loss) / std::f64::consts::LN_2 / bytes_per_token;
+    let step = run.trainer.step();
     let summary = Summary {
-        steps: args.steps,
+        steps: step,
         seconds,
-        tokens_per_sec: ((args.steps + 1 - first) as usize * b * s) as f64 / seconds,
+        training_seconds: run.clock,
+        stopped_by: match run.until {
+            Until::Step(_) => "steps",
+            Until::Time(_) => "time",
+        },
+        time_budget: match run.until {
+            Until::Time(seconds) => Some(BudgetReport {
+                seconds,
+                clock: CLOCK_MEANING,
+                schedule_steps: run.trainer.config().total_steps,
+            }),
+            Until::Step(_) => None,
+        },
+        tokens_per_sec: ((step + 1 - first) as usize * b * s) as f64 / seconds,
         train_loss,
         val_loss,
-        val_bits_per_byte: f64::from(val_loss) / std::f64::consts::LN_2 / bytes_per_token,
+        val_bits_per_byte: bits(val_loss),
+        threads: kernels::threads(),
         checkpoint: run.dir.clone(),
+        evaluations: read_metrics(&run.dir.join(METRICS_FILE))?
+            .into_iter()
+            .filter_map(|m| {
+                Some(Evaluation {
+                    step: m.step,
+                    seconds: m.seconds,
+                    val_loss: m.val_loss?,
+                    val_bits_per_byte: bits(m.val_loss?),
+                    train_loss: m.train_eval,
+                    eval_seconds: m.eval_seconds,
+                })
+            })
+            .collect(),
     };
     super::write_json(&run.dir.join(SUMMARY_FILE), &summary)?;
     plot(&run.dir.join(METRICS_FILE), &run.dir.join(PLOT_FILE))?;
     args.json.say(format_args!(
-        "trained steps {first}–{} on {} ({} train / {} val tokens) in {:.1} s, {:.0} tokens/s",
-        args.steps,
+        "trained steps {first}–{step} on {} ({} train / {} val tokens) in {:.1} s, {:.0} tokens/s",
         run.source,
         run.data.train.len(),
         run.data.val.len(),
         seconds,
         summary.tokens_per_sec
     ));
+    if let Until::Time(budget) = run.until {
+        args.json.say(format_args!(
+            "time budget {budget:.1} s: {:.1} s used (the schedule ended at step {step})",
+            run.clock
+        ));
+    }
     args.json.say(format_args!(
         "train loss {train_loss:.3} nats/token   val loss {val_loss:.3} nats/token = {:.3} bits/byte",
         summary.val_bits_per_byte
@@ -627,14 +976,19 @@ fn train(args: &Args, run: &mut Run) -> Result<()> {
     args.json.emit(&summary)
 }
 
+/// The lines of `metrics.jsonl` (lines that do not parse are skipped).
+fn read_metrics(path: &Path) -> Result<Vec<Metrics>> {
+    let text = fs::read_to_string(path).map_err(|e| MoeError::io(path, e))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect())
+}
+
 /// Draws the training and validation loss curves of `metrics.jsonl` as an SVG.
 fn plot(metrics: &Path, out: &Path) -> Result<()> {
     use plotters::prelude::*;
-    let text = fs::read_to_string(metrics).map_err(|e| MoeError::io(metrics, e))?;
-    let lines: Vec<Metrics> = text
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
+    let lines = read_metrics(metrics)?;
     let train: Vec<(u64, f64)> = lines.iter().map(|m| (m.step, f64::from(m.ce))).collect();
     let val: Vec<(u64, f64)> = lines
         .iter()
