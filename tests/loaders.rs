@@ -145,6 +145,7 @@ fn data_state(batch_size: usize, seq_len: usize) -> DataState {
             stream: 0,
             word_pos: 0,
         },
+        clock: None,
     }
 }
 

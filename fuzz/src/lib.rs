@@ -79,6 +79,7 @@ pub fn files() -> &'static Files {
                 stream: 0,
                 word_pos: 8,
             },
+            clock: None,
         };
         save_training(&trainer, Some(&data), dir.path()).expect("save");
         let hf_dir = dir.path().join("hf");
