@@ -531,7 +531,7 @@ fn resuming_with_another_config_data_or_tokenizer_is_refused() {
 fn ctrl_c_saves_a_checkpoint_and_exits_cleanly() {
     let f = Fixture::new();
     let (data, config, out) = (f.s("text.txt"), f.s("config.json"), f.s("run"));
-    let child = Command::new(MOE)
+    let mut child = Command::new(MOE)
         .args([
             "train", "--data", &data, "--config", &config, "--out", &out, "--steps", "1000000",
             "--batch", "2", "--seq", "16",
@@ -540,12 +540,12 @@ fn ctrl_c_saves_a_checkpoint_and_exits_cleanly() {
         .spawn()
         .unwrap();
     let metrics = f.path("run/metrics.jsonl");
-    let start = Instant::now();
+    // No time limit (a loaded machine may take any time), but a trainer that
+    // stops on its own fails the test at once.
     while std::fs::read_to_string(&metrics).map_or(0, |m| m.lines().count()) < 20 {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "training did not start"
-        );
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("training stopped before 20 steps: {status}");
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
     let kill = Command::new("kill")
@@ -717,15 +717,18 @@ fn generate_runs_past_max_seq_len_with_a_sliding_window() {
     assert_eq!(String::from_utf8_lossy(&none.stdout), "the quick\n");
 }
 
-/// Waits until `path` exists (a run's first checkpoint), at most a minute.
-fn wait_for(path: &Path) {
-    let start = Instant::now();
+/// Waits until `path` exists (a run's first checkpoint) while `child`, which
+/// writes it, runs. No time limit (a loaded machine may take any time): it
+/// fails when the child has exited without writing it.
+fn wait_for(path: &Path, child: &mut std::process::Child) {
     while !path.exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "{} never appeared",
-            path.display()
-        );
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(
+                path.exists(),
+                "{} never appeared: moe train exited with {status}",
+                path.display()
+            );
+        }
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -777,13 +780,17 @@ fn killed_runs_resume_bit_identically(kills: usize) {
     const STEPS: &str = "60";
     let f = Fixture::new();
     let mut straight = spawn_train_into(&f, "straight", false, STEPS);
-    wait_for(&f.path("straight/state.json"));
+    wait_for(&f.path("straight/state.json"), &mut straight);
     let stepping = std::time::Instant::now();
     assert!(straight.wait().unwrap().success());
     // Kill moments are spread over the time the steps after the first save
     // take on this machine (a fixed window, or one that counts the start-up,
-    // would let a fast machine finish before every kill).
-    let span = (stepping.elapsed().as_micros() as u64).max(1);
+    // would let a fast machine finish before every kill). That time is a
+    // first guess only: on a shared machine the uninterrupted run may have
+    // been slowed by a load that is gone by the time of the kills. Every run
+    // that finishes before its kill proves the window too long, so it is
+    // halved; the kills then land within the run however its speed changes.
+    let mut span = (stepping.elapsed().as_micros() as u64).max(1);
     let total: u64 = STEPS.parse().unwrap();
     let mut left = total;
     let seed = std::time::SystemTime::now()
@@ -792,9 +799,9 @@ fn killed_runs_resume_bit_identically(kills: usize) {
         .as_nanos() as u64;
     eprintln!("kill moments seeded with {seed}");
     let mut rng = seed | 1;
-    let (mut killed, mut restarts) = (0, 0);
+    let (mut killed, mut restarts, mut finished_in_a_row) = (0, 0, 0);
     let mut child = spawn_train(&f, false, STEPS);
-    wait_for(&f.path("run/state.json"));
+    wait_for(&f.path("run/state.json"), &mut child);
     loop {
         rng = rng
             .wrapping_mul(6_364_136_223_846_793_005)
@@ -809,6 +816,19 @@ fn killed_runs_resume_bit_identically(kills: usize) {
         }
         let status = child.wait().unwrap();
         assert!(!finished || status.success(), "{status}");
+        if finished {
+            span = (span / 2).max(1);
+            finished_in_a_row += 1;
+            // Halved this often, the window is a microsecond: the kill
+            // follows the first save at once, so only a run that trains
+            // without taking time can still finish first.
+            assert!(
+                finished_in_a_row <= 40,
+                "the run keeps finishing before it is killed"
+            );
+        } else {
+            finished_in_a_row = 0;
+        }
         let step = saved_step(&f.path("run"));
         left = total - step.min(total);
         // Killed after the last save: the run is complete (resuming would be
@@ -838,17 +858,14 @@ fn killed_runs_resume_bit_identically(kills: usize) {
             };
             assert_eq!(losses("straight"), losses("run"));
             if killed >= kills {
+                eprintln!("{killed} kills, {restarts} restarts, last window {span} µs");
                 break;
             }
             // Finished before enough kills: start over.
             std::fs::remove_dir_all(f.path("run")).unwrap();
             (restarts, left) = (restarts + 1, total);
-            assert!(
-                restarts <= 3 + killed,
-                "the run keeps finishing before it is killed"
-            );
             child = spawn_train(&f, false, STEPS);
-            wait_for(&f.path("run/state.json"));
+            wait_for(&f.path("run/state.json"), &mut child);
             continue;
         }
         assert!(step <= 60);
@@ -1006,7 +1023,7 @@ fn sigkill_at_every_moment_of_start_up_never_strands_the_directory() {
     let f = Fixture::new();
     let launched = Instant::now();
     let mut straight = spawn_train_into(&f, "straight", false, STEPS);
-    wait_for(&f.path("straight/state.json"));
+    wait_for(&f.path("straight/state.json"), &mut straight);
     let span = (launched.elapsed().as_micros() as u64).max(KILLS);
     assert!(straight.wait().unwrap().success());
     let seed = std::time::SystemTime::now()
@@ -1040,7 +1057,7 @@ fn sigkill_at_every_moment_of_start_up_never_strands_the_directory() {
 fn a_second_trainer_on_the_same_directory_fails_at_once() {
     let f = Fixture::new();
     let mut first = spawn_train(&f, false, "1000000");
-    wait_for(&f.path("run/state.json"));
+    wait_for(&f.path("run/state.json"), &mut first);
     let (data, config, run) = (f.s("text.txt"), f.s("config.json"), f.s("run"));
     for args in [
         vec!["train", "--data", &data, "--resume", &run],
