@@ -82,6 +82,7 @@ impl Tokenizer {
         // `tokenizers` panics on some malformed JSON (an unwrap in its decoder
         // visitor): reject what is not JSON first, and contain any panic left.
         crate::error::check_json_syntax(text, path)?;
+        check_pre_tokenizer(text).map_err(bad)?;
         let parsed = std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>())
             .map_err(|_| bad("malformed tokenizer JSON".into()))?;
         let inner = parsed.map_err(|e| bad(e.to_string()))?;
@@ -129,11 +130,39 @@ impl Tokenizer {
                 .token_to_id(&c)
                 .ok_or_else(|| MoeError::InvalidConfig(format!("byte {b:#04x} has no token")))?;
         }
-        Ok(Tokenizer {
+        let tokenizer = Tokenizer {
             inner,
             token_bytes,
             byte_token,
-        })
+        };
+        tokenizer.check_round_trip()?;
+        Ok(tokenizer)
+    }
+
+    /// encode → decode must give back every byte: a setting that adds,
+    /// drops or changes text (a prefix space, a normaliser) would make the
+    /// model see, and generation print, other text than it was given.
+    fn check_round_trip(&self) -> Result<()> {
+        let mut probe = b"the quick brown fox\n  jumps\tover \xc3\xa9t\xc3\xa9 ".to_vec();
+        probe.extend(0..=255u8);
+        let back = self.decode(&self.encode(&probe)?);
+        if back != probe {
+            // Where the two first differ, with a little context.
+            let at = probe.iter().zip(&back).take_while(|(a, b)| a == b).count();
+            let from = at.saturating_sub(4);
+            let show = |bytes: &[u8]| {
+                format!(
+                    "{:?}",
+                    String::from_utf8_lossy(&bytes[from..bytes.len().min(at + 8)])
+                )
+            };
+            return Err(MoeError::InvalidConfig(format!(
+                "encoding then decoding changes the text (at byte {at}, {} comes back as {})",
+                show(&probe),
+                show(&back)
+            )));
+        }
+        Ok(())
     }
 
     /// Number of tokens in the vocabulary.
@@ -170,6 +199,38 @@ impl Tokenizer {
     pub fn token_bytes(&self, id: u32) -> &[u8] {
         self.token_bytes.get(id as usize).map_or(&[], Vec::as_slice)
     }
+}
+
+/// Refuses a `tokenizer.json` whose pre-tokenizer adds a space before the
+/// text (`"add_prefix_space": true`, found by the tokenizer fuzz target):
+/// encoding would then not give back the bytes it was given. Read from the
+/// JSON before `tokenizers` builds anything; [`Tokenizer::check_round_trip`]
+/// catches whatever else changes the text.
+fn check_pre_tokenizer(text: &str) -> std::result::Result<(), String> {
+    #[derive(serde::Deserialize)]
+    struct Head {
+        #[serde(default)]
+        pre_tokenizer: Option<serde_json::Value>,
+    }
+    /// True when `value` (a pre-tokenizer, or a sequence of them) asks for a prefix space.
+    fn adds_prefix_space(value: &serde_json::Value) -> bool {
+        match value {
+            serde_json::Value::Object(map) => map.iter().any(|(key, v)| {
+                (key == "add_prefix_space" && v == &serde_json::Value::Bool(true))
+                    || adds_prefix_space(v)
+            }),
+            serde_json::Value::Array(items) => items.iter().any(adds_prefix_space),
+            _ => false,
+        }
+    }
+    let head: Head = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    if head.pre_tokenizer.as_ref().is_some_and(adds_prefix_space) {
+        return Err(
+            "pre_tokenizer has \"add_prefix_space\": true (encoding would add a space the text does not have; a byte-level tokenizer needs false)"
+                .into(),
+        );
+    }
+    Ok(())
 }
 
 /// GPT-2's byte → printable-character map used by byte-level BPE: printable

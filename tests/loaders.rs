@@ -405,3 +405,47 @@ fn fuzz_findings_finite_but_huge_weights_load_and_generation_refuses_their_logit
         );
     }
 }
+
+#[test]
+fn fuzz_finding_a_tokenizer_that_adds_a_prefix_space_is_refused() {
+    // The tokenizer target: the pre-tokenizer's "add_prefix_space" turned
+    // true (and some BPE keys and merges mangled, which change nothing). It
+    // loaded, and encode → decode gave back " the quick…" for "the quick…";
+    // the target's round-trip assertion panicked inside libFuzzer's callback
+    // ("non-unwinding panic"): not a panic of `tokenizers`.
+    let bytes = fuzz_finding("tokenizer-add-prefix-space.json");
+    match Tokenizer::from_bytes(&bytes, Path::new("tokenizer.json")) {
+        Err(MoeError::Checkpoint { reason, .. }) => {
+            assert!(reason.contains("add_prefix_space"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // The same setting inside a sequence of pre-tokenizers.
+    let good = std::fs::read_to_string(fixture("hf_tiny").join("tokenizer.json")).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&good).unwrap();
+    let mut byte_level = json["pre_tokenizer"].clone();
+    byte_level["add_prefix_space"] = true.into();
+    json["pre_tokenizer"] = serde_json::json!({"type": "Sequence", "pretokenizers": [byte_level]});
+    match Tokenizer::from_bytes(json.to_string().as_bytes(), Path::new("tokenizer.json")) {
+        Err(MoeError::Checkpoint { reason, .. }) => {
+            assert!(reason.contains("add_prefix_space"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_tokenizer_that_changes_the_text_is_refused_on_load() {
+    // Whatever else makes encode → decode give other bytes (here a
+    // normaliser that lower-cases) is caught by the round trip on load.
+    let good = std::fs::read_to_string(fixture("hf_tiny").join("tokenizer.json")).unwrap();
+    assert!(Tokenizer::from_bytes(good.as_bytes(), Path::new("tokenizer.json")).is_ok());
+    let mut json: serde_json::Value = serde_json::from_str(&good).unwrap();
+    json["normalizer"] = serde_json::json!({"type": "Lowercase"});
+    match Tokenizer::from_bytes(json.to_string().as_bytes(), Path::new("tokenizer.json")) {
+        Err(MoeError::Checkpoint { reason, .. }) => {
+            assert!(reason.contains("changes the text"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
