@@ -1,8 +1,9 @@
 //! The matrix multiply behind [`super::matmul`]: C (+)= A·B.
 //!
-//! A BLIS-style blocked GEMM. B is packed into panels of `NR` columns
-//! (zero-padded at the edge), then a register-tiled micro-kernel computes
-//! each `MR × NR` tile of C as a sum over a block of `KC` depth. A is not
+//! A BLIS-style blocked GEMM, written once over the SIMD vocabulary
+//! ([`Simd`]) and compiled for every level. B is packed into panels of `NR`
+//! columns (zero-padded at the edge), then a register-tiled micro-kernel
+//! computes each `MR × NR` tile of C over a block of `KC` depth. A is not
 //! packed: the micro-kernel broadcasts its elements one at a time, and a
 //! scalar load costs the same from any stride.
 //!
@@ -13,60 +14,52 @@
 //!         C[ir.., jr..] (+)= A[ir.., pc..] · B_panel
 //! ```
 //!
-//! The packing buffer is thread-local and allocated once, at its largest
-//! size, on a thread's first multiply; afterwards no call allocates.
+//! **One order of arithmetic, whatever the tiling.** Every element of C is
+//! one chain of fused multiply-adds over the whole depth, in depth order:
+//!   c ← 0 (or C's old value when accumulating);  for p in 0..k: c ← fma(A[i,p], B[p,j], c)
+//! A tile that continues a product over a later depth block starts from the
+//! C it left, so neither the block sizes, nor the tile shape (which differs
+//! by level: MR × NR = 8 × 32 on AVX-512, 6 × 16 on AVX2 and NEON), nor the
+//! path below, nor the thread that computes a tile changes a bit of C.
 //!
-//! Two micro-kernels compute the same tile: an AVX-512 one with explicit
-//! intrinsics (used when the CPU has AVX-512F; specialised for tiles of 1 to
-//! 8 real rows), and a portable one in plain Rust (the fallback, and the
-//! reference the tests compare against).
+//! The packing buffers are thread-local and allocated once, at their largest
+//! size, on a thread's first multiply; afterwards no call allocates.
 //!
 //! The weights of a model that is only being run (not trained) are packed
 //! once ([`pack_weight`]) and multiplied from their panels
-//! ([`gemm_prepacked`]): the same tiles in the same order, so the same result
-//! to the bit, without re-packing on every product.
+//! ([`gemm_prepacked`]) without re-packing on every product.
 
 use std::cell::RefCell;
 
+use super::simd::{Simd, Token, load_at, simd_call};
 use super::{Mat, MatMut};
 
-/// Rows of C per micro-kernel tile.
-pub(super) const MR: usize = 8;
-/// Columns of C per micro-kernel tile (two 16-lane AVX-512 registers).
-pub(super) const NR: usize = 32;
-/// Depth of one packed block: a `KC × NR` B panel is 32 KB.
+/// Most rows of C in one micro-kernel tile, at any level.
+pub(super) const MR_MAX: usize = 8;
+/// Packed weights pad their columns to a multiple of this (every level's NR divides it).
+const NR_PAD: usize = 32;
+/// Depth of one packed block: a `KC × NR` B panel is 16–32 KB.
 const KC: usize = 256;
-/// Columns of one packed B block (`KC × NC` floats = 256 KB, in L2).
+/// Columns of one packed B block (`KC × NC` floats = 512 KB, in L2).
 const NC: usize = 512;
+
+/// The tile of a level: (MR rows, NR columns).
+pub(super) fn tile_shape(token: Token) -> (usize, usize) {
+    fn of<S: Simd>(_: S) -> (usize, usize) {
+        (S::TILE_ROWS, 16 * S::TILE_VECS)
+    }
+    simd_call!(token, of())
+}
 
 thread_local! {
     /// Packed B for this thread, sized for the largest block.
     static PACKED_B: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Which micro-kernel computes the tiles.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Kernel {
-    /// Plain Rust, any CPU.
-    Portable,
-    /// AVX-512F intrinsics.
-    Avx512,
-}
-
-impl Kernel {
-    /// The fastest kernel this CPU supports.
-    pub(super) fn best() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            return Kernel::Avx512;
-        }
-        Kernel::Portable
-    }
+    /// Aᵀ of one [`Path::WeightRows`] block for this thread: [KC][TOKENS].
+    static PACKED_AT: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// How a product is computed. Chosen from the whole product's shape (never
-/// from one thread's part of it), so every part computes its rows exactly as
-/// a single thread would.
+/// from one thread's part of it, nor from the level).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Path {
     /// Pack B into NR-column panels per block, then run the micro-kernel:
@@ -84,25 +77,20 @@ pub(super) enum Path {
 /// Rows of A up to which packing B does not pay (the training step's tokens
 /// and an expert's routed rows are below it).
 const FEW_ROWS: usize = 32;
-/// Rows of A up to which [`Path::WeightRows`] beats packing: one block of
+/// Depth of one block read in place: a `KC_IN_PLACE × NR` strip of B is 8–16
+/// KB, so it stays in L1 while every row tile of A passes over it.
+const KC_IN_PLACE: usize = 128;
+/// Tokens per [`Path::WeightRows`] tile: one 16-lane vector. One block of
 /// 16 tokens streams W once; more blocks would stream it again each
 /// (`examples/gemm_compare`: 32 × 1024 × 256 took twice as long that way).
-const WEIGHT_ROWS_MAX: usize = TOKENS;
-/// Depth of one block read in place: a `KC_IN_PLACE × NR` strip of B is 16 KB,
-/// so it stays in L1 while every row tile of A passes over it.
-const KC_IN_PLACE: usize = 128;
-/// Tokens per [`Path::WeightRows`] tile: one 16-lane register.
 const TOKENS: usize = 16;
 
 impl Path {
     /// The path for C [m, n] = A [m, k] · B [k, n].
-    pub(super) fn choose(m: usize, k: usize, b: Mat<'_>, kernel: Kernel) -> Path {
-        if kernel == Kernel::Portable {
-            return Path::PackB;
-        }
+    pub(super) fn choose(m: usize, k: usize, b: Mat<'_>) -> Path {
         if b.col_stride == 1 && (m <= FEW_ROWS || k <= FEW_ROWS) {
             Path::BInPlace
-        } else if b.row_stride == 1 && m <= WEIGHT_ROWS_MAX {
+        } else if b.row_stride == 1 && m <= TOKENS {
             Path::WeightRows
         } else {
             Path::PackB
@@ -110,18 +98,31 @@ impl Path {
     }
 }
 
-/// C (+)= A·B with shapes already checked by the caller (m, n, k > 0).
+/// C (+)= A·B with shapes already checked by the caller (m, n, k > 0), at
+/// the level of `token`.
 pub(super) fn gemm(
+    c: MatMut<'_>,
+    a: Mat<'_>,
+    b: Mat<'_>,
+    accumulate: bool,
+    token: Token,
+    path: Path,
+) {
+    simd_call!(token, gemm_at(c, a, b, accumulate, path))
+}
+
+#[inline(always)]
+fn gemm_at<S: Simd>(
+    s: S,
     mut c: MatMut<'_>,
     a: Mat<'_>,
     b: Mat<'_>,
     accumulate: bool,
-    kernel: Kernel,
     path: Path,
 ) {
     match path {
-        Path::BInPlace => return gemm_b_in_place(&mut c, a, b, accumulate, kernel),
-        Path::WeightRows => return gemm_weight_rows(&mut c, a, b, accumulate),
+        Path::BInPlace => return gemm_b_in_place(s, &mut c, a, b, accumulate),
+        Path::WeightRows => return gemm_weight_rows(s, &mut c, a, b, accumulate),
         Path::PackB => {}
     }
     let (n, k) = (c.cols, a.cols);
@@ -133,9 +134,9 @@ pub(super) fn gemm(
             let nc = NC.min(n - jc);
             for pc in (0..k).step_by(KC) {
                 let kc = KC.min(k - pc);
-                pack_b(packed_b, b, pc, kc, jc, nc, kernel);
+                pack_b(s, packed_b, b, (pc, kc), (jc, nc));
                 let block = Block { jc, nc, pc, kc };
-                multiply_block(&mut c, a, packed_b, block, accumulate, kernel);
+                multiply_block(s, &mut c, a, packed_b, block, accumulate);
             }
         }
     });
@@ -144,45 +145,34 @@ pub(super) fn gemm(
 /// [`Path::BInPlace`]: every tile reads its rows of B straight from B.
 ///   for each depth block pc, each MR rows ir (one kernel call for all of
 ///   C's columns, strip by strip):  C[ir.., :] (+)= A[ir.., pc..] · B[pc.., :]
-/// (C is written row block by row block, in address order.)
-fn gemm_b_in_place(c: &mut MatMut<'_>, a: Mat<'_>, b: Mat<'_>, accumulate: bool, kernel: Kernel) {
+#[inline(always)]
+fn gemm_b_in_place<S: Simd>(s: S, c: &mut MatMut<'_>, a: Mat<'_>, b: Mat<'_>, accumulate: bool) {
     let (m, n, k) = (c.rows, c.cols, a.cols);
     for pc in (0..k).step_by(KC_IN_PLACE) {
         let kc = KC_IN_PLACE.min(k - pc);
-        // Only the first depth block may overwrite; later ones add.
-        let add = accumulate || pc > 0;
         let strips = BPanel {
             data: &b.data[pc * b.row_stride..],
             ld: b.row_stride,
-            step: NR,
+            step: 16 * S::TILE_VECS,
         };
-        for ir in (0..m).step_by(MR) {
+        for ir in (0..m).step_by(S::TILE_ROWS) {
             let tile = Tile {
                 row: ir,
                 col: 0,
-                rows: MR.min(m - ir),
+                rows: S::TILE_ROWS.min(m - ir),
                 cols: n,
                 depth: pc,
             };
-            match kernel {
-                #[cfg(target_arch = "x86_64")]
-                Kernel::Avx512 => tile_avx512_checked(c, tile, kc, a, strips, add),
-                _ => tile_portable(c, tile, kc, a, strips, add),
-            }
+            tile_checked(s, c, tile, kc, a, strips, accumulate || pc > 0);
         }
     }
 }
 
-thread_local! {
-    /// Aᵀ of one [`Path::WeightRows`] block for this thread: [KC][TOKENS].
-    static PACKED_AT: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
 /// [`Path::WeightRows`]: C [m, n] (+)= A [m, k] · Wᵀ, B = Wᵀ a view of W [n, k]
-/// with contiguous rows. For each block of 16 tokens and each depth block
-/// (the same KC blocks as the packed path, so the same sums to the bit):
-///   Aᵀ block → [kc][16];  for each 16 rows of W:  Cᵀ tile = W rows · Aᵀ block
-fn gemm_weight_rows(c: &mut MatMut<'_>, a: Mat<'_>, b: Mat<'_>, accumulate: bool) {
+/// with contiguous rows. For each block of 16 tokens and each depth block:
+///   Aᵀ block → [kc][16];  for each 16 rows of W:  Cᵀ tile (+)= W rows · Aᵀ block
+#[inline(always)]
+fn gemm_weight_rows<S: Simd>(s: S, c: &mut MatMut<'_>, a: Mat<'_>, b: Mat<'_>, accumulate: bool) {
     let (m, n, k) = (c.rows, c.cols, a.cols);
     let ldw = b.col_stride;
     PACKED_AT.with_borrow_mut(|at| {
@@ -193,22 +183,21 @@ fn gemm_weight_rows(c: &mut MatMut<'_>, a: Mat<'_>, b: Mat<'_>, accumulate: bool
             let tokens = TOKENS.min(m - t0);
             for pc in (0..k).step_by(KC) {
                 let kc = KC.min(k - pc);
-                pack_a_transposed(&mut at[..kc * TOKENS], a, t0, tokens, pc);
-                let add = accumulate || pc > 0;
+                pack_a_transposed(s, &mut at[..kc * TOKENS], a, t0, tokens, pc);
                 for j0 in (0..n).step_by(TOKENS) {
                     let tile = WeightTile {
                         token: t0,
                         tokens,
                         col: j0,
                         cols: TOKENS.min(n - j0),
-                        add,
+                        add: accumulate || pc > 0,
                     };
                     let w = BPanel {
                         data: &b.data[j0 * ldw + pc..],
                         ld: ldw,
                         step: 0,
                     };
-                    weight_tile_checked(c, tile, kc, w, &at[..kc * TOKENS]);
+                    weight_tile_checked(s, c, tile, kc, w, &at[..kc * TOKENS]);
                 }
             }
         }
@@ -217,17 +206,12 @@ fn gemm_weight_rows(c: &mut MatMut<'_>, a: Mat<'_>, b: Mat<'_>, accumulate: bool
 
 /// Aᵀ of tokens t0..t0+tokens over depth pc..pc+kc: at[p·16 + t] = A[t0 + t, pc + p],
 /// zero for t ≥ tokens (by register transposes when A's rows are contiguous).
-fn pack_a_transposed(at: &mut [f32], a: Mat<'_>, t0: usize, tokens: usize, pc: usize) {
+#[inline(always)]
+fn pack_a_transposed<S: Simd>(s: S, at: &mut [f32], a: Mat<'_>, t0: usize, tokens: usize, pc: usize) {
     let kc = at.len() / TOKENS;
-    #[cfg(target_arch = "x86_64")]
     if a.col_stride == 1 && tokens > 0 {
-        assert!(tokens <= TOKENS && (t0 + tokens - 1) * a.row_stride + pc + kc <= a.data.len());
         let rows = &a.data[t0 * a.row_stride + pc..];
-        // SAFETY: only Path::WeightRows packs Aᵀ, and it is chosen only for
-        // the AVX-512 kernel, so the CPU has AVX-512F; rows t0..t0+tokens are
-        // contiguous over depth pc..pc+kc inside `a.data` (asserted above),
-        // TOKENS is 16, and `at` holds kc·TOKENS floats.
-        return unsafe { pack_transposed_avx512(at, rows, a.row_stride, (kc, tokens, TOKENS)) };
+        return pack_transposed(s, at, rows, a.row_stride, (kc, tokens, TOKENS));
     }
     for (p, lanes) in at.chunks_exact_mut(TOKENS).enumerate() {
         let col = (pc + p) * a.col_stride;
@@ -252,12 +236,20 @@ struct WeightTile {
     col: usize,
     /// Real columns, ≤ 16.
     cols: usize,
-    /// Add into C instead of overwriting.
+    /// Continue from C's values instead of starting from zero.
     add: bool,
 }
 
-/// A [`WeightTile`] by the AVX-512 kernel, after checking every bound it relies on.
-fn weight_tile_checked(c: &mut MatMut<'_>, tile: WeightTile, kc: usize, w: BPanel<'_>, at: &[f32]) {
+/// A [`WeightTile`], after checking every bound the kernel relies on.
+#[inline(always)]
+fn weight_tile_checked<S: Simd>(
+    s: S,
+    c: &mut MatMut<'_>,
+    tile: WeightTile,
+    kc: usize,
+    w: BPanel<'_>,
+    at: &[f32],
+) {
     assert!(
         (1..=TOKENS).contains(&tile.tokens)
             && (1..=TOKENS).contains(&tile.cols)
@@ -267,115 +259,29 @@ fn weight_tile_checked(c: &mut MatMut<'_>, tile: WeightTile, kc: usize, w: BPane
             && kc > 0
             && (tile.cols - 1) * w.ld + kc <= w.data.len()
     );
-    let ldc = c.row_stride;
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: only Path::WeightRows reaches here, which Path::choose picks for
-    // Kernel::Avx512 only (the CPU has AVX-512F); the tile lies inside C, W's
-    // `cols` rows of `kc` depth inside `w.data`, and Aᵀ holds kc·16 floats
-    // (all asserted just above); an 8-lane tile has at most 8 tokens.
+    let (ldc, c) = (c.row_stride, c.as_mut_ptr());
+    // SAFETY: the tile lies inside C, W's `cols` rows of `kc` depth inside
+    // `w.data`, and Aᵀ holds kc·16 floats (all asserted just above).
     unsafe {
-        let c = c.as_mut_ptr();
-        if tile.tokens <= 8 {
-            weight_tile_avx512::<std::arch::x86_64::__m256>(c, ldc, tile, kc, w, at)
-        } else {
-            weight_tile_avx512::<std::arch::x86_64::__m512>(c, ldc, tile, kc, w, at)
+        match S::WEIGHT_ROWS {
+            4 => weight_tile::<S, 4>(s, c, ldc, tile, kc, w, at),
+            _ => weight_tile::<S, 8>(s, c, ldc, tile, kc, w, at),
         }
     }
 }
 
-/// The registers a [`WeightTile`] accumulates in, lanes = tokens: 16 lanes
-/// (`__m512`), or 8 (`__m256`) for tiles of at most 8 tokens — this CPU
-/// retires two 8-lane multiply-adds per cycle but one 16-lane one, so a tile
-/// with half its lanes idle runs twice as fast on 8. Each lane's arithmetic is
-/// the same either way, so is every bit of C.
-#[cfg(target_arch = "x86_64")]
-trait TokenLanes: Copy {
-    /// Zeros.
-    ///
-    /// # Safety
-    /// The CPU must support AVX-512F (every method).
-    unsafe fn zero() -> Self;
-    /// The first lanes of a 16-float row of Aᵀ at `at`.
-    ///
-    /// # Safety
-    /// AVX-512F, and `at` valid for reads of 16 floats.
-    unsafe fn load(at: *const f32) -> Self;
-    /// fma(w, a, acc) on every lane.
-    ///
-    /// # Safety
-    /// AVX-512F.
-    unsafe fn fma_splat(w: f32, a: Self, acc: Self) -> Self;
-    /// The lanes in a 16-lane register, zeros past them.
-    ///
-    /// # Safety
-    /// AVX-512F.
-    unsafe fn widen(self) -> std::arch::x86_64::__m512;
-}
-
-#[cfg(target_arch = "x86_64")]
-impl TokenLanes for std::arch::x86_64::__m512 {
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn zero() -> Self {
-        std::arch::x86_64::_mm512_setzero_ps()
-    }
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn load(at: *const f32) -> Self {
-        // SAFETY: the caller's contract: 16 floats readable at `at`.
-        unsafe { std::arch::x86_64::_mm512_loadu_ps(at) }
-    }
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn fma_splat(w: f32, a: Self, acc: Self) -> Self {
-        use std::arch::x86_64::*;
-        _mm512_fmadd_ps(_mm512_set1_ps(w), a, acc)
-    }
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn widen(self) -> Self {
-        self
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-impl TokenLanes for std::arch::x86_64::__m256 {
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn zero() -> Self {
-        std::arch::x86_64::_mm256_setzero_ps()
-    }
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn load(at: *const f32) -> Self {
-        // SAFETY: the caller's contract: 16 (so 8) floats readable at `at`.
-        unsafe { std::arch::x86_64::_mm256_loadu_ps(at) }
-    }
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn fma_splat(w: f32, a: Self, acc: Self) -> Self {
-        use std::arch::x86_64::*;
-        _mm256_fmadd_ps(_mm256_set1_ps(w), a, acc)
-    }
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn widen(self) -> std::arch::x86_64::__m512 {
-        std::arch::x86_64::_mm512_zextps256_ps512(self)
-    }
-}
-
-/// Cᵀ tile = W[col.., depth block] · Aᵀ block, accumulated in 16 registers
-/// (one per row of W, lanes = tokens: 16 or 8 of them, see [`TokenLanes`]),
-/// then transposed to C's rows:
-///   acc_r = Σ_p W[col + r, p] · Aᵀ[p, :]     (the packed path's products and
-///   order: fma(a, w, acc) = fma(w, a, acc) exactly)
+/// Cᵀ tile = W[col.., depth block] · Aᵀ block, accumulated in 16 vectors
+/// (one per row of W, lanes = tokens, G rows at a time in registers), then
+/// transposed to C's rows:
+///   acc_r = C[:, col + r]ᵀ (or 0);  for p: acc_r ← fma(W[col + r, p], Aᵀ[p, :], acc_r)
+/// — the packed path's products in its order (fma(a, w, c) = fma(w, a, c) exactly).
 ///
 /// # Safety
-/// The CPU must support AVX-512F; the bounds of [`weight_tile_checked`] hold;
-/// `c` is valid for reads and writes of C's rows at stride `ldc`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn weight_tile_avx512<L: TokenLanes>(
+/// The bounds of [`weight_tile_checked`] hold; `c` is valid for reads and
+/// writes of C's rows at stride `ldc`.
+#[inline(always)]
+unsafe fn weight_tile<S: Simd, const G: usize>(
+    s: S,
     c: *mut f32,
     ldc: usize,
     tile: WeightTile,
@@ -383,109 +289,109 @@ unsafe fn weight_tile_avx512<L: TokenLanes>(
     w: BPanel<'_>,
     at: &[f32],
 ) {
-    use std::arch::x86_64::*;
     // Rows past `cols` repeat the last real row: read in bounds, never stored.
     let rows: [*const f32; TOKENS] =
         std::array::from_fn(|r| w.data[r.min(tile.cols - 1) * w.ld..].as_ptr());
-    // SAFETY (every L method below): the CPU has AVX-512F (caller's contract).
-    let mut acc = [unsafe { L::zero() }; TOKENS];
+    let out = |t: usize| c.wrapping_add((tile.token + t) * ldc + tile.col);
+    let mut acc = [s.zero(); TOKENS];
+    if tile.add {
+        // SAFETY: token rows and columns col..col+cols lie inside C (caller's contract).
+        let by_token = std::array::from_fn(|t| {
+            if t < tile.tokens {
+                unsafe { load_cols(s, out(t), tile.cols) }
+            } else {
+                s.zero()
+            }
+        });
+        acc = s.transpose(by_token);
+    }
     // The next tile reads the next 16 rows of W over the same depths: kc cache
     // lines, one fetched per depth step (row p mod 16, line p / 16), so they
-    // arrive while this tile computes. Into L2 (T1): requests into L1 would
-    // wait for its few miss buffers, which this tile's own loads need
-    // (examples/step_phases: the small step's forward 3.3 → 2.3 ms).
+    // arrive while this tile computes (into L2: requests into L1 would wait
+    // for its few miss buffers, which this tile's own loads need).
     let next_rows = w.data.as_ptr().wrapping_add(TOKENS * w.ld);
-    // Eight rows at a time: eight row pointers stay in registers (sixteen
-    // would spill, costing a reload per multiply-add); Aᵀ is read twice, from L1.
-    for (half, acc) in acc.chunks_exact_mut(8).enumerate() {
-        let rows: [*const f32; 8] = std::array::from_fn(|r| rows[8 * half + r]);
+    for (group, acc) in acc.chunks_exact_mut(G).enumerate() {
+        let rows: [*const f32; G] = std::array::from_fn(|r| rows[G * group + r]);
         for p in 0..kc {
-            if half == 0 {
-                let line = next_rows.wrapping_add((p % 16) * w.ld + (p / 16) * 16);
-                _mm_prefetch::<_MM_HINT_T1>(line as *const i8);
+            if group == 0 {
+                s.prefetch(next_rows.wrapping_add((p % 16) * w.ld + (p / 16) * 16));
             }
             // SAFETY: p < kc: Aᵀ row p is inside `at`, and W[row, p] inside
             // `w.data` for every (clamped) row (caller's contract).
             unsafe {
-                let a = L::load(at.as_ptr().add(p * TOKENS));
+                let a = s.load(at.as_ptr().add(p * TOKENS));
                 for (row, acc_r) in rows.iter().zip(acc.iter_mut()) {
-                    *acc_r = L::fma_splat(*row.add(p), a, *acc_r);
+                    *acc_r = s.mul_add(s.splat(*row.add(p)), a, *acc_r);
                 }
             }
         }
     }
-    // SAFETY: the CPU has AVX-512F (caller's contract).
-    let by_token = transpose16(acc.map(|lanes| unsafe { lanes.widen() }));
-    let mask = ((1u32 << tile.cols) - 1) as __mmask16;
+    let by_token = s.transpose(acc);
     for (t, &v) in by_token.iter().enumerate().take(tile.tokens) {
-        // SAFETY: row token + t and the masked columns col..col+cols lie inside C
-        // (caller's contract); masked-off lanes are neither read nor written.
-        unsafe {
-            let out = c.add((tile.token + t) * ldc + tile.col);
-            let v = if tile.add {
-                _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, out))
-            } else {
-                v
-            };
-            _mm512_mask_storeu_ps(out, mask, v);
-        }
+        // SAFETY: row token + t and columns col..col+cols lie inside C.
+        unsafe { store_cols(s, out(t), tile.cols, v) };
     }
 }
 
 /// Length of B = Wᵀ (W [n, k] row-major) packed by [`pack_weight`]:
-/// every depth block holds all ⌈n/NR⌉ panels.
+/// every depth block holds all ⌈n/32⌉·32 columns in panels.
 pub(super) fn packed_len(n: usize, k: usize) -> usize {
-    n.div_ceil(NR) * NR * k
+    n.div_ceil(NR_PAD) * NR_PAD * k
 }
 
-/// Packs B = Wᵀ once, in the exact panels [`gemm`] would build on every call:
-/// for each depth block pc, panel q holds kc rows of NR values.
-pub(super) fn pack_weight(packed: &mut [f32], b: Mat<'_>, kernel: Kernel) {
+/// Packs B = Wᵀ once, in the panels of `token`'s tile: for each depth block
+/// pc, panel q holds kc rows of NR values.
+pub(super) fn pack_weight(packed: &mut [f32], b: Mat<'_>, token: Token) {
+    simd_call!(token, pack_weight_at(packed, b))
+}
+
+#[inline(always)]
+fn pack_weight_at<S: Simd>(s: S, packed: &mut [f32], b: Mat<'_>) {
     let (k, n) = (b.rows, b.cols);
-    let n_pad = n.div_ceil(NR) * NR;
+    let n_pad = n.div_ceil(NR_PAD) * NR_PAD;
     for pc in (0..k).step_by(KC) {
         let kc = KC.min(k - pc);
-        pack_b(
-            &mut packed[pc * n_pad..pc * n_pad + kc * n_pad],
-            b,
-            pc,
-            kc,
-            0,
-            n,
-            kernel,
-        );
+        let block = &mut packed[pc * n_pad..pc * n_pad + kc * n_pad];
+        pack_b(s, block, b, (pc, kc), (0, n));
+        // Panels past the last real one (padding to NR_PAD) stay zero.
+        let used = n.div_ceil(16 * S::TILE_VECS) * 16 * S::TILE_VECS * kc;
+        block[used..].fill(0.0);
     }
 }
 
-/// C (+)= A·B with B already packed by [`pack_weight`]: the same tiles, in
-/// the same order, as [`gemm`] — so the same result to the bit. C may be
-/// columns `first_col ..` (a multiple of NR) of a product `n_packed` wide:
-/// within each depth block, panel q of the packed B starts at q·NR·kc, so a
-/// range of whole panels is one contiguous run.
+/// C (+)= A·B with B already packed by [`pack_weight`] at `token`'s level.
+/// C may be columns `first_col ..` (a multiple of NR) of a product
+/// `n_packed` wide: within each depth block, panel q of the packed B starts
+/// at q·NR·kc, so a range of whole panels is one contiguous run.
 pub(super) fn gemm_prepacked(
+    c: MatMut<'_>,
+    a: Mat<'_>,
+    packed: (&[f32], usize, usize),
+    accumulate: bool,
+    token: Token,
+) {
+    simd_call!(token, gemm_prepacked_at(c, a, packed, accumulate))
+}
+
+#[inline(always)]
+fn gemm_prepacked_at<S: Simd>(
+    s: S,
     mut c: MatMut<'_>,
     a: Mat<'_>,
     (packed, n_packed, first_col): (&[f32], usize, usize),
     accumulate: bool,
-    kernel: Kernel,
 ) {
-    let (n, k) = (c.cols, a.cols);
-    assert!(first_col % NR == 0 && first_col + n <= n_packed);
-    let n_pad = n_packed.div_ceil(NR) * NR;
+    let (n, k, nr) = (c.cols, a.cols, 16 * S::TILE_VECS);
+    assert!(first_col % nr == 0 && first_col + n <= n_packed);
+    let n_pad = n_packed.div_ceil(NR_PAD) * NR_PAD;
     for jc in (0..n).step_by(NC) {
         let nc = NC.min(n - jc);
         for pc in (0..k).step_by(KC) {
             let kc = KC.min(k - pc);
             let start = pc * n_pad + (first_col + jc) * kc;
-            let panels = &packed[start..start + nc.div_ceil(NR) * NR * kc];
-            multiply_block(
-                &mut c,
-                a,
-                panels,
-                Block { jc, nc, pc, kc },
-                accumulate,
-                kernel,
-            );
+            let panels = &packed[start..start + nc.div_ceil(nr) * nr * kc];
+            let block = Block { jc, nc, pc, kc };
+            multiply_block(s, &mut c, a, panels, block, accumulate);
         }
     }
 }
@@ -500,40 +406,32 @@ struct Block {
 }
 
 /// Every tile of one block: C[:, jc..jc+nc] (+)= A[:, pc..pc+kc] · panels.
-fn multiply_block(
+#[inline(always)]
+fn multiply_block<S: Simd>(
+    s: S,
     c: &mut MatMut<'_>,
     a: Mat<'_>,
     panels: &[f32],
     block: Block,
     accumulate: bool,
-    kernel: Kernel,
 ) {
     let Block { jc, nc, pc, kc } = block;
-    let m = c.rows;
-    // Only the first depth block may overwrite; later ones add.
-    let add = accumulate || pc > 0;
-    for jr in (0..nc).step_by(NR) {
-        let pb = &panels[jr * kc..(jr + NR) * kc];
+    let (m, nr) = (c.rows, 16 * S::TILE_VECS);
+    for jr in (0..nc).step_by(nr) {
         let b = BPanel {
-            data: pb,
-            ld: NR,
-            step: NR * kc,
+            data: &panels[jr * kc..(jr + nr) * kc],
+            ld: nr,
+            step: nr * kc,
         };
-        for ir in (0..m).step_by(MR) {
+        for ir in (0..m).step_by(S::TILE_ROWS) {
             let tile = Tile {
                 row: ir,
                 col: jc + jr,
-                rows: MR.min(m - ir),
-                cols: NR.min(nc - jr),
+                rows: S::TILE_ROWS.min(m - ir),
+                cols: nr.min(nc - jr),
                 depth: pc,
             };
-            match kernel {
-                Kernel::Portable => tile_portable(c, tile, kc, a, b, add),
-                #[cfg(target_arch = "x86_64")]
-                Kernel::Avx512 => tile_avx512_checked(c, tile, kc, a, b, add),
-                #[cfg(not(target_arch = "x86_64"))]
-                Kernel::Avx512 => unreachable!("AVX-512 exists only on x86_64"),
-            }
+            tile_checked(s, c, tile, kc, a, b, accumulate || pc > 0);
         }
     }
 }
@@ -547,7 +445,7 @@ struct Tile {
     col: usize,
     /// Real rows, ≤ MR.
     rows: usize,
-    /// Real columns, ≤ NR.
+    /// Real columns (≤ NR, or more for B read in place: strip by strip).
     cols: usize,
     /// First column of A (the depth block's start).
     depth: usize,
@@ -556,7 +454,7 @@ struct Tile {
 impl Tile {
     /// True when the tile lies inside C [rows, cols] and its A rows over `kc` depth inside `a`.
     fn fits(&self, rows: usize, cols: usize, a: Mat<'_>, kc: usize) -> bool {
-        (1..=MR).contains(&self.rows)
+        (1..=MR_MAX).contains(&self.rows)
             && self.row + self.rows <= rows
             && self.col + self.cols <= cols
             && self.row + self.rows <= a.rows
@@ -566,42 +464,34 @@ impl Tile {
 
 /// Packs B[pc..pc+kc, jc..jc+nc] into panels of NR columns: panel q holds, for
 /// each depth p, the NR values B[pc+p, jc+q·NR ..], zero past column nc.
-fn pack_b(out: &mut [f32], b: Mat<'_>, pc: usize, kc: usize, jc: usize, nc: usize, kernel: Kernel) {
-    for (q, panel) in out[..nc.div_ceil(NR) * NR * kc]
-        .chunks_exact_mut(NR * kc)
+#[inline(always)]
+fn pack_b<S: Simd>(s: S, out: &mut [f32], b: Mat<'_>, (pc, kc): (usize, usize), (jc, nc): (usize, usize)) {
+    let nr = 16 * S::TILE_VECS;
+    for (q, panel) in out[..nc.div_ceil(nr) * nr * kc]
+        .chunks_exact_mut(nr * kc)
         .enumerate()
     {
-        let j0 = jc + q * NR;
-        let width = NR.min(jc + nc - j0);
+        let j0 = jc + q * nr;
+        let width = nr.min(jc + nc - j0);
         if b.col_stride == 1 {
             // Rows of B are contiguous: copy NR-wide row pieces.
-            for (p, dst) in panel.chunks_exact_mut(NR).enumerate() {
+            for (p, dst) in panel.chunks_exact_mut(nr).enumerate() {
                 let start = (pc + p) * b.row_stride + j0;
                 dst[..width].copy_from_slice(&b.data[start..start + width]);
                 dst[width..].fill(0.0);
             }
-            continue;
-        }
-        match kernel {
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512 if b.row_stride == 1 => {
-                assert!((j0 + width - 1) * b.col_stride + pc + kc <= b.data.len());
-                let columns = &b.data[j0 * b.col_stride + pc..];
-                // SAFETY: the CPU has AVX-512F; B's columns j0..j0+width are
-                // contiguous over depth pc..pc+kc inside `b.data` (asserted above),
-                // NR is a multiple of 16, and `panel` holds kc·NR floats.
-                unsafe { pack_transposed_avx512(panel, columns, b.col_stride, (kc, width, NR)) }
-            }
-            _ => {
-                // Columns of B are contiguous (B = Wᵀ): walk each column down the depth.
-                if width < NR {
-                    panel.fill(0.0);
-                }
-                for j in 0..width {
-                    let col = &b.data[(j0 + j) * b.col_stride..];
-                    for p in 0..kc {
-                        panel[p * NR + j] = col[(pc + p) * b.row_stride];
-                    }
+        } else if b.row_stride == 1 {
+            // Columns of B are contiguous (B = Wᵀ): register transposes.
+            let columns = &b.data[j0 * b.col_stride + pc..];
+            pack_transposed(s, panel, columns, b.col_stride, (kc, width, nr));
+        } else {
+            for (p, dst) in panel.chunks_exact_mut(nr).enumerate() {
+                for (j, d) in dst.iter_mut().enumerate() {
+                    *d = if j < width {
+                        b.data[(pc + p) * b.row_stride + (j0 + j) * b.col_stride]
+                    } else {
+                        0.0
+                    };
                 }
             }
         }
@@ -613,101 +503,43 @@ fn pack_b(out: &mut [f32], b: Mat<'_>, pc: usize, kc: usize, jc: usize, nc: usiz
 ///   panel[p·ld + j] = src[j·stride + p]   for p < kc, j < width
 /// (zero for width ≤ j < ld), by 16 × 16 register transposes: 16 vectors of
 /// 16 depths each become 16 panel rows of 16.
-///
-/// # Safety
-/// The CPU must support AVX-512F; `ld` must be a multiple of 16; for every
-/// j < width, `src[j·stride .. j·stride + kc]` must be in bounds; `panel` must
-/// hold `kc·ld` floats.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn pack_transposed_avx512(
+#[inline(always)]
+fn pack_transposed<S: Simd>(
+    s: S,
     panel: &mut [f32],
     src: &[f32],
     stride: usize,
     (kc, width, ld): (usize, usize, usize),
 ) {
-    use std::arch::x86_64::*;
-    debug_assert!(panel.len() >= kc * ld && ld % 16 == 0);
-    for half in 0..ld / 16 {
+    assert!(
+        panel.len() >= kc * ld
+            && ld % 16 == 0
+            && width <= ld
+            && (width == 0 || (width - 1) * stride + kc <= src.len())
+    );
+    for block in 0..ld / 16 {
         for p0 in (0..kc).step_by(16) {
             let depth = (kc - p0).min(16);
-            let depth_mask = ((1u32 << depth) - 1) as __mmask16;
-            let mut r = [_mm512_setzero_ps(); 16];
-            for (i, row) in r.iter_mut().enumerate() {
-                let j = half * 16 + i;
+            let rows: [S::V; 16] = std::array::from_fn(|i| {
+                let j = block * 16 + i;
                 if j < width {
-                    // SAFETY: vector j exists and depths p0 .. p0+depth are in
-                    // bounds (caller's contract); masked-off lanes are not read.
-                    *row = unsafe {
-                        _mm512_maskz_loadu_ps(depth_mask, src.as_ptr().add(j * stride + p0))
-                    };
+                    // Vector j's depths p0 .. p0+depth (inside `src`, asserted above).
+                    let start = j * stride + p0;
+                    load_at(s, &src[start..start + depth], 0)
+                } else {
+                    s.zero()
                 }
-            }
-            let t = transpose16(r);
-            for (i, v) in t.iter().enumerate().take(depth) {
-                // SAFETY: (p0 + i) < kc, so the 16 floats at row p0 + i, columns
-                // half·16 .. half·16 + 16 lie inside the kc·ld panel.
-                unsafe { _mm512_storeu_ps(panel.as_mut_ptr().add((p0 + i) * ld + half * 16), *v) };
+            });
+            for (i, v) in s.transpose(rows).into_iter().enumerate().take(depth) {
+                let at = (p0 + i) * ld + block * 16;
+                super::simd::store_at(s, &mut panel[at..at + 16], 0, v);
             }
         }
     }
 }
 
-/// Transposes a 16 × 16 block held as 16 rows: out[c][r] = rows[r][c].
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn transpose16(rows: [std::arch::x86_64::__m512; 16]) -> [std::arch::x86_64::__m512; 16] {
-    use std::arch::x86_64::*;
-    // 1. Interleave pairs of rows (32-bit elements).
-    let t: [__m512; 16] = std::array::from_fn(|i| {
-        let (a, b) = (rows[i & !1], rows[i | 1]);
-        if i % 2 == 0 {
-            _mm512_unpacklo_ps(a, b)
-        } else {
-            _mm512_unpackhi_ps(a, b)
-        }
-    });
-    // 2. Interleave pairs of those (64-bit elements): u[4g + c] holds, in its
-    //    128-bit lane l, column c + 4l of rows 4g .. 4g+4.
-    let u: [__m512; 16] = std::array::from_fn(|i| {
-        let (g, c) = (i / 4, i % 4);
-        let (a, b) = (t[4 * g + c / 2], t[4 * g + 2 + c / 2]);
-        let (a, b) = (_mm512_castps_pd(a), _mm512_castps_pd(b));
-        _mm512_castpd_ps(if c % 2 == 0 {
-            _mm512_unpacklo_pd(a, b)
-        } else {
-            _mm512_unpackhi_pd(a, b)
-        })
-    });
-    // 3. Gather 128-bit lanes: for groups (0, 1) and (2, 3), lanes {0, 2} and {1, 3}.
-    let v: [__m512; 16] = std::array::from_fn(|i| {
-        let (pair, c, odd) = (i / 8, i % 4, (i / 4) % 2 == 1);
-        let (a, b) = (u[8 * pair + c], u[8 * pair + 4 + c]);
-        if odd {
-            _mm512_shuffle_f32x4::<0xdd>(a, b)
-        } else {
-            _mm512_shuffle_f32x4::<0x88>(a, b)
-        }
-    });
-    // 4. Final lanes: column c from (v[c], v[8 + c]) lanes {0, 2}, column c + 8
-    //    from lanes {1, 3}; columns c + 4 and c + 12 likewise from v[4 + c], v[12 + c].
-    std::array::from_fn(|col| {
-        let (c, plus4, plus8) = (col % 4, (col / 4) % 2 == 1, col >= 8);
-        let (a, b) = if plus4 {
-            (v[4 + c], v[12 + c])
-        } else {
-            (v[c], v[8 + c])
-        };
-        if plus8 {
-            _mm512_shuffle_f32x4::<0xdd>(a, b)
-        } else {
-            _mm512_shuffle_f32x4::<0x88>(a, b)
-        }
-    })
-}
-
 /// Rows of B for one tile: row p (of the tile's depth block) of its NR-column
-/// strip s starts at `data[s·step + p·ld]` — a packed panel (`ld` = NR,
+/// strip q starts at `data[q·step + p·ld]` — a packed panel (`ld` = NR,
 /// zero-padded; one strip) or B itself, read in place (`ld` = B's row stride,
 /// `step` = NR, as many strips as the tile is wide).
 #[derive(Debug, Clone, Copy)]
@@ -718,48 +550,23 @@ struct BPanel<'a> {
 }
 
 impl BPanel<'_> {
-    /// True when rows 0..kc hold `cols` readable columns each.
-    fn fits(&self, kc: usize, cols: usize) -> bool {
-        let last_strip = cols.saturating_sub(1) / NR;
+    /// True when rows 0..kc hold `cols` readable columns each, in strips of `nr`.
+    fn fits(&self, kc: usize, cols: usize, nr: usize) -> bool {
+        let last_strip = cols.saturating_sub(1) / nr;
         kc == 0
             || cols == 0
-            || last_strip * self.step + (kc - 1) * self.ld + (cols - last_strip * NR)
+            || last_strip * self.step + (kc - 1) * self.ld + (cols - last_strip * nr)
                 <= self.data.len()
     }
 }
 
-/// The portable micro-kernel: tile (+)= Σ_p A[tile rows, depth + p] ⊗ B[p, :].
-fn tile_portable(c: &mut MatMut<'_>, tile: Tile, kc: usize, a: Mat<'_>, b: BPanel<'_>, add: bool) {
-    for (strip, first) in (0..tile.cols).step_by(NR).enumerate() {
-        let cols = NR.min(tile.cols - first);
-        let mut acc = [[0.0f32; NR]; MR];
-        for p in 0..kc {
-            let b_row = &b.data[strip * b.step + p * b.ld..][..cols];
-            let col = (tile.depth + p) * a.col_stride;
-            for (r, acc_row) in acc.iter_mut().enumerate().take(tile.rows) {
-                let a_r = a.data[(tile.row + r) * a.row_stride + col];
-                for (acc, &b_j) in acc_row.iter_mut().zip(b_row) {
-                    *acc += a_r * b_j;
-                }
-            }
-        }
-        for (r, acc_row) in acc.iter().enumerate().take(tile.rows) {
-            let start = tile.col + first;
-            let out = &mut c.row_mut(tile.row + r)[start..start + cols];
-            if add {
-                for (o, &v) in out.iter_mut().zip(acc_row) {
-                    *o += v;
-                }
-            } else {
-                out.copy_from_slice(&acc_row[..cols]);
-            }
-        }
-    }
-}
-
-/// One tile by the AVX-512 micro-kernel, after checking every bound it relies on.
-#[cfg(target_arch = "x86_64")]
-fn tile_avx512_checked(
+/// One tile, after checking every bound the micro-kernel relies on;
+/// dispatches to the version specialised for its number of real rows, so a
+/// short tile (one token while generating, an expert with few tokens) costs
+/// only the rows it has. `add`: continue from C's values.
+#[inline(always)]
+fn tile_checked<S: Simd>(
+    s: S,
     c: &mut MatMut<'_>,
     tile: Tile,
     kc: usize,
@@ -767,63 +574,41 @@ fn tile_avx512_checked(
     b: BPanel<'_>,
     add: bool,
 ) {
-    assert!(tile.fits(c.rows, c.cols, a, kc) && b.fits(kc, tile.cols));
-    // SAFETY: the CPU has AVX-512F (only Kernel::Avx512 reaches here, and
-    // Kernel::best checked it); the tile's rows and columns lie inside C, its
-    // rows and depth inside A, and its kc rows of `tile.cols` columns inside B
-    // (asserted just above; the views were bounds-checked on construction);
-    // only those elements are read or written.
-    unsafe { tile_avx512(c.as_mut_ptr(), c.row_stride, tile, kc, a, b, add) }
-}
-
-/// The AVX-512 micro-kernel for a tile of any height: dispatches to the
-/// version specialised for its number of real rows, so a short tile (a
-/// single token while generating, an expert with few tokens) costs only the
-/// rows it has.
-///
-/// # Safety
-/// As [`tile_avx512_rows`].
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn tile_avx512(
-    c: *mut f32,
-    ldc: usize,
-    tile: Tile,
-    kc: usize,
-    a: Mat<'_>,
-    b: BPanel<'_>,
-    add: bool,
-) {
-    // SAFETY: the caller's contract, passed on unchanged.
-    unsafe {
-        match tile.rows {
-            1 => tile_avx512_rows::<1>(c, ldc, tile, kc, a, b, add),
-            2 => tile_avx512_rows::<2>(c, ldc, tile, kc, a, b, add),
-            3 => tile_avx512_rows::<3>(c, ldc, tile, kc, a, b, add),
-            4 => tile_avx512_rows::<4>(c, ldc, tile, kc, a, b, add),
-            5 => tile_avx512_rows::<5>(c, ldc, tile, kc, a, b, add),
-            6 => tile_avx512_rows::<6>(c, ldc, tile, kc, a, b, add),
-            7 => tile_avx512_rows::<7>(c, ldc, tile, kc, a, b, add),
-            _ => tile_avx512_rows::<MR>(c, ldc, tile, kc, a, b, add),
-        }
+    assert!(
+        tile.rows <= S::TILE_ROWS
+            && tile.fits(c.rows, c.cols, a, kc)
+            && b.fits(kc, tile.cols, 16 * S::TILE_VECS)
+    );
+    let (ldc, c) = (c.row_stride, c.as_mut_ptr());
+    macro_rules! rows {
+        ($($r:literal)*) => {
+            match (tile.rows, S::TILE_VECS) {
+                $(($r, 1) => tile_rows::<S, $r, 1>(s, c, ldc, tile, kc, a, b, add),)*
+                $(($r, _) => tile_rows::<S, $r, 2>(s, c, ldc, tile, kc, a, b, add),)*
+                _ => unreachable!("tiles have 1 to 8 rows"),
+            }
+        };
     }
+    // SAFETY: the tile's rows and columns lie inside C, its rows and depth
+    // inside A, and its kc rows of `tile.cols` columns inside B (asserted just
+    // above; the views were bounds-checked on construction).
+    unsafe { rows!(1 2 3 4 5 6 7 8) }
 }
 
-/// The AVX-512 micro-kernel: the same tile as [`tile_portable`], for exactly
-/// `R` real rows, with its R × 32 accumulator held in 2R ZMM registers.
-///
-/// B is read through lane masks of the tile's real columns, so a panel packed
-/// with zero padding and B read in place (nothing past its last column) give
-/// the same tile.
+/// The micro-kernel: the tile's R × (16·NV) accumulators in R·NV vectors,
+/// strip by strip of B:
+///   acc ← C tile (when adding) or 0;  for p: acc[r] ← fma(A[row r, depth + p], B[p, strip], acc[r])
+/// B is read through lane masks of the strip's real columns, so a panel
+/// packed with zero padding and B read in place give the same tile.
 ///
 /// # Safety
-/// The CPU must support AVX-512F; `b` must satisfy [`BPanel::fits`] for `kc`
-/// rows of `tile.cols` columns; `tile` must have `R` rows and satisfy
-/// [`Tile::fits`] for C (row stride `ldc`, at `c`, valid for reads and writes)
-/// and for `a` over `kc` depth.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn tile_avx512_rows<const R: usize>(
+/// `b` satisfies [`BPanel::fits`] for `kc` rows of `tile.cols` columns;
+/// `tile` has `R` rows and satisfies [`Tile::fits`] for C (row stride `ldc`,
+/// at `c`, valid for reads and writes) and for `a` over `kc` depth.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_rows<S: Simd, const R: usize, const NV: usize>(
+    s: S,
     c: *mut f32,
     ldc: usize,
     tile: Tile,
@@ -832,66 +617,87 @@ unsafe fn tile_avx512_rows<const R: usize>(
     b: BPanel<'_>,
     add: bool,
 ) {
-    use std::arch::x86_64::*;
-    debug_assert!(b.fits(kc, tile.cols) && tile.rows == R);
+    let nr = 16 * NV;
     let rows: [*const f32; R] = std::array::from_fn(|r| {
         a.data[(tile.row + r) * a.row_stride + tile.depth * a.col_stride..].as_ptr()
     });
-    for (strip, first) in (0..tile.cols).step_by(NR).enumerate() {
-        let cols = NR.min(tile.cols - first);
-        // Lane masks for the real columns of each 16-wide half.
-        let mask = |half: usize| ((1u32 << cols.saturating_sub(half).min(16)) - 1) as __mmask16;
-        let (m0, m1) = (mask(0), mask(16));
+    for (strip, first) in (0..tile.cols).step_by(nr).enumerate() {
+        // Real columns of each of the strip's vectors.
+        let real: [usize; NV] =
+            std::array::from_fn(|j| (tile.cols - first).saturating_sub(16 * j).min(16));
         let c_col = c.wrapping_add(tile.col + first);
-        // The next strip's C rows are written after this one: ask for them
-        // now, so their read-for-ownership overlaps this strip's arithmetic.
-        for r in 0..R {
-            let next = c_col.wrapping_add((tile.row + r) * ldc + NR);
-            _mm_prefetch::<_MM_HINT_ET0>(next as *const i8);
-            _mm_prefetch::<_MM_HINT_ET0>(next.wrapping_add(16) as *const i8);
+        let c_row = |r: usize| c_col.wrapping_add((tile.row + r) * ldc);
+        let mut acc = [[s.zero(); NV]; R];
+        if add {
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                for (j, v) in acc_r.iter_mut().enumerate() {
+                    // SAFETY: row tile.row + r, this strip's real columns of
+                    // vector j, lie inside C (caller's contract).
+                    *v = unsafe { load_cols(s, c_row(r).wrapping_add(16 * j), real[j]) };
+                }
+            }
         }
-        let mut acc = [[_mm512_setzero_ps(); 2]; R];
         let mut b_row = b.data.as_ptr().wrapping_add(strip * b.step);
         for p in 0..kc {
-            let offset = p * a.col_stride;
             // B read in place walks down its rows: fetch the same place in the
-            // next depth block, which the next call reads — into L2, as the
-            // weight-rows tile does (the small step's forward + backward
-            // 6.3 → 4.5 ms with both, examples/step_phases).
+            // next depth block, which the next call reads (into L2).
             let ahead = b_row.wrapping_add(kc * b.ld);
-            _mm_prefetch::<_MM_HINT_T1>(ahead as *const i8);
-            _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(16) as *const i8);
-            // SAFETY: p < kc, so the masked lanes of b_row[0..32] are B[p, real
-            // columns of this strip], inside `b.data` (BPanel::fits; masked-off
-            // lanes are not read, and wrapping_add forms their address without
-            // claiming it is in bounds); every row pointer plus `offset`
+            for j in 0..NV {
+                s.prefetch(ahead.wrapping_add(16 * j));
+            }
+            // SAFETY: p < kc, so the real lanes of b_row[0..nr] are B[p, real
+            // columns of this strip], inside `b.data` (BPanel::fits; other
+            // lanes are not read); every row pointer plus p·col_stride
             // addresses A[row, depth + p], inside A by Tile::fits.
             unsafe {
-                let b0 = _mm512_maskz_loadu_ps(m0, b_row);
-                let b1 = _mm512_maskz_loadu_ps(m1, b_row.wrapping_add(16));
+                let bv: [S::V; NV] =
+                    std::array::from_fn(|j| load_cols(s, b_row.wrapping_add(16 * j), real[j]));
                 for (row, acc_r) in rows.iter().zip(acc.iter_mut()) {
-                    let a_r = _mm512_set1_ps(*row.add(offset));
-                    acc_r[0] = _mm512_fmadd_ps(a_r, b0, acc_r[0]);
-                    acc_r[1] = _mm512_fmadd_ps(a_r, b1, acc_r[1]);
+                    let a_r = s.splat(*row.add(p * a.col_stride));
+                    for (acc, &bv) in acc_r.iter_mut().zip(&bv) {
+                        *acc = s.mul_add(a_r, bv, *acc);
+                    }
                 }
             }
             b_row = b_row.wrapping_add(b.ld);
         }
         for (r, acc_r) in acc.iter().enumerate() {
-            // SAFETY: row tile.row + r and this strip's masked columns lie
-            // inside C (caller's contract); masked-off lanes are neither read
-            // nor written, and wrapping_add forms the second half's address
-            // even when it is past C.
-            unsafe {
-                let out = c_col.add((tile.row + r) * ldc);
-                let (mut v0, mut v1) = (acc_r[0], acc_r[1]);
-                if add {
-                    v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, out));
-                    v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, out.wrapping_add(16)));
-                }
-                _mm512_mask_storeu_ps(out, m0, v0);
-                _mm512_mask_storeu_ps(out.wrapping_add(16), m1, v1);
+            for (j, &v) in acc_r.iter().enumerate() {
+                // SAFETY: as for the loads of C above.
+                unsafe { store_cols(s, c_row(r).wrapping_add(16 * j), real[j], v) };
             }
+        }
+    }
+}
+
+/// The first `n` (≤ 16) floats at `p` as a vector, zeros past them.
+///
+/// # Safety
+/// `n` floats must be readable at `p`.
+#[inline(always)]
+unsafe fn load_cols<S: Simd>(s: S, p: *const f32, n: usize) -> S::V {
+    // SAFETY: the caller's contract.
+    unsafe {
+        match n {
+            16 => s.load(p),
+            0 => s.zero(),
+            _ => s.load_first(p, n),
+        }
+    }
+}
+
+/// Writes the first `n` (≤ 16) lanes of `v` to `p`.
+///
+/// # Safety
+/// `n` floats must be writable at `p`.
+#[inline(always)]
+unsafe fn store_cols<S: Simd>(s: S, p: *mut f32, n: usize, v: S::V) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        match n {
+            16 => s.store(p, v),
+            0 => {}
+            _ => s.store_first(p, n, v),
         }
     }
 }

@@ -1,16 +1,19 @@
 //! Low-level numeric kernels: the only module with `unsafe`.
 //!
 //! Everything the model does is built from these: a strided matrix multiply
-//! ([`matmul`], our own blocked AVX-512 GEMM) and the fused vector kernels of
+//! ([`matmul`], our own blocked GEMM) and the fused vector kernels of
 //! [`vector`] (softmax, cross-entropy, SwiGLU, RMSNorm, AdamW, …). Each kernel
-//! states its formula and has a scalar reference version the tests compare
-//! against; the model code above never touches raw pointers or intrinsics.
+//! is written once over the 16-lane SIMD vocabulary of `simd` (AVX-512, AVX2,
+//! NEON and a scalar level, one small file each), states its formula and has
+//! a scalar reference version the tests compare against; the model code above
+//! never touches raw pointers or intrinsics.
 
 mod alloc;
 mod gemm;
 mod outer;
 mod pages;
 mod probe;
+mod simd;
 mod threads;
 mod update;
 pub mod vector;
@@ -19,6 +22,7 @@ pub use alloc::{CountingAllocator, allocated_bytes, allocation_count};
 pub use outer::{Outer, outer_sq_norm, try_for_each_outer_block};
 pub use pages::{Buffer, Stream, zeroed};
 pub use probe::{fma_peak_gflops, sqrt_div_seconds};
+pub use simd::{SimdLevel, SimdLevelError, requested_level, simd_level};
 pub use threads::{MAX_THREADS, set_threads, threads};
 pub use update::{TensorGrad, TensorStep, adamw_tensors};
 
@@ -30,9 +34,8 @@ pub use vector::{
 
 use std::marker::PhantomData;
 use std::ptr::NonNull;
-use std::sync::OnceLock;
-
-use gemm::{Kernel, Path};
+use gemm::Path;
+use simd::Token;
 
 /// A read-only matrix view: element (i, j) is `data[i·row_stride + j·col_stride]`.
 #[derive(Debug, Clone, Copy)]
@@ -212,13 +215,7 @@ pub enum Write {
 /// C (=|+=) A·B for C [m, n], A [m, k], B [k, n]; any of them may be a
 /// transposed or strided view. Shapes must agree (a programming error if not).
 pub fn matmul(c: MatMut<'_>, a: Mat<'_>, b: Mat<'_>, write: Write) {
-    matmul_with(c, a, b, write, best_kernel());
-}
-
-/// The fastest micro-kernel this CPU supports (checked once).
-fn best_kernel() -> Kernel {
-    static BEST: OnceLock<Kernel> = OnceLock::new();
-    *BEST.get_or_init(Kernel::best)
+    matmul_with(c, a, b, write, simd::active());
 }
 
 /// A weight W [out, in] packed once for products x·Wᵀ (see [`pack_weight`]).
@@ -256,7 +253,7 @@ pub fn pack_weight(dst: &mut [f32], w: &[f32], out: usize, inp: usize) {
         packed_weight_len(out, inp),
         "packed weight length"
     );
-    gemm::pack_weight(dst, Mat::new(w, out, inp).t(), best_kernel());
+    gemm::pack_weight(dst, Mat::new(w, out, inp).t(), simd::active());
 }
 
 /// C [m, out] (=|+=) A [m, in] · Wᵀ with W packed by [`pack_weight`].
@@ -274,15 +271,15 @@ pub fn matmul_packed(c: MatMut<'_>, a: Mat<'_>, w: PackedWeight<'_>, write: Writ
     if c.rows == 0 || c.cols == 0 || a.cols == 0 {
         return matmul(c, a, Mat::new(&[], w.inp, w.out), write);
     }
-    let kernel = best_kernel();
+    let token = simd::active();
     let accumulate = write == Write::Accumulate;
-    by_blocks(c, a, w.inp * w.out, &|c, a, first_col| {
-        gemm::gemm_prepacked(c, a, (w.data, w.out, first_col), accumulate, kernel)
+    by_blocks(c, a, w.inp * w.out, token, &|c, a, first_col| {
+        gemm::gemm_prepacked(c, a, (w.data, w.out, first_col), accumulate, token)
     });
 }
 
-/// [`matmul`] with an explicit micro-kernel (tests compare them).
-fn matmul_with(c: MatMut<'_>, a: Mat<'_>, b: Mat<'_>, write: Write, kernel: Kernel) {
+/// [`matmul`] at an explicit SIMD level (tests compare them).
+fn matmul_with(c: MatMut<'_>, a: Mat<'_>, b: Mat<'_>, write: Write, token: Token) {
     assert!(
         a.rows == c.rows && b.cols == c.cols && a.cols == b.rows,
         "matmul shapes: C [{}, {}] = A [{}, {}] · B [{}, {}]",
@@ -307,10 +304,10 @@ fn matmul_with(c: MatMut<'_>, a: Mat<'_>, b: Mat<'_>, write: Write, kernel: Kern
         return;
     }
     let accumulate = write == Write::Accumulate;
-    let path = Path::choose(m, k, b, kernel);
-    by_blocks(c, a, k * n, &|c, a, first_col| {
+    let path = Path::choose(m, k, b);
+    by_blocks(c, a, k * n, token, &|c, a, first_col| {
         let cols = c.cols;
-        gemm::gemm(c, a, b.col_block(first_col, cols), accumulate, kernel, path)
+        gemm::gemm(c, a, b.col_block(first_col, cols), accumulate, token, path)
     });
 }
 
@@ -336,21 +333,23 @@ fn by_blocks(
     c: MatMut<'_>,
     a: Mat<'_>,
     k_times_n: usize,
+    token: Token,
     product: &(dyn Fn(MatMut<'_>, Mat<'_>, usize) + Sync),
 ) {
     let threads = threads();
     if threads <= 1 || c.rows * k_times_n < PARALLEL_MIN_WORK {
         return product(c, a, 0);
     }
-    let tiles = c.rows.div_ceil(gemm::MR);
-    let (wide, tall) = (c.cols >= 4 * gemm::NR * threads, tiles / 2 >= threads);
-    if wide || (!tall && c.cols >= 2 * gemm::NR) {
-        let (cols, size) = (c.cols, c.cols.div_ceil(threads).next_multiple_of(gemm::NR));
+    let (mr, nr) = gemm::tile_shape(token);
+    let tiles = c.rows.div_ceil(mr);
+    let (wide, tall) = (c.cols >= 4 * nr * threads, tiles / 2 >= threads);
+    if wide || (!tall && c.cols >= 2 * nr) {
+        let (cols, size) = (c.cols, c.cols.div_ceil(threads).next_multiple_of(nr));
         threads::for_each_claimed(pieces(c, cols, size, MatMut::split_cols), &|(c, first)| {
             product(c, a, first)
         });
     } else if tall {
-        let (rows, size) = (c.rows, tiles.div_ceil(threads) * gemm::MR);
+        let (rows, size) = (c.rows, tiles.div_ceil(threads) * mr);
         threads::for_each_claimed(pieces(c, rows, size, MatMut::split_rows), &|(c, first)| {
             let rows = c.rows;
             product(c, a.row_block(first, rows), 0)
@@ -410,12 +409,8 @@ mod tests {
             .collect()
     }
 
-    fn kernels() -> Vec<Kernel> {
-        let mut all = vec![Kernel::Portable];
-        if Kernel::best() != Kernel::Portable {
-            all.push(Kernel::best());
-        }
-        all
+    fn kernels() -> Vec<Token> {
+        Token::all()
     }
 
     fn check_close(got: &[f32], want: &[f32], what: &str) {
@@ -452,7 +447,7 @@ mod tests {
                     (Mat::new(&a, k, m).t(), Mat::new(&b, n, k).t()),
                 ];
                 for (case, (am, bm)) in cases.into_iter().enumerate() {
-                    let what = format!("{kernel:?} {m}x{k}x{n} case {case}");
+                    let what = format!("{} {m}x{k}x{n} case {case}", kernel.level());
                     let want = naive(am, bm);
                     let mut c = vec![0.5; m * n];
                     matmul_with(MatMut::new(&mut c, m, n), am, bm, Write::Overwrite, kernel);

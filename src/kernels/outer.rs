@@ -12,7 +12,8 @@
 use std::cell::RefCell;
 use std::ops::Range;
 
-use super::gemm::{self, Kernel, Path};
+use super::gemm::{self, Path};
+use super::simd::{self, Token};
 use super::vector;
 use super::{Buffer, Mat, MatMut, Stream};
 
@@ -29,7 +30,7 @@ thread_local! {
 
 /// Rows of dW per block for an input width `inp`: whole micro-kernel tiles, about 64 KB.
 pub(super) fn block_rows(inp: usize) -> usize {
-    (BLOCK_FLOATS / inp.max(1) / gemm::MR).max(1) * gemm::MR
+    (BLOCK_FLOATS / inp.max(1) / gemm::MR_MAX).max(1) * gemm::MR_MAX
 }
 
 /// ‖dyᵀ·x‖²_F = Σ_s Σ_t (dy_s·dy_t)(x_s·x_t), from the Gram matrices of the
@@ -116,18 +117,17 @@ impl<'a> Outer<'a> {
     /// The micro-kernel and blocking the whole product would use as one
     /// [`super::matmul`]: every block takes the same path, so its rows are
     /// the whole product's rows to the bit.
-    pub(super) fn plan(&self) -> (Kernel, Path) {
-        let kernel = super::best_kernel();
+    pub(super) fn plan(&self) -> (Token, Path) {
         (
-            kernel,
-            Path::choose(self.whole_rows, self.dy.rows, self.x, kernel),
+            simd::active(),
+            Path::choose(self.whole_rows, self.dy.rows, self.x),
         )
     }
 }
 
 /// Rows r0 .. r0 + dst.len()/in of dW = dyᵀ·x into `dst` (row-major), the
 /// same bits as those rows of `matmul(dW, dyᵀ, x)`. With T = 0, dW = 0.
-fn rows_on(dst: &mut [f32], product: Outer<'_>, r0: usize, (kernel, path): (Kernel, Path)) {
+fn rows_on(dst: &mut [f32], product: Outer<'_>, r0: usize, (token, path): (Token, Path)) {
     let Outer { dy, x, .. } = product;
     let rows = dst.len() / x.cols;
     assert!(dst.len() == rows * x.cols && r0 + rows <= dy.cols && dy.rows == x.rows);
@@ -136,14 +136,14 @@ fn rows_on(dst: &mut [f32], product: Outer<'_>, r0: usize, (kernel, path): (Kern
         return;
     }
     let c = MatMut::new(dst, rows, x.cols);
-    gemm::gemm(c, dy.t().row_block(r0, rows), x, false, kernel, path);
+    gemm::gemm(c, dy.t().row_block(r0, rows), x, false, token, path);
 }
 
 /// Forms rows r0 .. r0 + rows of dW in this thread's block buffer and
 /// returns `f` of them.
 pub(super) fn with_block<R>(
     product: Outer<'_>,
-    plan: (Kernel, Path),
+    plan: (Token, Path),
     r0: usize,
     rows: usize,
     f: impl FnOnce(&[f32]) -> R,

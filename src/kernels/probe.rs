@@ -2,14 +2,17 @@
 //! the rate of the square-root/divide unit.
 //!
 //! The benchmark reports every GFLOP/s figure as a percentage of this
-//! measured peak rather than of a datasheet number. The probe runs twelve
-//! independent chains of 16-lane FMAs (enough to hide the FMA latency) and
-//! counts 2 FLOPs per lane per FMA. AdamW needs one square root and one
+//! measured peak rather than of a datasheet number. The probe runs
+//! independent chains of 16-lane FMAs at the level the kernels run at (12
+//! on AVX-512, 6 — twelve ymm or 24 q registers — on AVX2 and NEON: enough to
+//! hide the FMA latency) and counts 2 FLOPs per lane per FMA. AdamW needs one square root and one
 //! division per parameter, which a separate, slower unit computes:
 //! [`sqrt_div_seconds`] times that pair alone, the floor of an AdamW pass
 //! whose data is in cache.
 
 use std::time::{Duration, Instant};
+
+use super::simd::{self, Simd, simd_call};
 
 /// Measured single-thread FMA throughput in GFLOP/s, running for about `budget`.
 pub fn fma_peak_gflops(budget: Duration) -> f64 {
@@ -25,8 +28,8 @@ pub fn fma_peak_gflops(budget: Duration) -> f64 {
     best
 }
 
-/// Seconds per 16-lane square root plus 16-lane division (1 lane each
-/// without AVX-512), issued on eight independent chains x ← 1/√x so that
+/// Seconds per 16-lane square root plus 16-lane division (at the kernels'
+/// level: two ymm or four q operations each below AVX-512), issued on eight independent chains x ← 1/√x so that
 /// their latency is hidden and only the unit's throughput counts; the best
 /// of the runs in about `budget`.
 pub fn sqrt_div_seconds(budget: Duration) -> f64 {
@@ -41,75 +44,54 @@ pub fn sqrt_div_seconds(budget: Duration) -> f64 {
     best
 }
 
-/// Runs `rounds` × 8 (square root, division) pairs; returns a value to keep.
+/// Runs `rounds` × 8 (square root, division) pairs at this process's SIMD
+/// level; returns a value to keep.
 fn sqrt_div_chains(rounds: usize) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU supports AVX-512F (checked just above).
-        return unsafe { sqrt_div_avx512(rounds) };
-    }
-    let mut x = [4.0f32; 8];
-    for _ in 0..rounds {
-        for v in &mut x {
-            *v = 1.0 / v.sqrt();
-        }
-    }
-    x.iter().sum()
+    simd_call!(simd::active(), sqrt_div_on(rounds))
 }
 
 /// Eight independent 16-lane chains x ← 1/√x from 4 (x stays near 1: no
-/// subnormals, no infinities).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn sqrt_div_avx512(rounds: usize) -> f32 {
-    use std::arch::x86_64::*;
-    let one = _mm512_set1_ps(1.0);
-    let mut x = [_mm512_set1_ps(4.0); 8];
+/// subnormals, no infinities); the sum of every lane.
+#[inline(always)]
+fn sqrt_div_on<S: Simd>(s: S, rounds: usize) -> f32 {
+    let one = s.splat(1.0);
+    let mut x = [s.splat(4.0); 8];
     for _ in 0..rounds {
         for v in &mut x {
-            *v = _mm512_div_ps(one, _mm512_sqrt_ps(*v));
+            *v = s.div(one, s.sqrt(*v));
         }
     }
-    _mm512_reduce_add_ps(
-        x.into_iter()
-            .fold(_mm512_setzero_ps(), |s, v| _mm512_add_ps(s, v)),
-    )
+    s.reduce_add(x.into_iter().fold(s.zero(), |sum, v| s.add(sum, v)))
 }
 
-/// Runs `rounds` × 12 vector FMAs; returns (FLOPs done, a value to keep).
+/// Runs `rounds` × [`Simd::FMA_CHAINS`] 16-lane FMAs at this process's SIMD
+/// level; returns (FLOPs done, a value to keep).
 fn chains(rounds: usize) -> (f64, f32) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU supports AVX-512F (checked just above).
-        let sink = unsafe { chains_avx512(rounds) };
-        return ((rounds * 12 * 16 * 2) as f64, sink);
-    }
-    let mut acc = [0.0f32; 12];
-    for _ in 0..rounds {
-        for a in &mut acc {
-            *a = a.mul_add(1.000_000_1, 1e-7);
-        }
-    }
-    ((rounds * 12 * 2) as f64, acc.iter().sum())
+    simd_call!(simd::active(), chains_on(rounds))
 }
 
-/// Twelve independent 16-lane FMA chains.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn chains_avx512(rounds: usize) -> f32 {
-    use std::arch::x86_64::*;
-    let mut acc = [_mm512_setzero_ps(); 12];
-    let (a, b) = (_mm512_set1_ps(1.000_000_1), _mm512_set1_ps(1e-7));
+#[inline(always)]
+fn chains_on<S: Simd>(s: S, rounds: usize) -> (f64, f32) {
+    let sink = match S::FMA_CHAINS {
+        12 => fma_chains::<S, 12>(s, rounds),
+        6 => fma_chains::<S, 6>(s, rounds),
+        _ => fma_chains::<S, 2>(s, rounds),
+    };
+    ((rounds * S::FMA_CHAINS * 16 * 2) as f64, sink)
+}
+
+/// N independent chains v ← v·a + b of 16 lanes each: enough of them to
+/// hide the multiply-add latency, few enough to stay in registers.
+#[inline(always)]
+fn fma_chains<S: Simd, const N: usize>(s: S, rounds: usize) -> f32 {
+    let mut acc = [s.zero(); N];
+    let (a, b) = (s.splat(1.000_000_1), s.splat(1e-7));
     for _ in 0..rounds {
         for v in &mut acc {
-            *v = _mm512_fmadd_ps(*v, a, b);
+            *v = s.mul_add(*v, a, b);
         }
     }
-    let mut sum = _mm512_setzero_ps();
-    for v in acc {
-        sum = _mm512_add_ps(sum, v);
-    }
-    _mm512_reduce_add_ps(sum)
+    s.reduce_add(acc.into_iter().fold(s.zero(), |sum, v| s.add(sum, v)))
 }
 
 #[cfg(test)]
@@ -119,11 +101,9 @@ mod tests {
     #[test]
     fn the_divider_probe_computes_its_chains() {
         // One round of x ← 1/√x from 4 leaves ½ in every lane of 8 chains
-        // of 16 lanes (of 1 without AVX-512); many rounds converge to 1.
-        let sum = sqrt_div_chains(1);
-        assert!(sum == 64.0 || sum == 4.0, "{sum}");
-        let sum = sqrt_div_chains(200);
-        assert!(sum == 128.0 || sum == 8.0, "{sum}");
+        // of 16 lanes; many rounds converge to 1.
+        assert_eq!(sqrt_div_chains(1), 64.0);
+        assert_eq!(sqrt_div_chains(200), 128.0);
         assert!(sqrt_div_seconds(Duration::ZERO) > 0.0);
     }
 }

@@ -2,39 +2,18 @@
 //! multiplies, each fused into as few passes as its data dependencies allow.
 //!
 //! Every kernel has a plain scalar version in [`reference`] — the readable
-//! statement of what it computes, the fallback on CPUs without AVX-512, and the
-//! baseline the tests compare against — and an AVX-512 version in `avx512`,
-//! chosen at run time. The public functions below check their arguments and
-//! dispatch; they are the only way in.
+//! statement of what it computes, and the baseline the tests compare against —
+//! and one SIMD version in `lanes`, written once over the 16-lane vocabulary
+//! of [`super::simd`] and run at this process's level. The public functions
+//! below check their arguments and dispatch; they are the only way in.
 
-use std::sync::OnceLock;
+use super::simd::{self, simd_call};
 
-/// True when this CPU runs the AVX-512 versions (checked once).
-fn avx512() -> bool {
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            std::arch::is_x86_feature_detected!("avx512f")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    })
-}
-
-/// Calls `avx512::$name(args)` when the CPU has AVX-512F, else `reference::$name(args)`.
+/// Calls `lanes::$name(simd, args)` at this process's SIMD level.
 macro_rules! dispatch {
-    ($name:ident($($arg:expr),*)) => {{
-        #[cfg(target_arch = "x86_64")]
-        if avx512() {
-            // SAFETY: the CPU supports AVX-512F (checked by `avx512()`), and the
-            // caller checked every slice length the kernel relies on.
-            return unsafe { avx512::$name($($arg),*) };
-        }
-        reference::$name($($arg),*)
-    }};
+    ($name:ident($($arg:expr),*)) => {
+        simd_call!(simd::active(), lanes::$name($($arg),*))
+    };
 }
 
 /// Σ_i a_i·b_i
@@ -344,277 +323,171 @@ pub mod reference {
     }
 }
 
-/// AVX-512 versions: the same arithmetic on 16 lanes, with masked tails.
-#[cfg(target_arch = "x86_64")]
-mod avx512 {
-    use std::arch::x86_64::*;
-
+/// The SIMD versions: the same formulas as [`reference`] on 16 lanes at a
+/// time, written once over [`Simd`] (so the same bits at every level). Sums
+/// keep 16 (or 64) partial sums, lane i taking elements i, i + 16, …, and
+/// end with [`Simd::reduce_add`]'s tree.
+mod lanes {
     use super::AdamWStep;
+    use crate::kernels::simd::{Simd, exp, lane_sums, load_at, sigmoid, store_at};
 
-    /// Mask of the first `n` (≤ 16) lanes.
+    /// Σ a_i·b_i: 64 partial sums (four vectors) while 64 elements remain,
+    /// then the first vector takes the rest; ((s0 + s1) + (s2 + s3)) is reduced.
     #[inline(always)]
-    fn lanes(n: usize) -> __mmask16 {
-        if n >= 16 {
-            0xFFFF
-        } else {
-            ((1u32 << n) - 1) as __mmask16
-        }
-    }
-
-    /// 16 floats from `x[i..]` (zeros past its end).
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    fn load(x: &[f32], i: usize) -> __m512 {
-        debug_assert!(i < x.len());
-        // SAFETY: only the lanes below x.len() − i are read (the mask; none
-        // when i ≥ x.len(), so the pointer, formed without an out-of-bounds
-        // `add`, is then not dereferenced): sound for any i, in release too.
-        unsafe {
-            _mm512_maskz_loadu_ps(lanes(x.len().saturating_sub(i)), x.as_ptr().wrapping_add(i))
-        }
-    }
-
-    /// Writes the lanes of `v` that fall inside `x[i..]`.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    fn store(x: &mut [f32], i: usize, v: __m512) {
-        debug_assert!(i < x.len());
-        // SAFETY: only the lanes below x.len() − i are written (the mask; none
-        // when i ≥ x.len(), as in `load`): sound for any i, in release too.
-        unsafe {
-            let n = x.len().saturating_sub(i);
-            _mm512_mask_storeu_ps(x.as_mut_ptr().wrapping_add(i), lanes(n), v)
-        }
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    fn splat(v: f32) -> __m512 {
-        _mm512_set1_ps(v)
-    }
-
-    /// e^x on 16 lanes (Cephes expf: |error| ≤ 2 ulp on the clamped range):
-    ///   n = round(x·log2 e);  r = x − n·ln 2 (in two parts);  e^r ≈ 1 + r + r²·P(r);  e^x = 2ⁿ·e^r
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    fn exp(x: __m512) -> __m512 {
-        // Below −104 the result underflows to 0 through scalef; above 88.7 it would overflow.
-        let x = _mm512_min_ps(_mm512_max_ps(x, splat(-104.0)), splat(88.72));
-        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-            _mm512_mul_ps(x, splat(std::f32::consts::LOG2_E)),
-        );
-        let r = _mm512_fnmadd_ps(n, splat(0.693_359_4), x);
-        let r = _mm512_fnmadd_ps(n, splat(-2.121_944_4e-4), r);
-        let mut p = splat(1.987_569_1e-4);
-        for c in [
-            1.398_199_9e-3,
-            8.333_452e-3,
-            4.166_579_6e-2,
-            1.666_666_5e-1,
-            0.5,
-        ] {
-            p = _mm512_fmadd_ps(p, r, splat(c));
-        }
-        let r2 = _mm512_mul_ps(r, r);
-        let e_r = _mm512_add_ps(_mm512_fmadd_ps(p, r2, r), splat(1.0));
-        _mm512_scalef_ps(e_r, n)
-    }
-
-    /// σ(z) = 1/(1 + e^(−z)) on 16 lanes.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    fn sigmoid(z: __m512) -> __m512 {
-        let one = splat(1.0);
-        _mm512_div_ps(
-            one,
-            _mm512_add_ps(one, exp(_mm512_sub_ps(_mm512_setzero_ps(), z))),
-        )
-    }
-
-    #[target_feature(enable = "avx512f")]
-    pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-        let mut acc = [_mm512_setzero_ps(); 4];
+    pub fn dot<S: Simd>(s: S, a: &[f32], b: &[f32]) -> f32 {
+        let mut acc = [s.zero(); 4];
         let mut i = 0;
         while i + 64 <= a.len() {
             for (k, acc) in acc.iter_mut().enumerate() {
-                *acc = _mm512_fmadd_ps(load(a, i + 16 * k), load(b, i + 16 * k), *acc);
+                let j = i + 16 * k;
+                *acc = s.mul_add(load_at(s, a, j), load_at(s, b, j), *acc);
             }
             i += 64;
         }
         while i < a.len() {
-            acc[0] = _mm512_fmadd_ps(load(a, i), load(b, i), acc[0]);
+            acc[0] = s.mul_add(load_at(s, a, i), load_at(s, b, i), acc[0]);
             i += 16;
         }
-        _mm512_reduce_add_ps(_mm512_add_ps(
-            _mm512_add_ps(acc[0], acc[1]),
-            _mm512_add_ps(acc[2], acc[3]),
-        ))
+        s.reduce_add(s.add(s.add(acc[0], acc[1]), s.add(acc[2], acc[3])))
     }
 
-    /// Sixteen 16-lane accumulators, one per dot: each step loads eight
-    /// vectors for sixteen multiply-adds.
-    #[target_feature(enable = "avx512f")]
-    pub fn dots_4x4(a: [&[f32]; 4], b: [&[f32]; 4]) -> [f32; 16] {
-        let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+    /// Sixteen accumulators, one per dot: each step loads eight vectors for
+    /// sixteen multiply-adds; the 16 lane sums come out of one transpose.
+    #[inline(always)]
+    pub fn dots_4x4<S: Simd>(s: S, a: [&[f32]; 4], b: [&[f32]; 4]) -> [f32; 16] {
+        let mut acc = [s.zero(); 16];
         for i in (0..a[0].len()).step_by(16) {
-            let bv = b.map(|row| load(row, i));
-            for (acc_r, row) in acc.iter_mut().zip(a) {
-                let av = load(row, i);
-                for (acc, &bv) in acc_r.iter_mut().zip(&bv) {
-                    *acc = _mm512_fmadd_ps(av, bv, *acc);
+            let bv = b.map(|row| load_at(s, row, i));
+            for (r, row) in a.iter().enumerate() {
+                let av = load_at(s, row, i);
+                for (c, &bv) in bv.iter().enumerate() {
+                    acc[4 * r + c] = s.mul_add(av, bv, acc[4 * r + c]);
                 }
             }
         }
-        let sums = lane_sums(std::array::from_fn(|k| acc[k / 4][k % 4]));
         let mut out = [0.0f32; 16];
-        // SAFETY: `out` holds the 16 floats stored.
-        unsafe { _mm512_storeu_ps(out.as_mut_ptr(), sums) };
+        store_at(s, &mut out, 0, lane_sums(s, acc));
         out
     }
 
-    /// Lane k = the sum of the lanes of v[k], for 16 vectors at once: each
-    /// level adds pairs of vectors after interleaving them, halving the
-    /// vectors and doubling the lanes each sum covers (45 instructions
-    /// instead of 16 separate reductions' 128):
-    ///   4 lanes of 128 bits: (A0+A2, B0+B2, A1+A3, B1+B3)  ← v[2i], v[2i+1]
-    ///   then (A, B, C, D) per 128 bits, then 128-bit halves, then whole.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    fn lane_sums(v: [__m512; 16]) -> __m512 {
-        let l1: [__m512; 8] = std::array::from_fn(|i| {
-            let (a, b) = (v[2 * i], v[2 * i + 1]);
-            _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b))
-        });
-        let l2: [__m512; 4] = std::array::from_fn(|i| {
-            let (a, b) = (l1[2 * i], l1[2 * i + 1]);
-            _mm512_add_ps(
-                _mm512_shuffle_ps::<0x44>(a, b),
-                _mm512_shuffle_ps::<0xEE>(a, b),
-            )
-        });
-        let halves = |a, b| {
-            _mm512_add_ps(
-                _mm512_shuffle_f32x4::<0x88>(a, b),
-                _mm512_shuffle_f32x4::<0xDD>(a, b),
-            )
-        };
-        halves(halves(l2[0], l2[1]), halves(l2[2], l2[3]))
-    }
-
-    #[target_feature(enable = "avx512f")]
-    pub fn sum_of_squares(x: &[f32]) -> f64 {
-        let mut acc = [_mm512_setzero_pd(); 2];
-        for i in (0..x.len()).step_by(16) {
-            let v = load(x, i);
-            let lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
-            let hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
-                _mm512_castps_pd(v),
-            )));
-            acc[0] = _mm512_fmadd_pd(lo, lo, acc[0]);
-            acc[1] = _mm512_fmadd_pd(hi, hi, acc[1]);
+    /// Σ x² in f64: 16 partial sums, then the same tree as `reduce_add`.
+    #[inline(always)]
+    pub fn sum_of_squares<S: Simd>(_s: S, x: &[f32]) -> f64 {
+        let mut acc = [0.0f64; 16];
+        let chunks = x.chunks_exact(16);
+        let tail = chunks.remainder();
+        for chunk in chunks {
+            for (a, &v) in acc.iter_mut().zip(chunk) {
+                *a += f64::from(v) * f64::from(v);
+            }
         }
-        _mm512_reduce_add_pd(_mm512_add_pd(acc[0], acc[1]))
+        for (a, &v) in acc.iter_mut().zip(tail) {
+            *a += f64::from(v) * f64::from(v);
+        }
+        for half in [8, 4, 2, 1] {
+            for i in 0..half {
+                acc[i] += acc[i + half];
+            }
+        }
+        acc[0]
     }
 
-    #[target_feature(enable = "avx512f")]
-    pub fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
-        let a = splat(alpha);
+    #[inline(always)]
+    pub fn axpy<S: Simd>(s: S, y: &mut [f32], alpha: f32, x: &[f32]) {
+        let a = s.splat(alpha);
         for i in (0..y.len()).step_by(16) {
-            store(y, i, _mm512_fmadd_ps(a, load(x, i), load(y, i)));
+            store_at(s, y, i, s.mul_add(a, load_at(s, x, i), load_at(s, y, i)));
         }
     }
 
-    /// Largest value of `x` (lanes past the end count as −∞).
-    #[target_feature(enable = "avx512f")]
-    fn max(x: &[f32]) -> f32 {
-        let mut m = splat(f32::NEG_INFINITY);
+    /// Largest value of `x` (exact, so any order).
+    #[inline(always)]
+    fn max<S: Simd>(s: S, x: &[f32]) -> f32 {
+        let chunks = x.chunks_exact(16);
+        let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let m = chunks.fold(s.splat(f32::NEG_INFINITY), |m, c| s.max(m, load_at(s, c, 0)));
+        s.reduce_max(m).max(tail)
+    }
+
+    #[inline(always)]
+    fn scale<S: Simd>(s: S, x: &mut [f32], c: f32) {
+        let c = s.splat(c);
         for i in (0..x.len()).step_by(16) {
-            // SAFETY: masked load of the lanes inside `x`; the others keep −∞.
-            let v = unsafe {
-                _mm512_mask_loadu_ps(
-                    splat(f32::NEG_INFINITY),
-                    lanes(x.len() - i),
-                    x.as_ptr().add(i),
-                )
-            };
-            m = _mm512_max_ps(m, v);
-        }
-        _mm512_reduce_max_ps(m)
-    }
-
-    #[target_feature(enable = "avx512f")]
-    fn scale(x: &mut [f32], s: f32) {
-        let s = splat(s);
-        for i in (0..x.len()).step_by(16) {
-            store(x, i, _mm512_mul_ps(load(x, i), s));
+            store_at(s, x, i, s.mul(load_at(s, x, i), c));
         }
     }
 
-    #[target_feature(enable = "avx512f")]
-    pub fn scaled_softmax_in_place(x: &mut [f32], c: f32) {
-        let (m, cv) = (splat(max(x)), splat(c));
-        let mut sum = _mm512_setzero_ps();
-        for i in (0..x.len()).step_by(16) {
-            let e = exp(_mm512_mul_ps(_mm512_sub_ps(load(x, i), m), cv));
-            sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(lanes(x.len() - i), e));
-            store(x, i, e);
+    /// out_i ← f(x_i) for every element (x = `out` itself when `x` is None),
+    /// returning Σ f(x_i) (16 partial sums; lanes past the end count 0).
+    #[inline(always)]
+    fn map_and_sum<S: Simd>(
+        s: S,
+        out: &mut [f32],
+        x: Option<&[f32]>,
+        f: impl Fn(S::V) -> S::V,
+    ) -> f32 {
+        let mut sum = s.zero();
+        for i in (0..out.len()).step_by(16) {
+            let e = f(load_at(s, x.unwrap_or(&*out), i));
+            store_at(s, out, i, e);
+            // A short last chunk is read back: its lanes past the end are 0.
+            let e = if i + 16 <= out.len() { e } else { load_at(s, out, i) };
+            sum = s.add(sum, e);
         }
-        scale(x, 1.0 / _mm512_reduce_add_ps(sum));
+        s.reduce_add(sum)
     }
 
-    #[target_feature(enable = "avx512f")]
-    pub fn cross_entropy_row(dz: &mut [f32], z: &[f32], target: usize, s: f32) -> f32 {
-        let max = max(z);
-        let m = splat(max);
-        let mut acc = _mm512_setzero_ps();
-        for i in (0..z.len()).step_by(16) {
-            let e = exp(_mm512_sub_ps(load(z, i), m));
-            acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(lanes(z.len() - i), e));
-            store(dz, i, e);
-        }
-        let sum = _mm512_reduce_add_ps(acc);
-        scale(dz, s / sum);
-        dz[target] -= s;
+    #[inline(always)]
+    pub fn scaled_softmax_in_place<S: Simd>(s: S, x: &mut [f32], c: f32) {
+        let (m, cv) = (s.splat(max(s, x)), s.splat(c));
+        let sum = map_and_sum(s, x, None, |v| exp(s, s.mul(s.sub(v, m), cv)));
+        scale(s, x, 1.0 / sum);
+    }
+
+    #[inline(always)]
+    pub fn cross_entropy_row<S: Simd>(s: S, dz: &mut [f32], z: &[f32], target: usize, scale_by: f32) -> f32 {
+        let max = max(s, z);
+        let m = s.splat(max);
+        let sum = map_and_sum(s, dz, Some(z), |v| exp(s, s.sub(v, m)));
+        scale(s, dz, scale_by / sum);
+        dz[target] -= scale_by;
         max + sum.ln() - z[target]
     }
 
-    #[target_feature(enable = "avx512f")]
-    pub fn swiglu_forward(act: &mut [f32], gate_up: &[f32], f: usize) {
+    #[inline(always)]
+    pub fn swiglu_forward<S: Simd>(s: S, act: &mut [f32], gate_up: &[f32], f: usize) {
         for (a, gu) in act.chunks_exact_mut(f).zip(gate_up.chunks_exact(2 * f)) {
             let (g, u) = gu.split_at(f);
             for i in (0..f).step_by(16) {
-                let gv = load(g, i);
-                store(
-                    a,
-                    i,
-                    _mm512_mul_ps(_mm512_mul_ps(gv, sigmoid(gv)), load(u, i)),
-                );
+                let gv = load_at(s, g, i);
+                let silu = s.mul(gv, sigmoid(s, gv));
+                store_at(s, a, i, s.mul(silu, load_at(s, u, i)));
             }
         }
     }
 
-    #[target_feature(enable = "avx512f")]
-    pub fn swiglu_backward(dgate_up: &mut [f32], dact: &[f32], gate_up: &[f32], f: usize) {
-        let one = splat(1.0);
+    #[inline(always)]
+    pub fn swiglu_backward<S: Simd>(s: S, dgate_up: &mut [f32], dact: &[f32], gate_up: &[f32], f: usize) {
+        let one = s.splat(1.0);
         let rows = dgate_up.chunks_exact_mut(2 * f).zip(dact.chunks_exact(f));
         for ((dgu, da), gu) in rows.zip(gate_up.chunks_exact(2 * f)) {
             let (dg, du) = dgu.split_at_mut(f);
             let (g, u) = gu.split_at(f);
             for i in (0..f).step_by(16) {
-                let (gv, uv, dav) = (load(g, i), load(u, i), load(da, i));
-                let s = sigmoid(gv);
-                store(du, i, _mm512_mul_ps(dav, _mm512_mul_ps(gv, s)));
+                let (gv, uv, dav) = (load_at(s, g, i), load_at(s, u, i), load_at(s, da, i));
+                let sg = sigmoid(s, gv);
+                store_at(s, du, i, s.mul(dav, s.mul(gv, sg)));
                 // σ(1 + g(1 − σ))
-                let dsilu = _mm512_mul_ps(s, _mm512_fmadd_ps(gv, _mm512_sub_ps(one, s), one));
-                store(dg, i, _mm512_mul_ps(_mm512_mul_ps(dav, uv), dsilu));
+                let dsilu = s.mul(sg, s.mul_add(gv, s.sub(one, sg), one));
+                store_at(s, dg, i, s.mul(s.mul(dav, uv), dsilu));
             }
         }
     }
 
     /// Sixteen rows at a time: their sums of squares first, then one vector
     /// sqrt and divide for all sixteen r_t (IEEE-exact, as the scalar formula).
-    #[target_feature(enable = "avx512f")]
-    pub fn rmsnorm(y: &mut [f32], inv_rms: &mut [f32], x: &[f32], gamma: &[f32], eps: f32) {
+    #[inline(always)]
+    pub fn rmsnorm<S: Simd>(s: S, y: &mut [f32], inv_rms: &mut [f32], x: &[f32], gamma: &[f32], eps: f32) {
         let h = gamma.len();
         let blocks = y
             .chunks_mut(16 * h)
@@ -622,27 +495,25 @@ mod avx512 {
             .zip(inv_rms.chunks_mut(16));
         for ((y, x), inv_rms) in blocks {
             let mut sums = [0.0f32; 16];
-            for (s, x) in sums.iter_mut().zip(x.chunks_exact(h)) {
-                *s = dot(x, x);
+            for (sum, x) in sums.iter_mut().zip(x.chunks_exact(h)) {
+                *sum = dot(s, x, x);
             }
-            let mean = _mm512_div_ps(load(&sums, 0), splat(h as f32));
-            let r = _mm512_div_ps(splat(1.0), _mm512_sqrt_ps(_mm512_add_ps(mean, splat(eps))));
-            store(inv_rms, 0, r);
+            let mean = s.div(load_at(s, &sums, 0), s.splat(h as f32));
+            let r = s.div(s.splat(1.0), s.sqrt(s.add(mean, s.splat(eps))));
+            store_at(s, inv_rms, 0, r);
             for ((y, x), &r) in y.chunks_exact_mut(h).zip(x.chunks_exact(h)).zip(&*inv_rms) {
-                let rv = splat(r);
+                let rv = s.splat(r);
                 for i in (0..h).step_by(16) {
-                    store(
-                        y,
-                        i,
-                        _mm512_mul_ps(load(gamma, i), _mm512_mul_ps(load(x, i), rv)),
-                    );
+                    let v = s.mul(load_at(s, gamma, i), s.mul(load_at(s, x, i), rv));
+                    store_at(s, y, i, v);
                 }
             }
         }
     }
 
-    #[target_feature(enable = "avx512f")]
-    pub fn rmsnorm_backward(
+    #[inline(always)]
+    pub fn rmsnorm_backward<S: Simd>(
+        s: S,
         dx: &mut [f32],
         dgamma: &mut [f32],
         dy: &[f32],
@@ -656,49 +527,42 @@ mod avx512 {
             .zip(dy.chunks_exact(h))
             .zip(x.chunks_exact(h));
         for (((dx, dy), x), &r) in rows.zip(inv_rms) {
-            let rv = splat(r);
-            let mut acc = _mm512_setzero_ps();
+            let rv = s.splat(r);
+            let mut acc = s.zero();
             for i in (0..h).step_by(16) {
-                let xhat = _mm512_mul_ps(load(x, i), rv);
-                let dyv = load(dy, i);
-                store(dgamma, i, _mm512_fmadd_ps(dyv, xhat, load(dgamma, i)));
-                acc = _mm512_fmadd_ps(_mm512_mul_ps(load(gamma, i), dyv), xhat, acc);
+                let xhat = s.mul(load_at(s, x, i), rv);
+                let dyv = load_at(s, dy, i);
+                store_at(s, dgamma, i, s.mul_add(dyv, xhat, load_at(s, dgamma, i)));
+                acc = s.mul_add(s.mul(load_at(s, gamma, i), dyv), xhat, acc);
             }
-            let c = splat(_mm512_reduce_add_ps(acc) / h as f32);
+            let c = s.splat(s.reduce_add(acc) / h as f32);
             for i in (0..h).step_by(16) {
-                let g = _mm512_mul_ps(load(gamma, i), load(dy, i));
-                let xhat = _mm512_mul_ps(load(x, i), rv);
-                let d = _mm512_mul_ps(rv, _mm512_fnmadd_ps(xhat, c, g));
-                store(dx, i, _mm512_add_ps(load(dx, i), d));
+                let g = s.mul(load_at(s, gamma, i), load_at(s, dy, i));
+                let xhat = s.mul(load_at(s, x, i), rv);
+                let d = s.mul(rv, s.neg_mul_add(xhat, c, g));
+                store_at(s, dx, i, s.add(load_at(s, dx, i), d));
             }
         }
     }
 
-    #[target_feature(enable = "avx512f")]
-    pub fn adamw(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: AdamWStep) {
-        let (b1, b2) = (splat(s.beta1), splat(s.beta2));
-        let (c1, c2) = (splat(s.one_minus_beta1), splat(s.one_minus_beta2));
-        let (inv_bias1, inv_bias2) = (splat(s.inv_bias1), splat(s.inv_bias2));
-        let (lr, eps, decay, gs) = (
-            splat(s.lr),
-            splat(s.eps),
-            splat(s.decay),
-            splat(s.grad_scale),
-        );
+    #[inline(always)]
+    pub fn adamw<S: Simd>(s: S, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], st: AdamWStep) {
+        let (b1, b2) = (s.splat(st.beta1), s.splat(st.beta2));
+        let (c1, c2) = (s.splat(st.one_minus_beta1), s.splat(st.one_minus_beta2));
+        let (inv_bias1, inv_bias2) = (s.splat(st.inv_bias1), s.splat(st.inv_bias2));
+        let (lr, eps) = (s.splat(st.lr), s.splat(st.eps));
+        let (decay, gs) = (s.splat(st.decay), s.splat(st.grad_scale));
         for i in (0..p.len()).step_by(16) {
-            let gv = _mm512_mul_ps(load(g, i), gs);
-            let mv = _mm512_add_ps(_mm512_mul_ps(b1, load(m, i)), _mm512_mul_ps(c1, gv));
-            let vv = _mm512_add_ps(
-                _mm512_mul_ps(b2, load(v, i)),
-                _mm512_mul_ps(_mm512_mul_ps(c2, gv), gv),
-            );
-            store(m, i, mv);
-            store(v, i, vv);
-            let pv = load(p, i);
-            let w = _mm512_sub_ps(pv, _mm512_mul_ps(decay, pv));
-            let denom = _mm512_add_ps(_mm512_sqrt_ps(_mm512_mul_ps(vv, inv_bias2)), eps);
-            let update = _mm512_div_ps(_mm512_mul_ps(lr, _mm512_mul_ps(mv, inv_bias1)), denom);
-            store(p, i, _mm512_sub_ps(w, update));
+            let gv = s.mul(load_at(s, g, i), gs);
+            let mv = s.add(s.mul(b1, load_at(s, m, i)), s.mul(c1, gv));
+            let vv = s.add(s.mul(b2, load_at(s, v, i)), s.mul(s.mul(c2, gv), gv));
+            store_at(s, m, i, mv);
+            store_at(s, v, i, vv);
+            let pv = load_at(s, p, i);
+            let w = s.sub(pv, s.mul(decay, pv));
+            let denom = s.add(s.sqrt(s.mul(vv, inv_bias2)), eps);
+            let update = s.div(s.mul(lr, s.mul(mv, inv_bias1)), denom);
+            store_at(s, p, i, s.sub(w, update));
         }
     }
 }
