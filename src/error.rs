@@ -181,6 +181,10 @@ pub enum MoeError {
         reason: String,
     },
 
+    /// `MOE_SIMD` names no level, or one this CPU cannot run.
+    #[error(transparent)]
+    SimdLevel(#[from] crate::kernels::SimdLevelError),
+
     /// Reading or writing a file failed.
     #[error("{path}: {source}")]
     Io {

@@ -19,7 +19,7 @@ use rosetta_moe::{MoeError, Result};
 
 /// rosetta-moe: a Mixture-of-Experts Transformer from first principles.
 #[derive(Debug, Parser)]
-#[command(name = "moe", version, about, long_about = None)]
+#[command(name = "moe", version = version(), about, long_about = None)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -38,8 +38,23 @@ enum Command {
     Train(Box<train::Args>),
 }
 
-/// Runs the parsed command.
+/// `moe --version`: the crate's version, then the SIMD level the kernels run
+/// at, the levels this CPU can run and its model.
+fn version() -> &'static str {
+    static TEXT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TEXT.get_or_init(|| {
+        format!(
+            "{}\n{}",
+            env!("CARGO_PKG_VERSION"),
+            rosetta_moe::kernels::describe_simd()
+        )
+    })
+}
+
+/// Runs the parsed command, once `MOE_SIMD` (if set) is known to name a level
+/// this CPU can run.
 pub fn run(cli: Cli) -> Result<()> {
+    rosetta_moe::kernels::requested_level()?;
     match cli.command {
         Command::Bench(args) => bench::run(args),
         Command::Convergence(args) => convergence::run(args),

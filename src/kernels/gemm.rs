@@ -31,7 +31,7 @@
 
 use std::cell::RefCell;
 
-use super::simd::{Simd, Token, load_at, simd_call};
+use super::simd::{Simd, Token, array_of, load_at, simd_call};
 use super::{Mat, MatMut};
 
 /// Most rows of C in one micro-kernel tile, at any level.
@@ -52,10 +52,11 @@ pub(super) fn tile_shape(token: Token) -> (usize, usize) {
 }
 
 thread_local! {
-    /// Packed B for this thread, sized for the largest block.
-    static PACKED_B: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    /// Aᵀ of one [`Path::WeightRows`] block for this thread: [KC][TOKENS].
-    static PACKED_AT: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// This thread's packing buffer: packed B ([`Path::PackB`], NC·KC) or
+    /// the Aᵀ block of [`Path::WeightRows`] (KC·TOKENS). Taken out for each
+    /// product and put back (the kernels run outside `LocalKey`'s closures,
+    /// which would be compiled without their instruction set).
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// How a product is computed. Chosen from the whole product's shape (never
@@ -108,7 +109,12 @@ pub(super) fn gemm(
     token: Token,
     path: Path,
 ) {
-    simd_call!(token, gemm_at(c, a, b, accumulate, path))
+    let mut scratch = SCRATCH.take();
+    if scratch.is_empty() {
+        scratch.resize((NC * KC).max(KC * TOKENS), 0.0);
+    }
+    simd_call!(token, gemm_at(c, a, b, accumulate, path, &mut scratch));
+    SCRATCH.set(scratch);
 }
 
 #[inline(always)]
@@ -119,27 +125,24 @@ fn gemm_at<S: Simd>(
     b: Mat<'_>,
     accumulate: bool,
     path: Path,
+    scratch: &mut [f32],
 ) {
     match path {
         Path::BInPlace => return gemm_b_in_place(s, &mut c, a, b, accumulate),
-        Path::WeightRows => return gemm_weight_rows(s, &mut c, a, b, accumulate),
+        Path::WeightRows => return gemm_weight_rows(s, &mut c, a, b, accumulate, scratch),
         Path::PackB => {}
     }
     let (n, k) = (c.cols, a.cols);
-    PACKED_B.with_borrow_mut(|packed_b| {
-        if packed_b.is_empty() {
-            packed_b.resize(NC * KC, 0.0);
+    let packed_b = &mut scratch[..NC * KC];
+    for jc in (0..n).step_by(NC) {
+        let nc = NC.min(n - jc);
+        for pc in (0..k).step_by(KC) {
+            let kc = KC.min(k - pc);
+            pack_b(s, packed_b, b, (pc, kc), (jc, nc));
+            let block = Block { jc, nc, pc, kc };
+            multiply_block(s, &mut c, a, packed_b, block, accumulate);
         }
-        for jc in (0..n).step_by(NC) {
-            let nc = NC.min(n - jc);
-            for pc in (0..k).step_by(KC) {
-                let kc = KC.min(k - pc);
-                pack_b(s, packed_b, b, (pc, kc), (jc, nc));
-                let block = Block { jc, nc, pc, kc };
-                multiply_block(s, &mut c, a, packed_b, block, accumulate);
-            }
-        }
-    });
+    }
 }
 
 /// [`Path::BInPlace`]: every tile reads its rows of B straight from B.
@@ -172,42 +175,52 @@ fn gemm_b_in_place<S: Simd>(s: S, c: &mut MatMut<'_>, a: Mat<'_>, b: Mat<'_>, ac
 /// with contiguous rows. For each block of 16 tokens and each depth block:
 ///   Aᵀ block → [kc][16];  for each 16 rows of W:  Cᵀ tile (+)= W rows · Aᵀ block
 #[inline(always)]
-fn gemm_weight_rows<S: Simd>(s: S, c: &mut MatMut<'_>, a: Mat<'_>, b: Mat<'_>, accumulate: bool) {
+fn gemm_weight_rows<S: Simd>(
+    s: S,
+    c: &mut MatMut<'_>,
+    a: Mat<'_>,
+    b: Mat<'_>,
+    accumulate: bool,
+    scratch: &mut [f32],
+) {
     let (m, n, k) = (c.rows, c.cols, a.cols);
     let ldw = b.col_stride;
-    PACKED_AT.with_borrow_mut(|at| {
-        if at.is_empty() {
-            at.resize(KC * TOKENS, 0.0);
-        }
-        for t0 in (0..m).step_by(TOKENS) {
-            let tokens = TOKENS.min(m - t0);
-            for pc in (0..k).step_by(KC) {
-                let kc = KC.min(k - pc);
-                pack_a_transposed(s, &mut at[..kc * TOKENS], a, t0, tokens, pc);
-                for j0 in (0..n).step_by(TOKENS) {
-                    let tile = WeightTile {
-                        token: t0,
-                        tokens,
-                        col: j0,
-                        cols: TOKENS.min(n - j0),
-                        add: accumulate || pc > 0,
-                    };
-                    let w = BPanel {
-                        data: &b.data[j0 * ldw + pc..],
-                        ld: ldw,
-                        step: 0,
-                    };
-                    weight_tile_checked(s, c, tile, kc, w, &at[..kc * TOKENS]);
-                }
+    let at = &mut scratch[..KC * TOKENS];
+    for t0 in (0..m).step_by(TOKENS) {
+        let tokens = TOKENS.min(m - t0);
+        for pc in (0..k).step_by(KC) {
+            let kc = KC.min(k - pc);
+            pack_a_transposed(s, &mut at[..kc * TOKENS], a, t0, tokens, pc);
+            for j0 in (0..n).step_by(TOKENS) {
+                let tile = WeightTile {
+                    token: t0,
+                    tokens,
+                    col: j0,
+                    cols: TOKENS.min(n - j0),
+                    add: accumulate || pc > 0,
+                };
+                let w = BPanel {
+                    data: &b.data[j0 * ldw + pc..],
+                    ld: ldw,
+                    step: 0,
+                };
+                weight_tile_checked(s, c, tile, kc, w, &at[..kc * TOKENS]);
             }
         }
-    });
+    }
 }
 
 /// Aᵀ of tokens t0..t0+tokens over depth pc..pc+kc: at[p·16 + t] = A[t0 + t, pc + p],
 /// zero for t ≥ tokens (by register transposes when A's rows are contiguous).
 #[inline(always)]
-fn pack_a_transposed<S: Simd>(s: S, at: &mut [f32], a: Mat<'_>, t0: usize, tokens: usize, pc: usize) {
+fn pack_a_transposed<S: Simd>(
+    s: S,
+    at: &mut [f32],
+    a: Mat<'_>,
+    t0: usize,
+    tokens: usize,
+    pc: usize,
+) {
     let kc = at.len() / TOKENS;
     if a.col_stride == 1 && tokens > 0 {
         let rows = &a.data[t0 * a.row_stride + pc..];
@@ -290,19 +303,24 @@ unsafe fn weight_tile<S: Simd, const G: usize>(
     at: &[f32],
 ) {
     // Rows past `cols` repeat the last real row: read in bounds, never stored.
-    let rows: [*const f32; TOKENS] =
-        std::array::from_fn(|r| w.data[r.min(tile.cols - 1) * w.ld..].as_ptr());
+    let rows: [*const f32; TOKENS] = array_of(
+        #[inline(always)]
+        |r| w.data[r.min(tile.cols - 1) * w.ld..].as_ptr(),
+    );
     let out = |t: usize| c.wrapping_add((tile.token + t) * ldc + tile.col);
     let mut acc = [s.zero(); TOKENS];
     if tile.add {
         // SAFETY: token rows and columns col..col+cols lie inside C (caller's contract).
-        let by_token = std::array::from_fn(|t| {
-            if t < tile.tokens {
-                unsafe { load_cols(s, out(t), tile.cols) }
-            } else {
-                s.zero()
-            }
-        });
+        let by_token = array_of(
+            #[inline(always)]
+            |t| {
+                if t < tile.tokens {
+                    unsafe { load_cols(s, out(t), tile.cols) }
+                } else {
+                    s.zero()
+                }
+            },
+        );
         acc = s.transpose(by_token);
     }
     // The next tile reads the next 16 rows of W over the same depths: kc cache
@@ -311,7 +329,10 @@ unsafe fn weight_tile<S: Simd, const G: usize>(
     // for its few miss buffers, which this tile's own loads need).
     let next_rows = w.data.as_ptr().wrapping_add(TOKENS * w.ld);
     for (group, acc) in acc.chunks_exact_mut(G).enumerate() {
-        let rows: [*const f32; G] = std::array::from_fn(|r| rows[G * group + r]);
+        let rows: [*const f32; G] = array_of(
+            #[inline(always)]
+            |r| rows[G * group + r],
+        );
         for p in 0..kc {
             if group == 0 {
                 s.prefetch(next_rows.wrapping_add((p % 16) * w.ld + (p / 16) * 16));
@@ -465,7 +486,13 @@ impl Tile {
 /// Packs B[pc..pc+kc, jc..jc+nc] into panels of NR columns: panel q holds, for
 /// each depth p, the NR values B[pc+p, jc+q·NR ..], zero past column nc.
 #[inline(always)]
-fn pack_b<S: Simd>(s: S, out: &mut [f32], b: Mat<'_>, (pc, kc): (usize, usize), (jc, nc): (usize, usize)) {
+fn pack_b<S: Simd>(
+    s: S,
+    out: &mut [f32],
+    b: Mat<'_>,
+    (pc, kc): (usize, usize),
+    (jc, nc): (usize, usize),
+) {
     let nr = 16 * S::TILE_VECS;
     for (q, panel) in out[..nc.div_ceil(nr) * nr * kc]
         .chunks_exact_mut(nr * kc)
@@ -520,16 +547,19 @@ fn pack_transposed<S: Simd>(
     for block in 0..ld / 16 {
         for p0 in (0..kc).step_by(16) {
             let depth = (kc - p0).min(16);
-            let rows: [S::V; 16] = std::array::from_fn(|i| {
-                let j = block * 16 + i;
-                if j < width {
-                    // Vector j's depths p0 .. p0+depth (inside `src`, asserted above).
-                    let start = j * stride + p0;
-                    load_at(s, &src[start..start + depth], 0)
-                } else {
-                    s.zero()
-                }
-            });
+            let rows: [S::V; 16] = array_of(
+                #[inline(always)]
+                |i| {
+                    let j = block * 16 + i;
+                    if j < width {
+                        // Vector j's depths p0 .. p0+depth (inside `src`, asserted above).
+                        let start = j * stride + p0;
+                        load_at(s, &src[start..start + depth], 0)
+                    } else {
+                        s.zero()
+                    }
+                },
+            );
             for (i, v) in s.transpose(rows).into_iter().enumerate().take(depth) {
                 let at = (p0 + i) * ld + block * 16;
                 super::simd::store_at(s, &mut panel[at..at + 16], 0, v);
@@ -618,13 +648,16 @@ unsafe fn tile_rows<S: Simd, const R: usize, const NV: usize>(
     add: bool,
 ) {
     let nr = 16 * NV;
-    let rows: [*const f32; R] = std::array::from_fn(|r| {
-        a.data[(tile.row + r) * a.row_stride + tile.depth * a.col_stride..].as_ptr()
-    });
+    let rows: [*const f32; R] = array_of(
+        #[inline(always)]
+        |r| a.data[(tile.row + r) * a.row_stride + tile.depth * a.col_stride..].as_ptr(),
+    );
     for (strip, first) in (0..tile.cols).step_by(nr).enumerate() {
         // Real columns of each of the strip's vectors.
-        let real: [usize; NV] =
-            std::array::from_fn(|j| (tile.cols - first).saturating_sub(16 * j).min(16));
+        let real: [usize; NV] = array_of(
+            #[inline(always)]
+            |j| (tile.cols - first).saturating_sub(16 * j).min(16),
+        );
         let c_col = c.wrapping_add(tile.col + first);
         let c_row = |r: usize| c_col.wrapping_add((tile.row + r) * ldc);
         let mut acc = [[s.zero(); NV]; R];
@@ -650,8 +683,10 @@ unsafe fn tile_rows<S: Simd, const R: usize, const NV: usize>(
             // lanes are not read); every row pointer plus p·col_stride
             // addresses A[row, depth + p], inside A by Tile::fits.
             unsafe {
-                let bv: [S::V; NV] =
-                    std::array::from_fn(|j| load_cols(s, b_row.wrapping_add(16 * j), real[j]));
+                let bv: [S::V; NV] = array_of(
+                    #[inline(always)]
+                    |j| load_cols(s, b_row.wrapping_add(16 * j), real[j]),
+                );
                 for (row, acc_r) in rows.iter().zip(acc.iter_mut()) {
                     let a_r = s.splat(*row.add(p * a.col_stride));
                     for (acc, &bv) in acc_r.iter_mut().zip(&bv) {

@@ -22,7 +22,9 @@ pub use alloc::{CountingAllocator, allocated_bytes, allocation_count};
 pub use outer::{Outer, outer_sq_norm, try_for_each_outer_block};
 pub use pages::{Buffer, Stream, zeroed};
 pub use probe::{fma_peak_gflops, sqrt_div_seconds};
-pub use simd::{SimdLevel, SimdLevelError, requested_level, simd_level};
+pub use simd::{
+    SimdLevel, SimdLevelError, cpu_model, describe as describe_simd, requested_level, simd_level,
+};
 pub use threads::{MAX_THREADS, set_threads, threads};
 pub use update::{TensorGrad, TensorStep, adamw_tensors};
 
@@ -32,10 +34,10 @@ pub use vector::{
     swiglu_forward,
 };
 
-use std::marker::PhantomData;
-use std::ptr::NonNull;
 use gemm::Path;
 use simd::Token;
+use std::marker::PhantomData;
+use std::ptr::NonNull;
 
 /// A read-only matrix view: element (i, j) is `data[i·row_stride + j·col_stride]`.
 #[derive(Debug, Clone, Copy)]
@@ -455,6 +457,44 @@ mod tests {
                     matmul_with(MatMut::new(&mut c, m, n), am, bm, Write::Accumulate, kernel);
                     let twice: Vec<f32> = want.iter().map(|w| 2.0 * w).collect();
                     check_close(&c, &twice, &what);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_gives_the_same_bits_at_every_level() {
+        // Every element is one fused multiply-add chain over the whole depth in
+        // index order, whatever the tile shape (8 × 32 on AVX-512, 6 × 16 on
+        // AVX2 and NEON, 4 × 16 scalar), path or depth blocking.
+        for &(m, k, n) in &[
+            (7, 13, 5),
+            (13, 300, 33),
+            (150, 70, 600),
+            (16, 300, 17),
+            (3, 600, 100),
+        ] {
+            let a = data(m * k, 3);
+            let b = data(k * n, 4);
+            let cases = [
+                (Mat::new(&a, m, k), Mat::new(&b, k, n)),
+                (Mat::new(&a, k, m).t(), Mat::new(&b, k, n)),
+                (Mat::new(&a, m, k), Mat::new(&b, n, k).t()),
+                (Mat::new(&a, k, m).t(), Mat::new(&b, n, k).t()),
+            ];
+            for (case, (am, bm)) in cases.into_iter().enumerate() {
+                let product = |token: Token| {
+                    let mut c = data(m * n, 5);
+                    matmul_with(MatMut::new(&mut c, m, n), am, bm, Write::Accumulate, token);
+                    c.iter().map(|v| v.to_bits()).collect::<Vec<u32>>()
+                };
+                let want = product(Token::Scalar(simd::Scalar));
+                for token in kernels() {
+                    assert!(
+                        product(token) == want,
+                        "{} {m}x{k}x{n} case {case} differs from scalar",
+                        token.level()
+                    );
                 }
             }
         }

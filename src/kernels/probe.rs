@@ -61,7 +61,7 @@ fn sqrt_div_on<S: Simd>(s: S, rounds: usize) -> f32 {
             *v = s.div(one, s.sqrt(*v));
         }
     }
-    s.reduce_add(x.into_iter().fold(s.zero(), |sum, v| s.add(sum, v)))
+    sum_of(s, &x)
 }
 
 /// Runs `rounds` × [`Simd::FMA_CHAINS`] 16-lane FMAs at this process's SIMD
@@ -91,7 +91,17 @@ fn fma_chains<S: Simd, const N: usize>(s: S, rounds: usize) -> f32 {
             *v = s.mul_add(*v, a, b);
         }
     }
-    s.reduce_add(acc.into_iter().fold(s.zero(), |sum, v| s.add(sum, v)))
+    sum_of(s, &acc)
+}
+
+/// Σ of every lane of every vector (a value the optimiser cannot drop).
+#[inline(always)]
+fn sum_of<S: Simd>(s: S, vectors: &[S::V]) -> f32 {
+    let mut sum = s.zero();
+    for &v in vectors {
+        sum = s.add(sum, v);
+    }
+    s.reduce_add(sum)
 }
 
 #[cfg(test)]

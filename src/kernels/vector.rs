@@ -329,7 +329,7 @@ pub mod reference {
 /// end with [`Simd::reduce_add`]'s tree.
 mod lanes {
     use super::AdamWStep;
-    use crate::kernels::simd::{Simd, exp, lane_sums, load_at, sigmoid, store_at};
+    use crate::kernels::simd::{Simd, array_of, exp, lane_sums, load_at, sigmoid, store_at};
 
     /// Σ a_i·b_i: 64 partial sums (four vectors) while 64 elements remain,
     /// then the first vector takes the rest; ((s0 + s1) + (s2 + s3)) is reduced.
@@ -357,7 +357,10 @@ mod lanes {
     pub fn dots_4x4<S: Simd>(s: S, a: [&[f32]; 4], b: [&[f32]; 4]) -> [f32; 16] {
         let mut acc = [s.zero(); 16];
         for i in (0..a[0].len()).step_by(16) {
-            let bv = b.map(|row| load_at(s, row, i));
+            let bv: [S::V; 4] = array_of(
+                #[inline(always)]
+                |c| load_at(s, b[c], i),
+            );
             for (r, row) in a.iter().enumerate() {
                 let av = load_at(s, row, i);
                 for (c, &bv) in bv.iter().enumerate() {
@@ -404,8 +407,14 @@ mod lanes {
     #[inline(always)]
     fn max<S: Simd>(s: S, x: &[f32]) -> f32 {
         let chunks = x.chunks_exact(16);
-        let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-        let m = chunks.fold(s.splat(f32::NEG_INFINITY), |m, c| s.max(m, load_at(s, c, 0)));
+        let tail = chunks
+            .remainder()
+            .iter()
+            .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let mut m = s.splat(f32::NEG_INFINITY);
+        for c in chunks {
+            m = s.max(m, load_at(s, c, 0));
+        }
         s.reduce_max(m).max(tail)
     }
 
@@ -431,7 +440,11 @@ mod lanes {
             let e = f(load_at(s, x.unwrap_or(&*out), i));
             store_at(s, out, i, e);
             // A short last chunk is read back: its lanes past the end are 0.
-            let e = if i + 16 <= out.len() { e } else { load_at(s, out, i) };
+            let e = if i + 16 <= out.len() {
+                e
+            } else {
+                load_at(s, out, i)
+            };
             sum = s.add(sum, e);
         }
         s.reduce_add(sum)
@@ -440,15 +453,33 @@ mod lanes {
     #[inline(always)]
     pub fn scaled_softmax_in_place<S: Simd>(s: S, x: &mut [f32], c: f32) {
         let (m, cv) = (s.splat(max(s, x)), s.splat(c));
-        let sum = map_and_sum(s, x, None, |v| exp(s, s.mul(s.sub(v, m), cv)));
+        let sum = map_and_sum(
+            s,
+            x,
+            None,
+            #[inline(always)]
+            |v| exp(s, s.mul(s.sub(v, m), cv)),
+        );
         scale(s, x, 1.0 / sum);
     }
 
     #[inline(always)]
-    pub fn cross_entropy_row<S: Simd>(s: S, dz: &mut [f32], z: &[f32], target: usize, scale_by: f32) -> f32 {
+    pub fn cross_entropy_row<S: Simd>(
+        s: S,
+        dz: &mut [f32],
+        z: &[f32],
+        target: usize,
+        scale_by: f32,
+    ) -> f32 {
         let max = max(s, z);
         let m = s.splat(max);
-        let sum = map_and_sum(s, dz, Some(z), |v| exp(s, s.sub(v, m)));
+        let sum = map_and_sum(
+            s,
+            dz,
+            Some(z),
+            #[inline(always)]
+            |v| exp(s, s.sub(v, m)),
+        );
         scale(s, dz, scale_by / sum);
         dz[target] -= scale_by;
         max + sum.ln() - z[target]
@@ -467,7 +498,13 @@ mod lanes {
     }
 
     #[inline(always)]
-    pub fn swiglu_backward<S: Simd>(s: S, dgate_up: &mut [f32], dact: &[f32], gate_up: &[f32], f: usize) {
+    pub fn swiglu_backward<S: Simd>(
+        s: S,
+        dgate_up: &mut [f32],
+        dact: &[f32],
+        gate_up: &[f32],
+        f: usize,
+    ) {
         let one = s.splat(1.0);
         let rows = dgate_up.chunks_exact_mut(2 * f).zip(dact.chunks_exact(f));
         for ((dgu, da), gu) in rows.zip(gate_up.chunks_exact(2 * f)) {
@@ -487,7 +524,14 @@ mod lanes {
     /// Sixteen rows at a time: their sums of squares first, then one vector
     /// sqrt and divide for all sixteen r_t (IEEE-exact, as the scalar formula).
     #[inline(always)]
-    pub fn rmsnorm<S: Simd>(s: S, y: &mut [f32], inv_rms: &mut [f32], x: &[f32], gamma: &[f32], eps: f32) {
+    pub fn rmsnorm<S: Simd>(
+        s: S,
+        y: &mut [f32],
+        inv_rms: &mut [f32],
+        x: &[f32],
+        gamma: &[f32],
+        eps: f32,
+    ) {
         let h = gamma.len();
         let blocks = y
             .chunks_mut(16 * h)
@@ -546,7 +590,14 @@ mod lanes {
     }
 
     #[inline(always)]
-    pub fn adamw<S: Simd>(s: S, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], st: AdamWStep) {
+    pub fn adamw<S: Simd>(
+        s: S,
+        p: &mut [f32],
+        g: &[f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        st: AdamWStep,
+    ) {
         let (b1, b2) = (s.splat(st.beta1), s.splat(st.beta2));
         let (c1, c2) = (s.splat(st.one_minus_beta1), s.splat(st.one_minus_beta2));
         let (inv_bias1, inv_bias2) = (s.splat(st.inv_bias1), s.splat(st.inv_bias2));
@@ -569,6 +620,7 @@ mod lanes {
 
 #[cfg(test)]
 mod tests {
+    use super::simd::Token;
     use super::*;
 
     fn data(n: usize, seed: u32, scale: f32) -> Vec<f32> {
@@ -672,6 +724,95 @@ mod tests {
             reference::rmsnorm_backward(&mut dx2, &mut dg2, &dy, &x, &r1, &g);
             close(&dx1, &dx2, 1e-5, "rmsnorm dx");
             close(&dg1, &dg2, 1e-5, "rmsnorm dgamma");
+        }
+    }
+
+    /// The f32s as bit patterns, so equality is to the bit.
+    fn bits(x: &[f32]) -> Vec<u32> {
+        x.iter().map(|v| v.to_bits()).collect()
+    }
+
+    /// `run(token)` gives the same result at every level this CPU can run
+    /// as at the scalar level.
+    fn same_at_every_level<T: PartialEq + std::fmt::Debug>(what: &str, run: impl Fn(Token) -> T) {
+        let want = run(Token::Scalar(simd::Scalar));
+        for token in Token::all() {
+            assert_eq!(
+                run(token),
+                want,
+                "{what}: {} differs from scalar",
+                token.level()
+            );
+        }
+    }
+
+    #[test]
+    fn every_kernel_gives_the_same_bits_at_every_level() {
+        for n in LENS {
+            let (a, b) = (data(n, 1, 1.0), data(n, 2, 1.0));
+            let rows: Vec<Vec<f32>> = (0..8).map(|k| data(n, 10 + k, 1.0)).collect();
+            let four = |first: usize| std::array::from_fn(|i| rows[first + i].as_slice());
+            let what = format!("n = {n}");
+            same_at_every_level(&what, |t| simd_call!(t, lanes::dot(&a, &b)).to_bits());
+            same_at_every_level(&what, |t| {
+                bits(&simd_call!(t, lanes::dots_4x4(four(0), four(4))))
+            });
+            same_at_every_level(&what, |t| {
+                simd_call!(t, lanes::sum_of_squares(&a)).to_bits()
+            });
+            same_at_every_level(&what, |t| {
+                let mut y = b.clone();
+                simd_call!(t, lanes::axpy(&mut y, 0.37, &a));
+                bits(&y)
+            });
+            let z = data(n, 3, 20.0);
+            same_at_every_level(&what, |t| {
+                let mut x = z.clone();
+                simd_call!(t, lanes::scaled_softmax_in_place(&mut x, 0.25));
+                bits(&x)
+            });
+            same_at_every_level(&what, |t| {
+                let mut dz = vec![0.0; n];
+                let loss = simd_call!(t, lanes::cross_entropy_row(&mut dz, &z, n / 2, 0.5));
+                (loss.to_bits(), bits(&dz))
+            });
+            let step = AdamWStep {
+                grad_scale: 0.5,
+                decay: 1e-4,
+                ..AdamWStep::new((0.9, 0.95), 1e-8, 1e-3, 3)
+            };
+            let v0: Vec<f32> = data(n, 12, 0.01).iter().map(|v| v.abs()).collect();
+            same_at_every_level(&what, |t| {
+                let (mut p, mut m, mut v) = (a.clone(), data(n, 11, 0.1), v0.clone());
+                simd_call!(t, lanes::adamw(&mut p, &b, &mut m, &mut v, step));
+                (bits(&p), bits(&m), bits(&v))
+            });
+        }
+        for f in [1, 17, 256] {
+            let (gu, da) = (data(3 * 2 * f, 4, 6.0), data(3 * f, 5, 1.0));
+            same_at_every_level(&format!("swiglu f = {f}"), |t| {
+                let (mut act, mut d) = (vec![0.0; 3 * f], vec![0.0; 6 * f]);
+                simd_call!(t, lanes::swiglu_forward(&mut act, &gu, f));
+                simd_call!(t, lanes::swiglu_backward(&mut d, &da, &gu, f));
+                (bits(&act), bits(&d))
+            });
+        }
+        for (rows, h) in [(1, 1), (17, 17), (33, 256)] {
+            let (x, g, dy) = (
+                data(rows * h, 6, 3.0),
+                data(h, 7, 1.0),
+                data(rows * h, 8, 1.0),
+            );
+            same_at_every_level(&format!("rmsnorm {rows}x{h}"), |t| {
+                let (mut y, mut r) = (vec![0.0; rows * h], vec![0.0; rows]);
+                simd_call!(t, lanes::rmsnorm(&mut y, &mut r, &x, &g, 1e-6));
+                let (mut dx, mut dg) = (vec![0.1; rows * h], vec![0.2; h]);
+                simd_call!(
+                    t,
+                    lanes::rmsnorm_backward(&mut dx, &mut dg, &dy, &x, &r, &g)
+                );
+                (bits(&y), bits(&r), bits(&dx), bits(&dg))
+            });
         }
     }
 

@@ -108,10 +108,15 @@ pub fn markdown(report: &Report, plots: Option<&str>) -> String {
     );
     let _ = writeln!(
         out,
-        "**Machine:** {}, {} hardware threads, {}. **Compiler:** {}. Measured by the suite, on one core: **FMA peak** {:.1} GFLOP/s; **streaming bandwidth** of an AdamW-shaped pass (read p, g, m, v; write p, m, v) {:.1} GB/s from DRAM (4 × 64 MB) and {:.1} GB/s from cache (4 × 128 KB); the DRAM pass split over all {} hardware threads: {}.\n",
+        "**Machine:** {}, {} hardware threads, {}; kernels at SIMD level **{}**. **Compiler:** {}. Measured by the suite at that level, on one core: **FMA peak** {:.1} GFLOP/s; **streaming bandwidth** of an AdamW-shaped pass (read p, g, m, v; write p, m, v) {:.1} GB/s from DRAM (4 × 64 MB) and {:.1} GB/s from cache (4 × 128 KB); the DRAM pass split over all {} hardware threads: {}.\n",
         m.cpu_model,
         m.threads,
         m.os,
+        if m.simd_level.is_empty() {
+            "not recorded"
+        } else {
+            &m.simd_level
+        },
         m.language_version,
         m.fma_peak_gflops,
         m.stream_bandwidth_gbs,

@@ -71,6 +71,10 @@ pub struct Metadata {
     pub os: String,
     /// CPU model name.
     pub cpu_model: String,
+    /// The SIMD level the kernels ran at (`MOE_SIMD`; empty in runs from
+    /// before levels existed, which were AVX-512 where the CPU had it).
+    #[serde(default)]
+    pub simd_level: String,
     /// Hardware threads available.
     pub threads: usize,
     /// When the run started (RFC 3339, UTC).
@@ -521,15 +525,7 @@ pub fn adamw_bandwidth_gbs(floats: usize, budget: Duration) -> f64 {
 
 /// Metadata of this machine and run.
 pub fn metadata(options: Options, probes: Probes, command: String) -> Metadata {
-    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into());
+    let cpu_model = kernels::cpu_model();
     let os_release = std::fs::read_to_string("/etc/os-release")
         .ok()
         .and_then(|text| {
@@ -549,6 +545,7 @@ pub fn metadata(options: Options, probes: Probes, command: String) -> Metadata {
         language_version: env!("MOE_RUSTC_VERSION").into(),
         os,
         cpu_model,
+        simd_level: kernels::simd_level().name().into(),
         threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         timestamp: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         n_trials: options.trials,

@@ -3,7 +3,7 @@
 
 use std::arch::x86_64::*;
 
-use super::Simd;
+use super::{Simd, array_of};
 
 /// Proof that this CPU has AVX2 and FMA.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +37,11 @@ unsafe fn first(n: usize) -> __m256i {
     // SAFETY: 8 − min(n, 8) ∈ 0..=8, so 8 ints from there are inside ONES;
     // the caller holds an Avx2 token.
     unsafe { _mm256_loadu_si256(ONES.as_ptr().add(8 - n.min(8)).cast()) }
+}
+
+#[inline(always)]
+fn each(a: V, f: impl Fn(__m256) -> __m256) -> V {
+    [f(a[0]), f(a[1])]
 }
 
 #[inline(always)]
@@ -93,19 +98,39 @@ impl Simd for Avx2 {
     }
     #[inline(always)]
     fn add(self, a: V, b: V) -> V {
-        both(a, b, |x, y| unsafe { _mm256_add_ps(x, y) })
+        both(
+            a,
+            b,
+            #[inline(always)]
+            |x, y| unsafe { _mm256_add_ps(x, y) },
+        )
     }
     #[inline(always)]
     fn sub(self, a: V, b: V) -> V {
-        both(a, b, |x, y| unsafe { _mm256_sub_ps(x, y) })
+        both(
+            a,
+            b,
+            #[inline(always)]
+            |x, y| unsafe { _mm256_sub_ps(x, y) },
+        )
     }
     #[inline(always)]
     fn mul(self, a: V, b: V) -> V {
-        both(a, b, |x, y| unsafe { _mm256_mul_ps(x, y) })
+        both(
+            a,
+            b,
+            #[inline(always)]
+            |x, y| unsafe { _mm256_mul_ps(x, y) },
+        )
     }
     #[inline(always)]
     fn div(self, a: V, b: V) -> V {
-        both(a, b, |x, y| unsafe { _mm256_div_ps(x, y) })
+        both(
+            a,
+            b,
+            #[inline(always)]
+            |x, y| unsafe { _mm256_div_ps(x, y) },
+        )
     }
     #[inline(always)]
     fn sqrt(self, a: V) -> V {
@@ -131,23 +156,42 @@ impl Simd for Avx2 {
     }
     #[inline(always)]
     fn max(self, a: V, b: V) -> V {
-        both(a, b, |x, y| unsafe { _mm256_max_ps(x, y) })
+        both(
+            a,
+            b,
+            #[inline(always)]
+            |x, y| unsafe { _mm256_max_ps(x, y) },
+        )
     }
     #[inline(always)]
     fn min(self, a: V, b: V) -> V {
-        both(a, b, |x, y| unsafe { _mm256_min_ps(x, y) })
+        both(
+            a,
+            b,
+            #[inline(always)]
+            |x, y| unsafe { _mm256_min_ps(x, y) },
+        )
     }
     #[inline(always)]
     fn round(self, a: V) -> V {
         const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-        unsafe { [_mm256_round_ps::<NEAREST>(a[0]), _mm256_round_ps::<NEAREST>(a[1])] }
+        unsafe {
+            [
+                _mm256_round_ps::<NEAREST>(a[0]),
+                _mm256_round_ps::<NEAREST>(a[1]),
+            ]
+        }
     }
     #[inline(always)]
     fn exp2i(self, n: V) -> V {
-        n.map(|n| unsafe {
-            let biased = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
-            _mm256_castsi256_ps(_mm256_slli_epi32::<23>(biased))
-        })
+        each(
+            n,
+            #[inline(always)]
+            |n| unsafe {
+                let biased = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+                _mm256_castsi256_ps(_mm256_slli_epi32::<23>(biased))
+            },
+        )
     }
     #[inline(always)]
     fn reduce_add(self, v: V) -> f32 {
@@ -170,23 +214,39 @@ impl Simd for Avx2 {
     #[inline(always)]
     fn transpose(self, rows: [V; 16]) -> [V; 16] {
         // Four 8 × 8 blocks: out[c] half h = transpose of rows (8h..8h+8)'s column-half c/8.
-        let block = |h: usize, c: usize| -> [__m256; 8] {
-            // SAFETY: the token proves AVX (`transpose8` needs only that).
-            unsafe { transpose8(std::array::from_fn(|r| rows[8 * h + r][c])) }
-        };
+        // SAFETY: the token proves AVX (`transpose8` needs only that).
+        let block = |h: usize, c: usize| unsafe { transpose8_of(&rows, h, c) };
         let (top_left, bottom_left) = (block(0, 0), block(1, 0));
         let (top_right, bottom_right) = (block(0, 1), block(1, 1));
-        std::array::from_fn(|c| {
-            if c < 8 {
-                [top_left[c], bottom_left[c]]
-            } else {
-                [top_right[c - 8], bottom_right[c - 8]]
-            }
-        })
+        array_of(
+            #[inline(always)]
+            |c| {
+                if c < 8 {
+                    [top_left[c], bottom_left[c]]
+                } else {
+                    [top_right[c - 8], bottom_right[c - 8]]
+                }
+            },
+        )
     }
     #[inline(always)]
     fn prefetch(self, p: *const f32) {
         unsafe { _mm_prefetch::<_MM_HINT_T1>(p.cast()) }
+    }
+}
+
+/// The transpose of rows 8h..8h+8's ymm half c.
+///
+/// # Safety
+/// The caller holds an Avx2 token.
+#[inline(always)]
+unsafe fn transpose8_of(rows: &[V; 16], h: usize, c: usize) -> [__m256; 8] {
+    // SAFETY: the caller holds an Avx2 token.
+    unsafe {
+        transpose8(array_of(
+            #[inline(always)]
+            |r| rows[8 * h + r][c],
+        ))
     }
 }
 
@@ -196,31 +256,40 @@ unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
     // SAFETY: the caller holds an Avx2 token.
     unsafe {
         // Pairs of rows interleaved, then pairs of pairs (64-bit), then 128-bit halves.
-        let t: [__m256; 8] = std::array::from_fn(|i| {
-            let (a, b) = (r[i & !1], r[i | 1]);
-            if i % 2 == 0 {
-                _mm256_unpacklo_ps(a, b)
-            } else {
-                _mm256_unpackhi_ps(a, b)
-            }
-        });
+        let t: [__m256; 8] = array_of(
+            #[inline(always)]
+            |i| {
+                let (a, b) = (r[i & !1], r[i | 1]);
+                if i % 2 == 0 {
+                    _mm256_unpacklo_ps(a, b)
+                } else {
+                    _mm256_unpackhi_ps(a, b)
+                }
+            },
+        );
         // u[4g + c] holds, in its 128-bit half l, column c + 4l of rows 4g .. 4g+4.
-        let u: [__m256; 8] = std::array::from_fn(|i| {
-            let (g, c) = (i / 4, i % 4);
-            let (a, b) = (t[4 * g + c / 2], t[4 * g + 2 + c / 2]);
-            if c % 2 == 0 {
-                _mm256_shuffle_ps::<0x44>(a, b)
-            } else {
-                _mm256_shuffle_ps::<0xEE>(a, b)
-            }
-        });
-        std::array::from_fn(|col| {
-            let (c, high) = (col % 4, col >= 4);
-            if high {
-                _mm256_permute2f128_ps::<0x31>(u[c], u[4 + c])
-            } else {
-                _mm256_permute2f128_ps::<0x20>(u[c], u[4 + c])
-            }
-        })
+        let u: [__m256; 8] = array_of(
+            #[inline(always)]
+            |i| {
+                let (g, c) = (i / 4, i % 4);
+                let (a, b) = (t[4 * g + c / 2], t[4 * g + 2 + c / 2]);
+                if c % 2 == 0 {
+                    _mm256_shuffle_ps::<0x44>(a, b)
+                } else {
+                    _mm256_shuffle_ps::<0xEE>(a, b)
+                }
+            },
+        );
+        array_of(
+            #[inline(always)]
+            |col| {
+                let (c, high) = (col % 4, col >= 4);
+                if high {
+                    _mm256_permute2f128_ps::<0x31>(u[c], u[4 + c])
+                } else {
+                    _mm256_permute2f128_ps::<0x20>(u[c], u[4 + c])
+                }
+            },
+        )
     }
 }

@@ -2,7 +2,7 @@
 
 use std::arch::x86_64::*;
 
-use super::Simd;
+use super::{Simd, array_of};
 
 /// Proof that this CPU has AVX-512F (with AVX2 and FMA, which every AVX-512
 /// CPU has).
@@ -150,51 +150,63 @@ unsafe fn transpose16(rows: [__m512; 16]) -> [__m512; 16] {
     // SAFETY: the caller holds an Avx512 token.
     unsafe {
         // 1. Interleave pairs of rows (32-bit elements).
-        let t: [__m512; 16] = std::array::from_fn(|i| {
-            let (a, b) = (rows[i & !1], rows[i | 1]);
-            if i % 2 == 0 {
-                _mm512_unpacklo_ps(a, b)
-            } else {
-                _mm512_unpackhi_ps(a, b)
-            }
-        });
+        let t: [__m512; 16] = array_of(
+            #[inline(always)]
+            |i| {
+                let (a, b) = (rows[i & !1], rows[i | 1]);
+                if i % 2 == 0 {
+                    _mm512_unpacklo_ps(a, b)
+                } else {
+                    _mm512_unpackhi_ps(a, b)
+                }
+            },
+        );
         // 2. Interleave pairs of those (64-bit elements): u[4g + c] holds, in
         //    its 128-bit lane l, column c + 4l of rows 4g .. 4g+4.
-        let u: [__m512; 16] = std::array::from_fn(|i| {
-            let (g, c) = (i / 4, i % 4);
-            let (a, b) = (t[4 * g + c / 2], t[4 * g + 2 + c / 2]);
-            let (a, b) = (_mm512_castps_pd(a), _mm512_castps_pd(b));
-            _mm512_castpd_ps(if c % 2 == 0 {
-                _mm512_unpacklo_pd(a, b)
-            } else {
-                _mm512_unpackhi_pd(a, b)
-            })
-        });
+        let u: [__m512; 16] = array_of(
+            #[inline(always)]
+            |i| {
+                let (g, c) = (i / 4, i % 4);
+                let (a, b) = (t[4 * g + c / 2], t[4 * g + 2 + c / 2]);
+                let (a, b) = (_mm512_castps_pd(a), _mm512_castps_pd(b));
+                _mm512_castpd_ps(if c % 2 == 0 {
+                    _mm512_unpacklo_pd(a, b)
+                } else {
+                    _mm512_unpackhi_pd(a, b)
+                })
+            },
+        );
         // 3. Gather 128-bit lanes: for groups (0, 1) and (2, 3), lanes {0, 2} and {1, 3}.
-        let v: [__m512; 16] = std::array::from_fn(|i| {
-            let (pair, c, odd) = (i / 8, i % 4, (i / 4) % 2 == 1);
-            let (a, b) = (u[8 * pair + c], u[8 * pair + 4 + c]);
-            if odd {
-                _mm512_shuffle_f32x4::<0xdd>(a, b)
-            } else {
-                _mm512_shuffle_f32x4::<0x88>(a, b)
-            }
-        });
+        let v: [__m512; 16] = array_of(
+            #[inline(always)]
+            |i| {
+                let (pair, c, odd) = (i / 8, i % 4, (i / 4) % 2 == 1);
+                let (a, b) = (u[8 * pair + c], u[8 * pair + 4 + c]);
+                if odd {
+                    _mm512_shuffle_f32x4::<0xdd>(a, b)
+                } else {
+                    _mm512_shuffle_f32x4::<0x88>(a, b)
+                }
+            },
+        );
         // 4. Final lanes: column c from (v[c], v[8 + c]) lanes {0, 2}, column
         //    c + 8 from lanes {1, 3}; columns c + 4 and c + 12 likewise from
         //    v[4 + c], v[12 + c].
-        std::array::from_fn(|col| {
-            let (c, plus4, plus8) = (col % 4, (col / 4) % 2 == 1, col >= 8);
-            let (a, b) = if plus4 {
-                (v[4 + c], v[12 + c])
-            } else {
-                (v[c], v[8 + c])
-            };
-            if plus8 {
-                _mm512_shuffle_f32x4::<0xdd>(a, b)
-            } else {
-                _mm512_shuffle_f32x4::<0x88>(a, b)
-            }
-        })
+        array_of(
+            #[inline(always)]
+            |col| {
+                let (c, plus4, plus8) = (col % 4, (col / 4) % 2 == 1, col >= 8);
+                let (a, b) = if plus4 {
+                    (v[4 + c], v[12 + c])
+                } else {
+                    (v[c], v[8 + c])
+                };
+                if plus8 {
+                    _mm512_shuffle_f32x4::<0xdd>(a, b)
+                } else {
+                    _mm512_shuffle_f32x4::<0x88>(a, b)
+                }
+            },
+        )
     }
 }

@@ -110,7 +110,10 @@ pub enum SimdLevelError {
     #[error("MOE_SIMD={0:?} is not a level: use scalar, avx2, avx512 or neon")]
     Unknown(String),
     /// A level this CPU lacks.
-    #[error("MOE_SIMD={asked}: this CPU cannot run it (it runs {})", supported_names())]
+    #[error(
+        "MOE_SIMD={asked}: this CPU cannot run it (it runs {})",
+        supported_names()
+    )]
     Unsupported {
         /// The level asked for.
         asked: SimdLevel,
@@ -152,6 +155,25 @@ pub(crate) fn active() -> Token {
 /// The level this process's kernels run at.
 pub fn simd_level() -> SimdLevel {
     active().level()
+}
+
+/// This CPU's model name, as the kernel reports it ("unknown" where it does not).
+pub fn cpu_model() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    info.lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map_or_else(|| "unknown".into(), |(_, v)| v.trim().to_string())
+}
+
+/// One line for `moe --version` and the reports: the level in use (or why
+/// `MOE_SIMD` cannot be honoured), every level this CPU can run, and the CPU.
+pub fn describe() -> String {
+    let level = match requested_level() {
+        Ok(level) => format!("SIMD {level} (this CPU runs {})", supported_names()),
+        Err(e) => format!("SIMD: {e}"),
+    };
+    format!("{level}; CPU {}", cpu_model())
 }
 
 /// A level with the proof that this CPU can run it.
@@ -212,15 +234,27 @@ macro_rules! simd_call {
         match $token {
             $crate::kernels::simd::Token::Scalar(s) => $($f)::+(s, $($arg),*),
             #[cfg(target_arch = "x86_64")]
-            $crate::kernels::simd::Token::Avx2(s) => s.run(|| $($f)::+(s, $($arg),*)),
+            $crate::kernels::simd::Token::Avx2(s) => s.run(#[inline(always)] || $($f)::+(s, $($arg),*)),
             #[cfg(target_arch = "x86_64")]
-            $crate::kernels::simd::Token::Avx512(s) => s.run(|| $($f)::+(s, $($arg),*)),
+            $crate::kernels::simd::Token::Avx512(s) => s.run(#[inline(always)] || $($f)::+(s, $($arg),*)),
             #[cfg(target_arch = "aarch64")]
-            $crate::kernels::simd::Token::Neon(s) => s.run(|| $($f)::+(s, $($arg),*)),
+            $crate::kernels::simd::Token::Neon(s) => s.run(#[inline(always)] || $($f)::+(s, $($arg),*)),
         }
     };
 }
 pub(crate) use simd_call;
+
+/// `[f(0), f(1), …, f(N − 1)]`, inlined whole into the kernel that calls it.
+/// (`std::array::from_fn` may stay a call, compiled without the kernel's
+/// instruction set — and every intrinsic inside it would stay a call too.)
+#[inline(always)]
+pub(crate) fn array_of<T: Copy, const N: usize>(mut f: impl FnMut(usize) -> T) -> [T; N] {
+    let mut out = [f(0); N];
+    for (i, x) in out.iter_mut().enumerate().skip(1) {
+        *x = f(i);
+    }
+    out
+}
 
 /// The vocabulary of 16-lane f32 vectors the kernels are written in.
 ///
@@ -434,7 +468,9 @@ mod tests {
         let want = (s4[0] + s4[2]) + (s4[1] + s4[3]);
         assert_eq!(f32::from_bits(sum), want);
         assert_eq!(lanes[3], sum);
-        let first: Vec<u32> = (0..16).map(|r| values(1 + r).map(f32::to_bits)[0]).collect();
+        let first: Vec<u32> = (0..16)
+            .map(|r| values(1 + r).map(f32::to_bits)[0])
+            .collect();
         assert_eq!(column0.to_vec(), first);
     }
 
@@ -444,9 +480,21 @@ mod tests {
         let got = simd_call!(active(), exp_of(&x)).map(f32::from_bits);
         for (g, x) in got.iter().zip(x) {
             let want = x.exp();
-            assert!((g - want).abs() <= 4.0 * f32::EPSILON * want, "{x}: {g} vs {want}");
+            assert!(
+                (g - want).abs() <= 4.0 * f32::EPSILON * want,
+                "{x}: {g} vs {want}"
+            );
         }
-        let ends = [-1e30, f32::NEG_INFINITY, -104.5, -90.0, 88.7, 1e30, 0.0, -0.0];
+        let ends = [
+            -1e30,
+            f32::NEG_INFINITY,
+            -104.5,
+            -90.0,
+            88.7,
+            1e30,
+            0.0,
+            -0.0,
+        ];
         let mut x = [0.0; 16];
         x[..8].copy_from_slice(&ends);
         let got = simd_call!(active(), exp_of(&x)).map(f32::from_bits);

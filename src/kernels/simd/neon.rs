@@ -3,7 +3,7 @@
 
 use std::arch::aarch64::*;
 
-use super::Simd;
+use super::{Simd, array_of};
 
 /// Proof that this CPU has Advanced SIMD (every aarch64 CPU that runs Linux
 /// or macOS does; it is checked all the same).
@@ -37,7 +37,10 @@ fn each(a: V, f: impl Fn(float32x4_t) -> float32x4_t) -> V {
 
 #[inline(always)]
 fn pairs(a: V, b: V, f: impl Fn(float32x4_t, float32x4_t) -> float32x4_t) -> V {
-    std::array::from_fn(|i| f(a[i], b[i]))
+    array_of(
+        #[inline(always)]
+        |i| f(a[i], b[i]),
+    )
 }
 
 // SAFETY (every `unsafe` block below without its own note): a value of
@@ -60,7 +63,12 @@ impl Simd for Neon {
     }
     #[inline(always)]
     unsafe fn load(self, p: *const f32) -> V {
-        unsafe { std::array::from_fn(|i| vld1q_f32(p.add(4 * i))) }
+        unsafe {
+            array_of(
+                #[inline(always)]
+                |i| vld1q_f32(p.add(4 * i)),
+            )
+        }
     }
     #[inline(always)]
     unsafe fn load_first(self, p: *const f32, n: usize) -> V {
@@ -84,52 +92,100 @@ impl Simd for Neon {
     }
     #[inline(always)]
     fn add(self, a: V, b: V) -> V {
-        pairs(a, b, |x, y| unsafe { vaddq_f32(x, y) })
+        pairs(
+            a,
+            b,
+            #[inline(always)]
+            |x, y| unsafe { vaddq_f32(x, y) },
+        )
     }
     #[inline(always)]
     fn sub(self, a: V, b: V) -> V {
-        pairs(a, b, |x, y| unsafe { vsubq_f32(x, y) })
+        pairs(
+            a,
+            b,
+            #[inline(always)]
+            |x, y| unsafe { vsubq_f32(x, y) },
+        )
     }
     #[inline(always)]
     fn mul(self, a: V, b: V) -> V {
-        pairs(a, b, |x, y| unsafe { vmulq_f32(x, y) })
+        pairs(
+            a,
+            b,
+            #[inline(always)]
+            |x, y| unsafe { vmulq_f32(x, y) },
+        )
     }
     #[inline(always)]
     fn div(self, a: V, b: V) -> V {
-        pairs(a, b, |x, y| unsafe { vdivq_f32(x, y) })
+        pairs(
+            a,
+            b,
+            #[inline(always)]
+            |x, y| unsafe { vdivq_f32(x, y) },
+        )
     }
     #[inline(always)]
     fn sqrt(self, a: V) -> V {
-        each(a, |x| unsafe { vsqrtq_f32(x) })
+        each(
+            a,
+            #[inline(always)]
+            |x| unsafe { vsqrtq_f32(x) },
+        )
     }
     #[inline(always)]
     fn mul_add(self, a: V, b: V, c: V) -> V {
-        std::array::from_fn(|i| unsafe { vfmaq_f32(c[i], a[i], b[i]) })
+        array_of(
+            #[inline(always)]
+            |i| unsafe { vfmaq_f32(c[i], a[i], b[i]) },
+        )
     }
     #[inline(always)]
     fn neg_mul_add(self, a: V, b: V, c: V) -> V {
-        std::array::from_fn(|i| unsafe { vfmsq_f32(c[i], a[i], b[i]) })
+        array_of(
+            #[inline(always)]
+            |i| unsafe { vfmsq_f32(c[i], a[i], b[i]) },
+        )
     }
     #[inline(always)]
     fn max(self, a: V, b: V) -> V {
         // maxNum: a NaN lane gives the other operand, as x86's max does for
         // the clamps the kernels use.
-        pairs(a, b, |x, y| unsafe { vmaxnmq_f32(x, y) })
+        pairs(
+            a,
+            b,
+            #[inline(always)]
+            |x, y| unsafe { vmaxnmq_f32(x, y) },
+        )
     }
     #[inline(always)]
     fn min(self, a: V, b: V) -> V {
-        pairs(a, b, |x, y| unsafe { vminnmq_f32(x, y) })
+        pairs(
+            a,
+            b,
+            #[inline(always)]
+            |x, y| unsafe { vminnmq_f32(x, y) },
+        )
     }
     #[inline(always)]
     fn round(self, a: V) -> V {
-        each(a, |x| unsafe { vrndnq_f32(x) })
+        each(
+            a,
+            #[inline(always)]
+            |x| unsafe { vrndnq_f32(x) },
+        )
     }
     #[inline(always)]
     fn exp2i(self, n: V) -> V {
-        each(n, |n| unsafe {
-            let biased = vaddq_s32(vcvtnq_s32_f32(n), vdupq_n_s32(127));
-            vreinterpretq_f32_s32(vshlq_n_s32::<23>(biased))
-        })
+        each(
+            n,
+            #[inline(always)]
+            |n| unsafe {
+                let biased = vaddq_s32(vcvtnq_s32_f32(n), vdupq_n_s32(127));
+                vreinterpretq_f32_s32(vshlq_n_s32::<23>(biased))
+            },
+        )
     }
     #[inline(always)]
     fn reduce_add(self, v: V) -> f32 {
@@ -142,7 +198,12 @@ impl Simd for Neon {
     }
     #[inline(always)]
     fn reduce_max(self, v: V) -> f32 {
-        unsafe { vmaxnmvq_f32(vmaxnmq_f32(vmaxnmq_f32(v[0], v[1]), vmaxnmq_f32(v[2], v[3]))) }
+        unsafe {
+            vmaxnmvq_f32(vmaxnmq_f32(
+                vmaxnmq_f32(v[0], v[1]),
+                vmaxnmq_f32(v[2], v[3]),
+            ))
+        }
     }
     #[inline(always)]
     fn transpose(self, rows: [V; 16]) -> [V; 16] {
@@ -153,7 +214,10 @@ impl Simd for Neon {
             for cb in 0..4 {
                 // SAFETY: the token proves NEON.
                 let t = unsafe {
-                    transpose4(std::array::from_fn(|i| rows[4 * rb + i][cb]))
+                    transpose4(array_of(
+                        #[inline(always)]
+                        |i| rows[4 * rb + i][cb],
+                    ))
                 };
                 for (i, q) in t.into_iter().enumerate() {
                     out[4 * cb + i][rb] = q;

@@ -2,7 +2,7 @@
 //! over them. Runs on any CPU, and states in the simplest form what every
 //! other level computes lane by lane.
 
-use super::Simd;
+use super::{Simd, array_of};
 
 /// The scalar level (every CPU has it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,7 +17,10 @@ fn map(a: V, f: impl Fn(f32) -> f32) -> V {
 
 #[inline(always)]
 fn zip(a: V, b: V, f: impl Fn(f32, f32) -> f32) -> V {
-    std::array::from_fn(|i| f(a[i], b[i]))
+    array_of(
+        #[inline(always)]
+        |i| f(a[i], b[i]),
+    )
 }
 
 impl Simd for Scalar {
@@ -59,19 +62,39 @@ impl Simd for Scalar {
     }
     #[inline(always)]
     fn add(self, a: V, b: V) -> V {
-        zip(a, b, |x, y| x + y)
+        zip(
+            a,
+            b,
+            #[inline(always)]
+            |x, y| x + y,
+        )
     }
     #[inline(always)]
     fn sub(self, a: V, b: V) -> V {
-        zip(a, b, |x, y| x - y)
+        zip(
+            a,
+            b,
+            #[inline(always)]
+            |x, y| x - y,
+        )
     }
     #[inline(always)]
     fn mul(self, a: V, b: V) -> V {
-        zip(a, b, |x, y| x * y)
+        zip(
+            a,
+            b,
+            #[inline(always)]
+            |x, y| x * y,
+        )
     }
     #[inline(always)]
     fn div(self, a: V, b: V) -> V {
-        zip(a, b, |x, y| x / y)
+        zip(
+            a,
+            b,
+            #[inline(always)]
+            |x, y| x / y,
+        )
     }
     #[inline(always)]
     fn sqrt(self, a: V) -> V {
@@ -79,11 +102,17 @@ impl Simd for Scalar {
     }
     #[inline(always)]
     fn mul_add(self, a: V, b: V, c: V) -> V {
-        std::array::from_fn(|i| a[i].mul_add(b[i], c[i]))
+        array_of(
+            #[inline(always)]
+            |i| a[i].mul_add(b[i], c[i]),
+        )
     }
     #[inline(always)]
     fn neg_mul_add(self, a: V, b: V, c: V) -> V {
-        std::array::from_fn(|i| (-a[i]).mul_add(b[i], c[i]))
+        array_of(
+            #[inline(always)]
+            |i| (-a[i]).mul_add(b[i], c[i]),
+        )
     }
     #[inline(always)]
     fn max(self, a: V, b: V) -> V {
@@ -99,12 +128,22 @@ impl Simd for Scalar {
     }
     #[inline(always)]
     fn exp2i(self, n: V) -> V {
-        map(n, |n| f32::from_bits(((n as i32 + 127) as u32) << 23))
+        map(
+            n,
+            #[inline(always)]
+            |n| f32::from_bits(((n as i32 + 127) as u32) << 23),
+        )
     }
     #[inline(always)]
     fn reduce_add(self, v: V) -> f32 {
-        let s8: [f32; 8] = std::array::from_fn(|i| v[i] + v[i + 8]);
-        let s4: [f32; 4] = std::array::from_fn(|i| s8[i] + s8[i + 4]);
+        let s8: [f32; 8] = array_of(
+            #[inline(always)]
+            |i| v[i] + v[i + 8],
+        );
+        let s4: [f32; 4] = array_of(
+            #[inline(always)]
+            |i| s8[i] + s8[i + 4],
+        );
         let s2 = [s4[0] + s4[2], s4[1] + s4[3]];
         s2[0] + s2[1]
     }
@@ -114,7 +153,15 @@ impl Simd for Scalar {
     }
     #[inline(always)]
     fn transpose(self, rows: [V; 16]) -> [V; 16] {
-        std::array::from_fn(|c| std::array::from_fn(|r| rows[r][c]))
+        array_of(
+            #[inline(always)]
+            |c| {
+                array_of(
+                    #[inline(always)]
+                    |r| rows[r][c],
+                )
+            },
+        )
     }
     #[inline(always)]
     fn prefetch(self, _p: *const f32) {}
