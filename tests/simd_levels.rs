@@ -1,7 +1,9 @@
 //! The same bits at every SIMD level: `moe` run with `MOE_SIMD` set to each
 //! level this CPU can run (scalar included) writes byte-identical dumps
 //! (logits, losses, every gradient, weights after an AdamW step), trains to
-//! byte-identical weights and moments, and samples the same tokens.
+//! byte-identical weights and moments, and samples the same tokens — and
+//! the dump is the committed bytes on every CPU this suite runs on (x86-64
+//! natively, aarch64 under qemu in `.ci/aarch64`).
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -9,6 +11,19 @@ use std::process::{Command, Output};
 use rosetta_moe::kernels::SimdLevel;
 
 const MOE: &str = env!("CARGO_BIN_EXE_moe");
+
+/// The batch every dump here is taken on: 3 rows of 40 ids below 1000.
+fn write_batch(path: &Path) {
+    let ids: Vec<Vec<u32>> = (0..3)
+        .map(|b| (0..40).map(|i| (i * 37 + b * 101) % 1000).collect())
+        .collect();
+    let targets: Vec<Vec<u32>> = ids
+        .iter()
+        .map(|row| row.iter().map(|t| (t * 7 + 3) % 1000).collect())
+        .collect();
+    let batch = serde_json::json!({ "ids": ids, "targets": targets });
+    std::fs::write(path, batch.to_string()).unwrap();
+}
 
 fn moe_at(level: &str, args: &[&str]) -> Output {
     let out = Command::new(MOE)
@@ -104,15 +119,7 @@ fn every_level_writes_the_same_bytes_and_samples_the_same_tokens() {
         .map(|i| format!("{i}: To be, or not to be, that is the question.\n"))
         .collect();
     std::fs::write(dir.path().join("text.txt"), text).unwrap();
-    let ids: Vec<Vec<u32>> = (0..3)
-        .map(|b| (0..40).map(|i| (i * 37 + b * 101) % 1000).collect())
-        .collect();
-    let targets: Vec<Vec<u32>> = ids
-        .iter()
-        .map(|row| row.iter().map(|t| (t * 7 + 3) % 1000).collect())
-        .collect();
-    let batch = serde_json::json!({ "ids": ids, "targets": targets });
-    std::fs::write(dir.path().join("batch.json"), batch.to_string()).unwrap();
+    write_batch(&dir.path().join("batch.json"));
 
     let levels = SimdLevel::supported();
     assert!(levels.contains(&SimdLevel::Scalar));
@@ -152,4 +159,54 @@ fn a_level_the_cpu_lacks_or_an_unknown_name_is_a_clear_error() {
         assert!(stderr.contains(says), "MOE_SIMD={asked}: {stderr}");
         assert!(!out.exists(), "MOE_SIMD={asked} wrote {}", out.display());
     }
+}
+
+/// SHA-256 of `moe dump` of the `small` model (seed 3) on [`write_batch`]'s
+/// batch: logits, losses, every gradient and the weights after one AdamW
+/// step. Any change to the arithmetic changes it; regenerate on purpose with
+///   moe init --config small --seed 3 --out ck && moe dump --checkpoint ck \
+///     --batch batch.json --out dump.safetensors && sha256sum dump.safetensors
+/// (batch.json as [`write_batch`] writes it).
+const SMALL_DUMP_SHA256: &str = include_str!("fixtures/simd/small-dump.sha256");
+
+#[test]
+fn the_dump_is_the_committed_bytes_on_this_cpu() {
+    use sha2::{Digest, Sha256};
+    let dir = tempfile::tempdir().unwrap();
+    let at = |name: &str| dir.path().join(name).display().to_string();
+    write_batch(dir.path().join("batch.json").as_path());
+    let level = rosetta_moe::kernels::simd_level().name();
+    moe_at(
+        level,
+        &[
+            "init",
+            "--config",
+            "small",
+            "--seed",
+            "3",
+            "--out",
+            &at("ck"),
+        ],
+    );
+    moe_at(
+        level,
+        &[
+            "dump",
+            "--checkpoint",
+            &at("ck"),
+            "--batch",
+            &at("batch.json"),
+            "--out",
+            &at("dump"),
+        ],
+    );
+    let digest = Sha256::digest(std::fs::read(at("dump")).unwrap());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(
+        hex,
+        SMALL_DUMP_SHA256.trim(),
+        "the dump differs from the committed one on {} ({})",
+        rosetta_moe::kernels::cpu_model(),
+        level
+    );
 }
