@@ -157,6 +157,7 @@ fn gemm_b_in_place<S: Simd>(s: S, c: &mut MatMut<'_>, a: Mat<'_>, b: Mat<'_>, ac
             data: &b.data[pc * b.row_stride..],
             ld: b.row_stride,
             step: 16 * S::TILE_VECS,
+            packed: false,
         };
         for ir in (0..m).step_by(S::TILE_ROWS) {
             let tile = Tile {
@@ -203,6 +204,7 @@ fn gemm_weight_rows<S: Simd>(
                     data: &b.data[j0 * ldw + pc..],
                     ld: ldw,
                     step: 0,
+                    packed: false,
                 };
                 weight_tile_checked(s, c, tile, kc, w, &at[..kc * TOKENS]);
             }
@@ -443,6 +445,7 @@ fn multiply_block<S: Simd>(
             data: &panels[jr * kc..(jr + nr) * kc],
             ld: nr,
             step: nr * kc,
+            packed: true,
         };
         for ir in (0..m).step_by(S::TILE_ROWS) {
             let tile = Tile {
@@ -577,6 +580,8 @@ struct BPanel<'a> {
     data: &'a [f32],
     ld: usize,
     step: usize,
+    /// A zero-padded packed panel: every row holds NR readable floats.
+    packed: bool,
 }
 
 impl BPanel<'_> {
@@ -604,10 +609,12 @@ fn tile_checked<S: Simd>(
     b: BPanel<'_>,
     add: bool,
 ) {
+    let nr = 16 * S::TILE_VECS;
     assert!(
         tile.rows <= S::TILE_ROWS
+            && (!b.packed || tile.cols <= nr)
             && tile.fits(c.rows, c.cols, a, kc)
-            && b.fits(kc, tile.cols, 16 * S::TILE_VECS)
+            && b.fits(kc, if b.packed { nr } else { tile.cols }, nr)
     );
     let (ldc, c) = (c.row_stride, c.as_mut_ptr());
     macro_rules! rows {
@@ -628,8 +635,8 @@ fn tile_checked<S: Simd>(
 /// The micro-kernel: the tile's R × (16·NV) accumulators in R·NV vectors,
 /// strip by strip of B:
 ///   acc ← C tile (when adding) or 0;  for p: acc[r] ← fma(A[row r, depth + p], B[p, strip], acc[r])
-/// B is read through lane masks of the strip's real columns, so a panel
-/// packed with zero padding and B read in place give the same tile.
+/// A zero-padded packed panel is read whole and B read in place through lane
+/// masks of the strip's real columns ([`depth_loop`]): the same tile either way.
 ///
 /// # Safety
 /// `b` satisfies [`BPanel::fits`] for `kc` rows of `tile.cols` columns;
@@ -670,31 +677,16 @@ unsafe fn tile_rows<S: Simd, const R: usize, const NV: usize>(
                 }
             }
         }
-        let mut b_row = b.data.as_ptr().wrapping_add(strip * b.step);
-        for p in 0..kc {
-            // B read in place walks down its rows: fetch the same place in the
-            // next depth block, which the next call reads (into L2).
-            let ahead = b_row.wrapping_add(kc * b.ld);
-            for j in 0..NV {
-                s.prefetch(ahead.wrapping_add(16 * j));
+        let b_strip = b.data.as_ptr().wrapping_add(strip * b.step);
+        let a_step = a.col_stride;
+        // SAFETY: BPanel::fits and Tile::fits (the caller's contract) cover
+        // every read of depth_loop: kc rows of this strip, R rows of A.
+        unsafe {
+            if b.packed {
+                depth_loop::<S, R, NV, true>(s, &mut acc, rows, a_step, b_strip, b.ld, kc, real);
+            } else {
+                depth_loop::<S, R, NV, false>(s, &mut acc, rows, a_step, b_strip, b.ld, kc, real);
             }
-            // SAFETY: p < kc, so the real lanes of b_row[0..nr] are B[p, real
-            // columns of this strip], inside `b.data` (BPanel::fits; other
-            // lanes are not read); every row pointer plus p·col_stride
-            // addresses A[row, depth + p], inside A by Tile::fits.
-            unsafe {
-                let bv: [S::V; NV] = array_of(
-                    #[inline(always)]
-                    |j| load_cols(s, b_row.wrapping_add(16 * j), real[j]),
-                );
-                for (row, acc_r) in rows.iter().zip(acc.iter_mut()) {
-                    let a_r = s.splat(*row.add(p * a.col_stride));
-                    for (acc, &bv) in acc_r.iter_mut().zip(&bv) {
-                        *acc = s.mul_add(a_r, bv, *acc);
-                    }
-                }
-            }
-            b_row = b_row.wrapping_add(b.ld);
         }
         for (r, acc_r) in acc.iter().enumerate() {
             for (j, &v) in acc_r.iter().enumerate() {
@@ -702,6 +694,61 @@ unsafe fn tile_rows<S: Simd, const R: usize, const NV: usize>(
                 unsafe { store_cols(s, c_row(r).wrapping_add(16 * j), real[j], v) };
             }
         }
+    }
+}
+
+/// The micro-kernel's inner loop over one depth block:
+///   for p in 0..kc:  acc[r][j] ← fma(A[row r, p], B[p, vector j], acc[r][j])
+/// `PACKED`: B is a zero-padded panel, read whole (padding lanes are zeros,
+/// as the masked loads of B read in place would give); otherwise B is read
+/// in place, through masks of each vector's `real` columns. Two
+/// loops, not one with a branch per load: the branches cost as much as the
+/// FMAs they guard on AVX2.
+///
+/// # Safety
+/// For p < kc: `rows[r] + p·a_step` is readable (A), and `b + p·ld + 16·j`
+/// holds 16 readable floats per vector j when `PACKED`, `real[j]` otherwise.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn depth_loop<S: Simd, const R: usize, const NV: usize, const PACKED: bool>(
+    s: S,
+    acc: &mut [[S::V; NV]; R],
+    rows: [*const f32; R],
+    a_step: usize,
+    b: *const f32,
+    ld: usize,
+    kc: usize,
+    real: [usize; NV],
+) {
+    let mut b_row = b;
+    for p in 0..kc {
+        // Fetch the same row of what the next call reads: the next panel,
+        // or B read in place one depth block further down.
+        let ahead = b_row.wrapping_add(kc * ld);
+        for j in 0..NV {
+            s.prefetch(ahead.wrapping_add(16 * j));
+        }
+        // SAFETY: p < kc, so B's row p and A[row, p] are readable (the
+        // caller's contract).
+        unsafe {
+            let bv: [S::V; NV] = array_of(
+                #[inline(always)]
+                |j| {
+                    if PACKED {
+                        s.load(b_row.add(16 * j))
+                    } else {
+                        load_cols(s, b_row.wrapping_add(16 * j), real[j])
+                    }
+                },
+            );
+            for (row, acc_r) in rows.iter().zip(acc.iter_mut()) {
+                let a_r = s.splat(*row.add(p * a_step));
+                for (acc, &bv) in acc_r.iter_mut().zip(&bv) {
+                    *acc = s.mul_add(a_r, bv, *acc);
+                }
+            }
+        }
+        b_row = b_row.wrapping_add(ld);
     }
 }
 
