@@ -9,7 +9,10 @@
 //! rate measured so far in the session: the steps that still fit in the time
 //! left, after keeping a reserve for what follows the last step (its
 //! evaluation and save). The last step is the one after which no other fits,
-//! so it ends the schedule: its learning rate is the floor.
+//! so it ends the schedule: its learning rate is the floor. When a stall uses
+//! the time up before the step the schedule expected to end on, the run takes
+//! one more step, planned as the last (at the floor): the learning rate
+//! always ends at its floor, at the cost of at most one step over the budget.
 //!
 //! Nothing here reads a clock: every function takes the clock readings it
 //! needs, so the logic is tested with made-up times.
@@ -96,6 +99,26 @@ impl TimeBudget {
     }
 }
 
+impl TimeBudget {
+    /// The schedule length for the step after `step` (clock at `clock`): the
+    /// plan's, or — when no step fits any more (evaluations or saves overran,
+    /// or a stall) — that step itself, so the step taken ends the schedule.
+    pub fn schedule_for_next(&self, step: u64, clock: f64, reserve: f64, current: u64) -> u64 {
+        match self.plan(step, clock, reserve, current) {
+            Plan::Step { total_steps } => total_steps,
+            Plan::Stop => step + 1,
+        }
+    }
+
+    /// True when the run ends after `step` (clock at `clock`, schedule
+    /// `total_steps` long): no further step fits and the schedule has ended.
+    /// When the time ran out before the schedule did, the run goes on for
+    /// one step, which [`TimeBudget::schedule_for_next`] makes the last.
+    pub fn ends_after(&self, step: u64, clock: f64, reserve: f64, total_steps: u64) -> bool {
+        step >= total_steps && self.plan(step, clock, reserve, total_steps) == Plan::Stop
+    }
+}
+
 /// Seconds to keep after the last step for its evaluation and save: the
 /// last ones measured, or, before an evaluation was timed, `eval_batches`
 /// evaluation forwards on the training set and as many on the validation
@@ -133,24 +156,23 @@ mod tests {
         let mut last_eval = None;
         loop {
             let reserve = reserve(last_eval, None, 8, budget.seconds_per_step());
-            match budget.plan(step, clock, reserve, config.total_steps) {
-                Plan::Stop => break,
-                Plan::Step { total_steps } => config.total_steps = total_steps,
-            }
+            config.total_steps = budget.schedule_for_next(step, clock, reserve, config.total_steps);
             lengths.push(config.total_steps);
             step += 1;
             let lr = learning_rate(config, step);
             clock += pace(step);
             budget.record(step, clock);
-            let last = budget.plan(step, clock, reserve, config.total_steps) == Plan::Stop;
+            let last = budget.ends_after(step, clock, reserve, config.total_steps);
             if step % eval_every == 0 || last {
                 clock += eval;
                 last_eval = Some(eval);
             }
             taken.push((step, clock, lr));
             assert!(taken.len() < 1_000_000, "never stopped");
+            if last {
+                return (taken, lengths);
+            }
         }
-        (taken, lengths)
     }
 
     fn config(warmup: u64) -> TrainConfig {
@@ -242,6 +264,33 @@ mod tests {
         assert!(clock <= 10.0 && 10.0 - clock < 0.02, "{clock}");
         assert!((1550..=1600).contains(&last), "{last}");
         assert!((lr - floor(&config)).abs() < 1e-12, "last lr {lr}");
+    }
+
+    #[test]
+    fn a_stall_before_the_expected_last_step_still_ends_the_schedule_at_the_floor() {
+        // Steady 10 ms steps, but the step the schedule expected to be its
+        // second-to-last takes 200 ms: the time runs out one step early.
+        let mut probe = TimeBudget::new(20.0);
+        let mut config = config(50);
+        let (steady, _) = simulate(&mut probe, &mut config, (0, 0.0), |_| 0.01, (100, 0.0));
+        let stall_at = steady.last().unwrap().0 - 1;
+        let mut budget = TimeBudget::new(20.0);
+        let mut config = self::config(50);
+        let pace = |step| if step == stall_at { 0.2 } else { 0.01 };
+        let (steps, lengths) = simulate(&mut budget, &mut config, (0, 0.0), pace, (100, 0.0));
+        let &(last, clock, lr) = steps.last().unwrap();
+        assert!((lr - floor(&config)).abs() < 1e-12, "last lr {lr}");
+        assert_eq!(*lengths.last().unwrap(), last);
+        // The stalled step used the time up; the run took one more (10 ms).
+        let (before, clock_before, lr_before) = steps[steps.len() - 2];
+        assert_eq!(before, stall_at);
+        assert!(clock_before > 20.0 && (clock - clock_before - 0.01).abs() < 1e-9);
+        // Without it the run would have ended above the floor, one step short.
+        let expected = lengths[lengths.len() - 2];
+        assert!(
+            before < expected && lr_before > floor(&config),
+            "{before} of {expected}"
+        );
     }
 
     #[test]

@@ -252,12 +252,12 @@ fn a_timed_run_ends_its_schedule_at_the_floor_records_its_clock_and_resumes_its_
     let last = lines.last().unwrap();
     assert_eq!(summary["steps"], last["step"]);
     assert_eq!(summary["time_budget"]["schedule_steps"], last["step"]);
-    // The schedule's last step is the run's: its rate is the floor, or near
-    // it when a stall (this machine is shared) made the last step arrive
-    // before the estimate taken just before it had counted on.
+    // The schedule's last step is the run's, whatever the machine's pace:
+    // its rate is the floor.
     let floor = 0.1 * 1e-3;
+    let at_floor = |lr: f64| (lr - floor).abs() <= 1e-6 * floor;
     let lr = last["lr"].as_f64().unwrap();
-    assert!(lr >= floor && lr < 1.1 * floor, "last lr {lr}");
+    assert!(at_floor(lr), "last lr {lr}");
     // Every line carries the clock; every evaluation its own time, in the
     // summary too.
     let clocks: Vec<f64> = lines
@@ -308,7 +308,7 @@ fn a_timed_run_ends_its_schedule_at_the_floor_records_its_clock_and_resumes_its_
     assert!(after[lines.len()]["seconds"].as_f64() > last["seconds"].as_f64());
     assert!(more["evaluations"].as_array().unwrap().len() > evaluations.len());
     let lr = after.last().unwrap()["lr"].as_f64().unwrap();
-    assert!(lr >= floor && lr < 1.1 * floor, "last lr {lr}");
+    assert!(at_floor(lr), "last lr {lr}");
 
     // --time and --steps are exclusive; a budget is longer than zero; a run
     // counted in steps stays so.

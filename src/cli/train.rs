@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use rosetta_moe::budget::{Plan, TimeBudget};
+use rosetta_moe::budget::TimeBudget;
 use rosetta_moe::checkpoint::{self, STATE_FILE};
 use rosetta_moe::data::{
     DataState, RunClock, TextData, WindowSampler, builtin_corpus, evenly_spaced_batches,
@@ -801,11 +801,8 @@ fn train(args: &Args, run: &mut Run, save_secs: Option<f64>) -> Result<()> {
         if let Some(budget) = &budget {
             // Fit the schedule to the time left (it ends at the last step that fits).
             let current = run.trainer.config().total_steps;
-            let total_steps = match budget.plan(step - 1, clock(&start), reserve(budget), current) {
-                Plan::Step { total_steps } => total_steps,
-                // Evaluations or saves overran: this step ends the schedule.
-                Plan::Stop => step,
-            };
+            let total_steps =
+                budget.schedule_for_next(step - 1, clock(&start), reserve(budget), current);
             if total_steps != current {
                 let mut schedule = run.trainer.config().clone();
                 schedule.total_steps = total_steps;
@@ -833,7 +830,7 @@ fn train(args: &Args, run: &mut Run, save_secs: Option<f64>) -> Result<()> {
                 budget.record(step, run.clock);
                 let reserve = reserve(budget);
                 let current = run.trainer.config().total_steps;
-                budget.plan(step, run.clock, reserve, current) == Plan::Stop
+                budget.ends_after(step, run.clock, reserve, current)
             }
             (None, Until::Step(steps)) => step == steps,
             (None, Until::Time(_)) => unreachable!("a timed run has a budget"),
