@@ -81,6 +81,14 @@ fn bench(name: &str, m: usize, k: usize, n: usize) {
 }
 
 fn main() {
+    // The crates pick their own instruction set (AVX-512 where the CPU has
+    // it: `gemm` with its `x86-v4` feature, `matrixmultiply` always);
+    // MOE_SIMD caps only ours.
+    println!(
+        "# {} — ours at {}; gemm 0.19 (x86-v4 feature on), matrixmultiply 0.3 at their own best level; one thread",
+        rosetta_moe::kernels::cpu_model(),
+        rosetta_moe::kernels::simd_level(),
+    );
     bench("64^3", 64, 64, 64);
     bench("tiny qkv/o", 64, 64, 96);
     bench("tiny expert gate|up (32 tok)", 32, 64, 512);
