@@ -639,8 +639,8 @@ fn tile_checked<S: Simd>(
 /// masks of the strip's real columns ([`depth_loop`]): the same tile either way.
 ///
 /// # Safety
-/// `b` satisfies [`BPanel::fits`] for `kc` rows of `tile.cols` columns;
-/// `tile` has `R` rows and satisfies [`Tile::fits`] for C (row stride `ldc`,
+/// `b` satisfies [`BPanel::fits`] for `kc` rows of `tile.cols` columns (of
+/// NR columns, all of them read, when `b.packed`); `tile` has `R` rows and satisfies [`Tile::fits`] for C (row stride `ldc`,
 /// at `c`, valid for reads and writes) and for `a` over `kc` depth.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
