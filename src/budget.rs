@@ -97,16 +97,14 @@ impl TimeBudget {
             }
         }
     }
-}
 
-impl TimeBudget {
     /// The schedule length for the step after `step` (clock at `clock`): the
     /// plan's, or — when no step fits any more (evaluations or saves overran,
     /// or a stall) — that step itself, so the step taken ends the schedule.
     pub fn schedule_for_next(&self, step: u64, clock: f64, reserve: f64, current: u64) -> u64 {
         match self.plan(step, clock, reserve, current) {
             Plan::Step { total_steps } => total_steps,
-            Plan::Stop => step + 1,
+            Plan::Stop => step.saturating_add(1),
         }
     }
 
