@@ -47,7 +47,11 @@ fn the_quick_suite_writes_complete_json_markdown_and_plots() {
         assert!(report["static_metrics"][key].as_u64().unwrap() > 0, "{key}");
     }
     let scenarios = report["scenarios"].as_array().unwrap();
-    assert_eq!(scenarios.len(), 22);
+    // CONTRACT §10's 22, then issue 23's large-batch step on two threads.
+    assert_eq!(scenarios.len(), 23);
+    assert_eq!(scenarios[22]["id"], "train_large_batch");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert_eq!(scenarios[22]["derived"]["cores_used"], cores.min(2));
     for s in scenarios {
         let id = s["id"].as_str().unwrap();
         for key in [

@@ -1,4 +1,5 @@
-//! `moe bench`: the 22-scenario benchmark suite (CONTRACT §10).
+//! `moe bench`: the 22-scenario benchmark suite (CONTRACT §10), plus the
+//! large-batch training step of issue 23.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

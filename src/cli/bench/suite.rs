@@ -275,7 +275,7 @@ fn reps_per_trial(once: Duration) -> usize {
 pub fn measure(scenario: &Scenario, options: Options) -> Result<ScenarioResult> {
     // Counted before `prepare`, which may pin this thread to one core.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    kernels::set_threads(options.threads);
+    kernels::set_threads(scenario.intra_op.unwrap_or(options.threads));
     let mut runner = scenario.prepare(options.seed)?;
     for _ in 0..options.warmup {
         runner.run()?;
@@ -343,7 +343,10 @@ pub fn measure(scenario: &Scenario, options: Options) -> Result<ScenarioResult> 
             pct_of_peak: 0.0,
             floor_ns: None,
             pct_of_floor: None,
-            cores_used: scenario.threads().max(options.threads).min(cores),
+            cores_used: scenario
+                .intra_op
+                .unwrap_or(scenario.threads().max(options.threads))
+                .min(cores),
         },
     })
 }
@@ -578,7 +581,7 @@ mod tests {
         assert!(!glob("mem_*_8", "mem_scale_batch_1"));
         assert!(!glob("kernel", "kernel_matmul"));
         assert_eq!(select("parallel*").len(), 6);
-        assert_eq!(select("*").len(), 22);
+        assert_eq!(select("*").len(), 23);
     }
 
     #[test]
