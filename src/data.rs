@@ -35,6 +35,11 @@ pub fn builtin_corpus(name: &str) -> Option<&'static str> {
 /// Fraction of the tokens used for training; the rest is validation.
 pub const TRAIN_FRACTION: f64 = 0.9;
 
+/// A text's tokens split 90/10: the first ⌊0.9·n⌋ train, the rest validate.
+pub fn split(tokens: &[u32]) -> (&[u32], &[u32]) {
+    tokens.split_at((tokens.len() as f64 * TRAIN_FRACTION) as usize)
+}
+
 /// A tokenized text split 90/10 into training and validation tokens.
 #[derive(Debug, Clone)]
 pub struct TextData {
@@ -56,8 +61,8 @@ impl TextData {
             return Err(MoeError::EmptyInput("training text"));
         }
         let tokens = tokenizer.encode(text)?;
-        let cut = (tokens.len() as f64 * TRAIN_FRACTION) as usize;
-        let (train, val) = (tokens[..cut].to_vec(), tokens[cut..].to_vec());
+        let (train, val) = split(&tokens);
+        let (train, val) = (train.to_vec(), val.to_vec());
         for (what, split) in [("training split", &train), ("validation split", &val)] {
             if split.len() < seq + 1 {
                 return Err(MoeError::DataTooSmall {

@@ -1427,3 +1427,130 @@ fn json_alone_goes_to_stdout_and_json_file_to_the_file() {
     let losses: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(losses["steps"], 2);
 }
+
+/// A run's `state.json`.
+fn state(dir: &Path) -> serde_json::Value {
+    serde_json::from_slice(&file(&dir.join("state.json"))).unwrap()
+}
+
+#[test]
+fn the_main_job_takes_the_default_recipe_and_every_flag_wins_over_a_recipe() {
+    let f = Fixture::new();
+    let recipe: serde_json::Value =
+        serde_json::from_str(include_str!("../configs/shakespeare-90s.json")).unwrap();
+    // No text, config or model given: the main job, on the default recipe.
+    let main = f.s("main");
+    let out = moe(&["train", "--out", &main, "--steps", "2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("recipe shakespeare-90s"),
+        "{}",
+        stderr(&out)
+    );
+    let config: serde_json::Value =
+        serde_json::from_slice(&file(&f.path("main/config.json"))).unwrap();
+    assert_eq!(config, recipe["model"]);
+    let s = state(&f.path("main"));
+    assert_eq!(s["data"]["batch_size"], recipe["batch"]);
+    assert_eq!(s["data"]["seq_len"], recipe["seq"]);
+    assert_eq!(s["train"]["lr"], recipe["lr"]);
+    // Flags win; --config, --data or --init-from leave the recipe out.
+    let flagged = f.s("flagged");
+    let out = moe(&[
+        "train", "--out", &flagged, "--steps", "2", "--batch", "3", "--lr", "0.02", "--hidden",
+        "32",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let s = state(&f.path("flagged"));
+    assert_eq!(
+        (s["data"]["batch_size"].as_u64(), s["train"]["lr"].as_f64()),
+        (Some(3), Some(0.02))
+    );
+    assert_eq!(s["data"]["seq_len"], recipe["seq"]);
+    let out = f.train("plain", &["--steps", "2"]);
+    assert!(!stderr(&out).contains("recipe"), "{}", stderr(&out));
+    assert_eq!(state(&f.path("plain"))["train"]["lr"], 1e-3);
+    // A recipe file of one's own; unknown keys and steps beside time are errors.
+    let model: serde_json::Value = serde_json::from_slice(&file(&f.path("config.json"))).unwrap();
+    let mine = serde_json::json!({"about": "test", "model": model, "steps": 3, "batch": 2, "seq": 16, "lr": 0.005, "weight_decay": 0.3});
+    std::fs::write(f.path("recipe.json"), mine.to_string()).unwrap();
+    let (data, recipe_file, own) = (f.s("text.txt"), f.s("recipe.json"), f.s("own"));
+    let out = moe(&[
+        "train",
+        "--data",
+        &data,
+        "--recipe",
+        &recipe_file,
+        "--out",
+        &own,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let s = state(&f.path("own"));
+    assert_eq!(s["step"], 3);
+    assert_eq!(
+        (
+            s["train"]["lr"].as_f64(),
+            s["train"]["weight_decay"].as_f64()
+        ),
+        (Some(0.005), Some(0.3))
+    );
+    for (key, value, says) in [
+        ("dropout", serde_json::json!(0.1), "unknown field"),
+        ("time", serde_json::json!("1m"), "not both"),
+    ] {
+        let mut bad = mine.clone();
+        bad[key] = value;
+        std::fs::write(f.path("bad.json"), bad.to_string()).unwrap();
+        let out = moe(&[
+            "train",
+            "--data",
+            &data,
+            "--recipe",
+            &f.s("bad.json"),
+            "--out",
+            &f.s("bad"),
+        ]);
+        assert_eq!(out.status.code(), Some(1), "{key}");
+        assert!(stderr(&out).contains(says), "{key}: {}", stderr(&out));
+        assert!(!f.path("bad").exists(), "{key}: nothing written");
+    }
+}
+
+#[test]
+fn eval_scores_the_split_training_made_of_a_file_or_corpus() {
+    let f = Fixture::new();
+    assert!(f.train("run", &["--steps", "2"]).status.success());
+    let (run, data) = (f.s("run"), f.s("text.txt"));
+    let tokens = |split: &str| {
+        report(&[
+            "eval",
+            "--checkpoint",
+            &run,
+            "--data",
+            &data,
+            "--split",
+            split,
+            "--json",
+        ])["tokens"]
+            .as_u64()
+            .unwrap()
+    };
+    let (all, train, val) = (tokens("all"), tokens("train"), tokens("val"));
+    // Each window scores its tokens but the first: one per split, one for all.
+    assert_eq!(train + val, all - 1);
+    assert_eq!(val + 1, (all + 1) - ((all + 1) as f64 * 0.9) as u64);
+    let corpus = report(&[
+        "eval",
+        "--checkpoint",
+        &run,
+        "--corpus",
+        "shakespeare",
+        "--split",
+        "val",
+        "--json",
+    ]);
+    assert_eq!(corpus["data"], "built-in:shakespeare");
+    assert_eq!(corpus["split"], "val");
+    let neither = moe(&["eval", "--checkpoint", &run]);
+    assert_eq!(neither.status.code(), Some(2));
+}

@@ -4,6 +4,7 @@ use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::time::Instant;
 
+use rosetta_moe::data::{builtin_corpus, split};
 use rosetta_moe::eval::{self, EvalReport};
 use rosetta_moe::{MoeError, Result, Tokenizer, hf};
 use serde::Serialize;
@@ -12,16 +13,27 @@ use super::JsonArg;
 use super::train::TOKENIZER_FILE;
 
 /// Evaluate a checkpoint (ours or a Hugging Face Mixtral directory) on a
-/// text file: loss in nats/token, perplexity and bits per byte, scoring every
-/// token once with strided windows.
+/// text file or a built-in corpus, or on the training or validation split
+/// `moe train` makes of it: loss in nats/token, perplexity and bits per
+/// byte, scoring every token once with strided windows.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Checkpoint directory with tokenizer.json.
     #[arg(long)]
     checkpoint: PathBuf,
-    /// Text file to evaluate on (all of it).
-    #[arg(long, value_name = "FILE")]
-    data: PathBuf,
+    /// Text file to evaluate on.
+    #[arg(long, value_name = "FILE", required_unless_present = "corpus")]
+    data: Option<PathBuf>,
+    /// A corpus compiled into the binary instead of --data: `shakespeare`
+    /// or `source` (as `moe train --corpus`).
+    #[arg(long, value_name = "NAME", conflicts_with = "data",
+          value_parser = clap::builder::PossibleValuesParser::new(["shakespeare", "source"]))]
+    corpus: Option<String>,
+    /// What to score: `all` of the text, or the `train` or `val` split that
+    /// `moe train` makes of it (the first 90 % of its tokens, the rest).
+    #[arg(long, default_value = "all",
+          value_parser = clap::builder::PossibleValuesParser::new(["all", "train", "val"]))]
+    split: String,
     /// Tokens per window [default: the model's max_seq_len, at most 256].
     #[arg(long)]
     seq: Option<usize>,
@@ -38,7 +50,10 @@ pub struct Args {
 #[derive(Serialize)]
 struct Report {
     checkpoint: PathBuf,
-    data: PathBuf,
+    /// The file's path, or `built-in:NAME`.
+    data: String,
+    /// all, train or val.
+    split: String,
     seq: usize,
     stride: usize,
     threads: usize,
@@ -65,8 +80,23 @@ pub fn run(args: Args) -> Result<()> {
         ));
     }
     let tokenizer = Tokenizer::load(&tokenizer_path)?;
-    let text = std::fs::read(&args.data).map_err(|e| MoeError::io(&args.data, e))?;
-    let tokens = tokenizer.encode(&text)?;
+    let (data, text) = match (&args.data, &args.corpus) {
+        (Some(path), _) => (
+            path.display().to_string(),
+            std::fs::read(path).map_err(|e| MoeError::io(path, e))?,
+        ),
+        (None, name) => {
+            let name = name.as_deref().expect("clap requires --data or --corpus");
+            let text = builtin_corpus(name).expect("clap checks --corpus");
+            (format!("built-in:{name}"), text.as_bytes().to_vec())
+        }
+    };
+    let all = tokenizer.encode(&text)?;
+    let tokens = match args.split.as_str() {
+        "train" => split(&all).0,
+        "val" => split(&all).1,
+        _ => &all,
+    };
     let start = Instant::now();
     let bar = super::progress(
         0,
@@ -76,7 +106,7 @@ pub fn run(args: Args) -> Result<()> {
     let mut next_log = 0.0;
     let figures = eval::evaluate(
         &mut model,
-        &tokens,
+        tokens,
         seq,
         stride,
         |id| tokenizer.token_bytes(id).len(),
@@ -96,7 +126,8 @@ pub fn run(args: Args) -> Result<()> {
     bar.finish_and_clear();
     let report = Report {
         checkpoint: args.checkpoint.clone(),
-        data: args.data.clone(),
+        data,
+        split: args.split.clone(),
         seq,
         stride,
         threads,
@@ -104,12 +135,8 @@ pub fn run(args: Args) -> Result<()> {
         figures,
     };
     args.json.say(format_args!(
-        "{}: {} tokens ({} bytes) in {} windows of {seq} (stride {stride}), {:.1} s",
-        report.data.display(),
-        figures.tokens,
-        figures.bytes,
-        figures.windows,
-        report.seconds
+        "{} ({}): {} tokens ({} bytes) in {} windows of {seq} (stride {stride}), {:.1} s",
+        report.data, report.split, figures.tokens, figures.bytes, figures.windows, report.seconds
     ));
     args.json.say(format_args!(
         "loss {:.4} nats/token   perplexity {:.2}   {:.4} bits/byte",

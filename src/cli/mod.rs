@@ -8,6 +8,7 @@ mod export;
 mod generate;
 mod init;
 mod legend;
+mod recipe;
 mod stability;
 mod train;
 

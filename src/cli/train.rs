@@ -18,6 +18,8 @@ use rosetta_moe::{
 };
 use serde::Serialize;
 
+use super::recipe::{self, Recipe};
+
 /// File names a training run writes next to its checkpoint.
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 const METRICS_FILE: &str = "metrics.jsonl";
@@ -37,11 +39,21 @@ pub struct Args {
     #[arg(long, value_name = "NAME", conflicts_with = "data",
           value_parser = clap::builder::PossibleValuesParser::new(["shakespeare", "source"]))]
     corpus: Option<String>,
-    /// Preset (tiny, small) or path to a config JSON file [default: tiny].
+    /// Preset (tiny, small) or path to a config JSON file [default: the
+    /// recipe's model, or tiny].
     #[arg(long)]
     config: Option<String>,
-    /// Train until this step number [default: 1000, or with --time as many
-    /// as fit].
+    /// Take every setting not given as a flag from this recipe: a built-in
+    /// one (shakespeare-90s, shakespeare-15min; see configs/) or a recipe
+    /// JSON file [default: shakespeare-90s when training on Tiny Shakespeare
+    /// with no --config or --init-from, else none].
+    #[arg(long, value_name = "NAME|FILE", conflicts_with = "resume")]
+    recipe: Option<String>,
+    /// The recipe in effect, once resolved.
+    #[arg(skip)]
+    chosen: Option<(String, Recipe)>,
+    /// Train until this step number [default: the recipe's, or 1000; with
+    /// --time as many as fit; a resumed run: the end of its schedule].
     #[arg(long, conflicts_with = "time")]
     steps: Option<u64>,
     /// Train for this much wall time instead of a step count (15m, 90s, 1h30m):
@@ -57,17 +69,17 @@ pub struct Args {
     /// a resumed run keeps its own].
     #[arg(long, conflicts_with = "time")]
     schedule_steps: Option<u64>,
-    /// Sequences per step, B [default: 8, or the resumed run's].
+    /// Sequences per step, B [default: the recipe's, 8, or the resumed run's].
     #[arg(long)]
     batch: Option<usize>,
-    /// Tokens per sequence, S [default: 64, or the resumed run's].
+    /// Tokens per sequence, S [default: the recipe's, 64, or the resumed run's].
     #[arg(long)]
     seq: Option<usize>,
-    /// Peak learning rate.
-    #[arg(long, default_value_t = 1e-3)]
-    lr: f64,
-    /// Linear warm-up steps [default: a tenth of the steps, at most 100;
-    /// with --time, 100].
+    /// Peak learning rate [default: 1e-3, or the recipe's].
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Linear warm-up steps [default: the recipe's, or a tenth of the
+    /// steps, at most 100; with --time, 100].
     #[arg(long)]
     warmup: Option<u64>,
     /// Output directory for checkpoints, metrics and the loss curve.
@@ -224,8 +236,45 @@ impl ShapeFlags {
     }
 }
 
+/// `args` with every setting it leaves open taken from its recipe: the one
+/// `--recipe` names, or for a new run on Tiny Shakespeare with no `--config`
+/// or `--init-from`, the default recipe.
+fn with_recipe(mut args: Args) -> Result<Args> {
+    let on_shakespeare =
+        args.data.is_none() && args.corpus.as_deref().is_none_or(|c| c == "shakespeare");
+    let spec = match &args.recipe {
+        Some(spec) => spec.as_str(),
+        None if args.resume.is_none()
+            && on_shakespeare
+            && args.config.is_none()
+            && args.init_from.is_none() =>
+        {
+            recipe::DEFAULT
+        }
+        None => return Ok(args),
+    };
+    let (name, recipe) = Recipe::load(spec)?;
+    eprintln!("recipe {name}: {}", recipe.about);
+    if args.steps.is_none() && args.time.is_none() {
+        args.steps = recipe.steps;
+        args.time = recipe.budget()?;
+    }
+    args.batch = args.batch.or(Some(recipe.batch));
+    args.seq = args.seq.or(Some(recipe.seq));
+    args.lr = args.lr.or(Some(recipe.lr));
+    args.warmup = args.warmup.or(recipe.warmup);
+    let hyper = &mut args.hyper;
+    hyper.min_lr_ratio = hyper.min_lr_ratio.or(recipe.min_lr_ratio);
+    hyper.weight_decay = hyper.weight_decay.or(recipe.weight_decay);
+    hyper.grad_clip = hyper.grad_clip.or(recipe.grad_clip);
+    hyper.beta2 = hyper.beta2.or(recipe.beta2);
+    hyper.aux_alpha = hyper.aux_alpha.or(recipe.aux_alpha);
+    args.chosen = Some((name, recipe));
+    Ok(args)
+}
+
 /// `--time`: a humantime duration longer than zero.
-fn parse_budget(text: &str) -> std::result::Result<std::time::Duration, String> {
+pub fn parse_budget(text: &str) -> std::result::Result<std::time::Duration, String> {
     match humantime::parse_duration(text) {
         Ok(d) if d.is_zero() => Err("the budget must be longer than zero".into()),
         Ok(d) => Ok(d),
@@ -277,6 +326,11 @@ struct Summary {
     val_bits_per_byte: f64,
     /// Threads the kernels used.
     threads: usize,
+    /// The model's parameter count.
+    parameters: usize,
+    /// The recipe this session took its defaults from (`--recipe`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recipe: Option<String>,
     checkpoint: PathBuf,
     /// Every evaluation of the run (earlier sessions' included), in order.
     evaluations: Vec<Evaluation>,
@@ -339,6 +393,7 @@ struct Run {
 /// leaves no directory, checkpoint or output behind.
 pub fn run(args: Args) -> Result<()> {
     args.json.check()?;
+    let args = with_recipe(args)?;
     args.threads.apply();
     let mut run = match &args.resume {
         Some(dir) => resume(&args, dir)?,
@@ -398,9 +453,10 @@ fn start(args: &Args, source: String, text: &[u8]) -> Result<Run> {
     let initial = args.init_from.as_deref().map(initial_model).transpose()?;
     let config = match &initial {
         Some((model, _)) => model.config().clone(),
-        None => args.shape.apply(ModelConfig::from_preset_or_file(
-            args.config.as_deref().unwrap_or("tiny"),
-        )?)?,
+        None => args.shape.apply(match (&args.config, &args.chosen) {
+            (None, Some((_, recipe))) => recipe.model.clone(),
+            (spec, _) => ModelConfig::from_preset_or_file(spec.as_deref().unwrap_or("tiny"))?,
+        })?,
     };
     if initial.is_some() && args.shape.any() {
         return Err(MoeError::InvalidConfig(
@@ -430,7 +486,7 @@ fn start(args: &Args, source: String, text: &[u8]) -> Result<Run> {
         }
     };
     let train = TrainConfig {
-        lr: args.lr,
+        lr: args.lr.unwrap_or(1e-3),
         warmup_steps: warmup,
         total_steps: total,
         seed: args.seed,
@@ -594,7 +650,8 @@ fn resume(args: &Args, dir: &Path) -> Result<Run> {
             ));
         }
         (None, None) => {
-            let steps = args.steps.unwrap_or(DEFAULT_STEPS);
+            // Without --steps, a run continues to the end of its schedule.
+            let steps = args.steps.unwrap_or(trainer.config().total_steps);
             check_steps(steps, trainer.step())?;
             Until::Step(steps)
         }
@@ -931,6 +988,8 @@ fn train(args: &Args, run: &mut Run, save_secs: Option<f64>) -> Result<()> {
         val_loss,
         val_bits_per_byte: bits(val_loss),
         threads: kernels::threads(),
+        parameters: run.trainer.model().config().param_count(),
+        recipe: args.chosen.as_ref().map(|(name, _)| name.clone()),
         checkpoint: run.dir.clone(),
         evaluations: read_metrics(&run.dir.join(METRICS_FILE))?
             .into_iter()

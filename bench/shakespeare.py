@@ -1,0 +1,236 @@
+#!/usr/bin/env python3
+"""Time to quality on Tiny Shakespeare: the evidence behind
+docs/training/shakespeare.md, produced and rendered by one script.
+
+    bench/shakespeare.py run [--only main|15min|peers] [--from-15min DIR]
+    bench/shakespeare.py render
+
+`run` trains both recipes on both cores and keeps, per recipe, in
+docs/training/shakespeare/<recipe>/: the run's summary.json and metrics.jsonl,
+`moe eval --split val` of its checkpoint (eval-val.json: the whole held-out
+10 %, every token scored once), a sample (sample.json) and, from
+bench/peers/time_to_quality.py, the torch.compile peer trained with the same
+recipe for the same wall-clock time and scored by the same `moe eval`
+(peer.json). A step whose output exists is skipped, so a stopped run
+continues. `--from-15min DIR` takes an existing `--recipe shakespeare-15min`
+run directory instead of training one. `render` writes the page and its
+plot from those files only. Standard library only.
+"""
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from sweep import cpu_model, simd
+
+ROOT = Path(__file__).resolve().parent.parent
+MOE = ROOT / "target" / "release" / "moe"
+OUT = ROOT / "docs" / "training" / "shakespeare"
+PAGE = ROOT / "docs" / "training" / "shakespeare.md"
+PLOT = ROOT / "docs" / "img" / "shakespeare-quality.svg"
+WORK = Path("/tmp/rosetta-shakespeare")
+PEER = ROOT / "bench" / "peers" / "time_to_quality.py"
+PEER_PYTHON = ROOT / "bench" / "peers" / ".venv" / "bin" / "python"
+PROMPT = "ROMEO:"
+RECIPES = {
+    "90s": {"recipe": "shakespeare-90s", "train": [], "target": 2.65,
+            "command": "cargo run --release -- train"},
+    "15min": {"recipe": "shakespeare-15min", "train": ["--recipe", "shakespeare-15min"],
+              "target": 2.12, "command": "moe train --recipe shakespeare-15min"},
+}
+SAMPLE = ["--prompt", PROMPT, "--max-new", "60", "--strategy", "top-p", "--top-p", "0.9",
+          "--temperature", "0.8", "--seed", "7"]
+
+
+def moe(*args, json_out=None):
+    cmd = [str(MOE), *args]
+    print("$ moe " + " ".join(args), flush=True)
+    if json_out is None:
+        subprocess.run(cmd, check=True)
+        return None
+    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+    json_out.write_text(out)
+    return json.loads(out)
+
+
+def train_and_score(name, from_dir=None):
+    spec, out = RECIPES[name], OUT / name
+    out.mkdir(parents=True, exist_ok=True)
+    run = Path(from_dir) if from_dir else WORK / name
+    if not (out / "summary.json").exists():
+        if not from_dir:
+            moe("train", *spec["train"], "--out", str(run), "--force")
+        for file in ("summary.json", "metrics.jsonl"):
+            shutil.copy(run / file, out / file)
+    if not (out / "eval-val.json").exists():
+        # Windows as long as the training windows: the model never saw longer ones.
+        seq = json.loads((run / "state.json").read_text())["data"]["seq_len"]
+        moe("eval", "--checkpoint", str(run), "--corpus", "shakespeare", "--split", "val",
+            "--seq", str(seq), "--json", json_out=out / "eval-val.json")
+    if not (out / "sample.json").exists():
+        moe("generate", "--checkpoint", str(run), *SAMPLE, "--json", json_out=out / "sample.json")
+    return run
+
+
+def peer(name, run):
+    out = OUT / name / "peer.json"
+    if out.exists() or not (OUT / name / "summary.json").exists():
+        return
+    summary = json.loads((OUT / name / "summary.json").read_text())
+    recipe = ROOT / "configs" / f"{RECIPES[name]['recipe']}.json"
+    cmd = [str(PEER_PYTHON), str(PEER), "--recipe", str(recipe),
+           "--time", f"{summary['training_seconds']:.1f}", "--out", str(WORK / f"peer-{name}"),
+           "--ours", str(run), "--force", "--json", str(out)]
+    print("$ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def run(args):
+    if not MOE.exists():
+        sys.exit(f"build first: cargo build --release ({MOE} is missing)")
+    WORK.mkdir(parents=True, exist_ok=True)
+    OUT.mkdir(parents=True, exist_ok=True)
+    if not (OUT / "machine.json").exists():
+        cpu = cpu_model()
+        version = subprocess.run([str(MOE), "--version"], capture_output=True, text=True).stdout
+        (OUT / "machine.json").write_text(json.dumps(
+            {"cpu": cpu, "moe_version": version.strip()}, indent=2) + "\n")
+    runs = {}
+    if args.only in (None, "main", "peers"):
+        runs["90s"] = train_and_score("90s") if args.only != "peers" else WORK / "90s"
+    if args.only in (None, "15min", "peers"):
+        runs["15min"] = (train_and_score("15min", args.from_15min) if args.only != "peers"
+                         else Path(args.from_15min or WORK / "15min"))
+    if args.only in (None, "peers"):
+        for name, path in runs.items():
+            peer(name, path)
+
+
+def load(name, file):
+    path = OUT / name / file
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def render(_args):
+    machine = json.loads((OUT / "machine.json").read_text())
+    rows, curves = [], []
+    for name, spec in RECIPES.items():
+        summary, scored = load(name, "summary.json"), load(name, "eval-val.json")
+        sample, peer_run = load(name, "sample.json"), load(name, "peer.json")
+        if summary is None:
+            continue
+        curves.append(f"{spec['recipe']}={OUT / name / 'summary.json'}")
+        full = scored["bits_per_byte"] if scored else None
+        met = "yes" if full is not None and full <= spec["target"] else "no"
+        peer_cell = "—"
+        if peer_run:
+            peer_cell = (f"{peer_run['val_bits_per_byte']:.4f} ({peer_run['steps']} steps, "
+                         f"{peer_run['training_s']:.0f} s)")
+        rows.append((spec, summary, full, met, peer_cell, sample))
+    lines = [
+        "# Time to quality on Tiny Shakespeare", "",
+        "Generated by `bench/shakespeare.py render` from the files in",
+        "[`docs/training/shakespeare/`](shakespeare/), which `bench/shakespeare.py run`",
+        "wrote (each command below is what it ran). Validation is the held-out 10 % of",
+        "the tokens, scored whole by `moe eval --corpus shakespeare --split val`",
+        "(every token once, in windows as long as the training windows); the trainer's own",
+        "figure comes from its last evaluation of 8 (90 s) or 16 (15 min) batches",
+        "of evenly spaced windows.",
+        "",
+    ]
+    if load("15min", "summary.json"):
+        lines += ["The fifteen-minute run is sweep s15m's `90s-model-wd0.1`",
+                  "([sweeps.md](sweeps.md)), taken with `bench/shakespeare.py run --from-15min`:",
+                  "the settings of `moe train --recipe shakespeare-15min` with `--eval-every 200",
+                  "--eval-batches 16`, and a max_seq_len of 512 where the recipe says 64 (training",
+                  "windows of 64 tokens never reach either). It was not trained a second time.",
+                  "The torch.compile peer ran for the 90-second recipe only.", ""]
+    lines += [f"Machine: two cores of {machine['cpu']}; `moe --version`: "
+              + "; ".join(machine["moe_version"].splitlines()) + ".", ""]
+    lines += ["| recipe | command | steps | training s | trainer's val bits/byte | **`moe eval` val bits/byte** | target | met | torch.compile, same recipe and time |",
+              "|---|---|---:|---:|---:|---:|---:|---|---|"]
+    for spec, s, full, met, peer_cell, _ in rows:
+        lines.append(f"| {spec['recipe']} | `{spec['command']}` | {s['steps']} | "
+                     f"{s['training_seconds']:.1f} | {s['val_bits_per_byte']:.4f} | "
+                     f"**{full:.4f}** | ≤ {spec['target']} | {met} | {peer_cell} |")
+    lines += ["", "![validation bits/byte against seconds](../img/shakespeare-quality.svg)", "",
+              "The plot: `cargo run --release --example quality_plot -- docs/img/shakespeare-quality.svg "
+              + " ".join(f"{c.split('=')[0]}=docs/training/shakespeare/{n}/summary.json" for c, n in zip(curves, RECIPES))
+              + " --target '90 s target=2.65' --target '15 min target=2.12'`", ""]
+    lines += limits()
+    for spec, s, _, _, _, sample in rows:
+        if sample:
+            lines += [f"## A sample of {spec['recipe']}", "",
+                      f"`moe generate --checkpoint RUN {' '.join(SAMPLE)}`", "", "```text",
+                      PROMPT + sample["completion"], "```", ""]
+    PAGE.write_text("\n".join(lines))
+    print(f"wrote {PAGE.relative_to(ROOT)}")
+    readme_block(rows, machine)
+    subprocess.run(["cargo", "run", "--release", "--quiet", "--example", "quality_plot", "--",
+                    str(PLOT), *curves, "--target", "90 s target=2.65",
+                    "--target", "15 min target=2.12"], check=True, cwd=ROOT)
+
+
+def limits():
+    """What holds the 15-minute run back, read off its own evaluations."""
+    summary = load("15min", "summary.json")
+    if summary is None:
+        return []
+    evals = summary["evaluations"]
+    best = min(evals, key=lambda e: e["val_bits_per_byte"])
+    first, last = evals[0], evals[-1]
+    return [
+        "## What limits the fifteen-minute run", "",
+        f"Over-fitting, not speed. Its validation figure is lowest at {best['seconds']:.0f} s "
+        f"(step {best['step']}: {best['val_bits_per_byte']:.4f} bits/byte by the trainer's "
+        f"evaluation) and climbs after it, to {last['val_bits_per_byte']:.4f} at the end, while "
+        f"the loss on training windows keeps falling ({first['train_loss']:.3f} → "
+        f"{last['train_loss']:.3f} nats/token; validation {best['val_loss']:.3f} at best, "
+        f"{last['val_loss']:.3f} at the end). The training split is about 310,000 tokens at this "
+        "vocabulary, seen dozens of times in fifteen minutes, and AdamW's weight decay, the one "
+        "regulariser the contract has, does not hold the model back (sweep s15m in "
+        "[sweeps.md](sweeps.md): a four-times-larger model ends far worse still). Reaching the "
+        "target needs a regulariser such as dropout (a contract extension: off by default, "
+        "parity with the JAX reference at p = 0) and a sweep of it; neither is done yet.", ""]
+
+
+def readme_block(rows, machine):
+    """The README's figures, between its shakespeare markers, from the same files."""
+    begin, end = "<!-- shakespeare:begin -->", "<!-- shakespeare:end -->"
+    readme = (ROOT / "README.md").read_text()
+    if begin not in readme:
+        return
+    lines = [begin, "", "| recipe | command | steps | training s | validation bits/byte (`moe eval`, whole split) | target |",
+             "|---|---|---:|---:|---:|---:|"]
+    for spec, s, full, _, _, _ in rows:
+        lines.append(f"| {spec['recipe']} | `{spec['command']}` | {s['steps']} | {s['training_seconds']:.1f} "
+                     f"| {full:.4f} | ≤ {spec['target']} |")
+    lines += ["", f"On two cores of {machine['cpu']} (SIMD level: "
+              f"`{simd(machine['moe_version'])}`); rendered by `bench/shakespeare.py render` "
+              "from [docs/training/shakespeare/](docs/training/shakespeare/).", ""]
+    sample = next((r[5] for r in rows if r[5]), None)
+    if sample:
+        lines += [f"A sample of {rows[0][0]['recipe']} (`moe generate --checkpoint run {' '.join(SAMPLE)}`):",
+                  "", "```text", PROMPT + sample["completion"], "```", ""]
+    lines.append(end)
+    head, rest = readme.split(begin, 1)
+    (ROOT / "README.md").write_text(head + "\n".join(lines) + rest.split(end, 1)[1])
+    print("wrote README.md's Shakespeare figures")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="train, score and sample both recipes, then their peers")
+    r.add_argument("--only", choices=["main", "15min", "peers"])
+    r.add_argument("--from-15min", metavar="DIR", help="an existing shakespeare-15min run")
+    sub.add_parser("render", help="write docs/training/shakespeare.md and its plot")
+    a = p.parse_args()
+    run(a) if a.cmd == "run" else render(a)
+
+
+if __name__ == "__main__":
+    main()
