@@ -63,6 +63,8 @@ from pathlib import Path  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))
+from sweep import cpu_model  # noqa: E402  (standard library only)
 RECIPE_KEYS = {"about", "model", "steps", "time", "batch", "seq", "lr", "warmup",
                "min_lr_ratio", "weight_decay", "grad_clip", "beta2", "aux_alpha"}
 RECIPE_DEFAULTS = {"warmup": 100, "min_lr_ratio": 0.1, "weight_decay": 0.1, "grad_clip": 1.0,
@@ -127,16 +129,6 @@ def run(cmd, what):
     if out.returncode != 0:
         fail(f"{what} failed (exit {out.returncode}): {' '.join(map(str, cmd))}\n{out.stderr.strip()}")
     return out.stdout, out.stderr
-
-
-def cpu_model():
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 # ---------------------------------------------------------------- tokenizer
