@@ -688,7 +688,9 @@ mod tests {
 
     #[test]
     fn every_workload_runs_and_produces_finite_output() {
-        for scenario in all().into_iter().filter(|s| !s.id.starts_with("scale")) {
+        // The scale axis runs the same workloads on the small model (and
+        // train_large_batch at 4,096 tokens): minutes under emulation.
+        for scenario in all().into_iter().filter(|s| s.axis != "scale") {
             let mut runner = scenario.prepare(42).unwrap();
             runner.run().unwrap();
             runner.run().unwrap();
