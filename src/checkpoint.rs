@@ -271,6 +271,18 @@ fn write_new(path: &Path, bytes: &[u8]) -> Result<()> {
     sync_file(path)
 }
 
+/// The window length S a training checkpoint in `dir` was trained with:
+/// `None` for a directory without `state.json` (a model saved alone, or a
+/// Hugging Face export) or a run that samples no text.
+pub fn trained_seq_len(dir: &Path, config: &ModelConfig) -> Result<Option<usize>> {
+    if !current(dir, STATE_FILE).exists() {
+        return Ok(None);
+    }
+    let bytes = read_current(dir, STATE_FILE)?;
+    let state = state_from_bytes(&bytes, config, &dir.join(STATE_FILE))?;
+    Ok(state.data.map(|d| d.seq_len))
+}
+
 /// Reads a full training checkpoint; continuing from it is bit-identical to
 /// never having stopped. Its memory need (the model, its two moments and
 /// gradients, and the files) is checked before the tensors are read.

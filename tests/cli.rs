@@ -1553,4 +1553,23 @@ fn eval_scores_the_split_training_made_of_a_file_or_corpus() {
     assert_eq!(corpus["split"], "val");
     let neither = moe(&["eval", "--checkpoint", &run]);
     assert_eq!(neither.status.code(), Some(2));
+    // Windows are the run's training length (16 here) unless --seq says otherwise.
+    let window = |extra: &[&str]| {
+        let args = [
+            &["eval", "--checkpoint", &run, "--data", &data, "--json"],
+            extra,
+        ]
+        .concat();
+        (
+            report(&args)["seq"].clone(),
+            report(&args)["stride"].clone(),
+        )
+    };
+    assert_eq!(window(&[]), (16.into(), 16.into()));
+    assert_eq!(window(&["--seq", "8"]), (8.into(), 8.into()));
+    // A model saved without its training state falls back to max_seq_len (≤ 256).
+    let config: serde_json::Value = serde_json::from_slice(&file(&f.path("config.json"))).unwrap();
+    std::fs::remove_file(f.path("run").join("state.json")).unwrap();
+    let max = config["max_seq_len"].as_u64().unwrap().min(256);
+    assert_eq!(window(&[]), (max.into(), max.into()));
 }

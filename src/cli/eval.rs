@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use rosetta_moe::data::{builtin_corpus, split};
 use rosetta_moe::eval::{self, EvalReport};
-use rosetta_moe::{MoeError, Result, Tokenizer, hf};
+use rosetta_moe::{MoeError, Result, Tokenizer, checkpoint, hf};
 use serde::Serialize;
 
 use super::JsonArg;
@@ -34,7 +34,8 @@ pub struct Args {
     #[arg(long, default_value = "all",
           value_parser = clap::builder::PossibleValuesParser::new(["all", "train", "val"]))]
     split: String,
-    /// Tokens per window [default: the model's max_seq_len, at most 256].
+    /// Tokens per window [default: the window the checkpoint was trained
+    /// with (its state.json), else the model's max_seq_len, at most 256].
     #[arg(long)]
     seq: Option<usize>,
     /// Tokens between window starts; a smaller stride gives each scored
@@ -67,7 +68,8 @@ pub fn run(args: Args) -> Result<()> {
     let threads = args.threads.apply();
     let mut model = hf::load_model(&args.checkpoint)?;
     let max = model.config().max_seq_len;
-    let seq = args.seq.unwrap_or(max.min(256));
+    let trained = checkpoint::trained_seq_len(&args.checkpoint, model.config())?;
+    let seq = args.seq.or(trained).unwrap_or(max.min(256));
     if seq > max {
         return Err(MoeError::SequenceTooLong { len: seq, max });
     }
