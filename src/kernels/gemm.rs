@@ -78,9 +78,14 @@ pub(super) enum Path {
 /// Rows of A up to which packing B does not pay (the training step's tokens
 /// and an expert's routed rows are below it).
 const FEW_ROWS: usize = 32;
-/// Depth of one block read in place: a `KC_IN_PLACE × NR` strip of B is 8–16
-/// KB, so it stays in L1 while every row tile of A passes over it.
+/// Most depth of one block read in place: a `KC_IN_PLACE × NR` strip of B is
+/// 8–16 KB, read by every row tile of A in turn while it is in cache.
 const KC_IN_PLACE: usize = 128;
+/// Most floats of B in one depth block read in place (128 KB: a block and
+/// the next one, fetched ahead, fit in L2 beside the rest). On a Zen 3
+/// (`examples/cold_weights`, dX on the small model's expert shapes) 64 KB
+/// blocks were slower for W [256, 1024] and 256 KB ones for a cold W [2048, 256].
+const IN_PLACE_BLOCK: usize = 32768;
 /// Tokens per [`Path::WeightRows`] tile: one 16-lane vector. One block of
 /// 16 tokens streams W once; more blocks would stream it again each
 /// (`examples/gemm_compare`: 32 × 1024 × 256 took twice as long that way).
@@ -145,29 +150,48 @@ fn gemm_at<S: Simd>(
     }
 }
 
-/// [`Path::BInPlace`]: every tile reads its rows of B straight from B.
-///   for each depth block pc, each MR rows ir (one kernel call for all of
-///   C's columns, strip by strip):  C[ir.., :] (+)= A[ir.., pc..] · B[pc.., :]
+/// [`Path::BInPlace`]: every tile reads its rows of B straight from B, strip
+/// by strip, every row tile of C passing over a strip before the next:
+///   for each depth block pc, each NR-column strip jr, each row tile ir:
+///       C[ir.., jr..] (+)= A[ir.., pc..] · B[pc.., jr..]
+/// so the later row tiles find the strip in cache. Row tiles are as even as
+/// the tile height allows (8 rows: 4 + 4, not 6 + 2: a short tile needs B
+/// at the rate of its few multiply-adds per row). While the first row tile
+/// runs it fetches the next depth block in address order, so a B that is
+/// not in cache streams from memory as fast as memory allows; a block is at
+/// most [`IN_PLACE_BLOCK`] floats, so it and the next fit in L2 together.
 #[inline(always)]
 fn gemm_b_in_place<S: Simd>(s: S, c: &mut MatMut<'_>, a: Mat<'_>, b: Mat<'_>, accumulate: bool) {
     let (m, n, k) = (c.rows, c.cols, a.cols);
-    for pc in (0..k).step_by(KC_IN_PLACE) {
-        let kc = KC_IN_PLACE.min(k - pc);
-        let strips = BPanel {
-            data: &b.data[pc * b.row_stride..],
-            ld: b.row_stride,
-            step: 16 * S::TILE_VECS,
-            packed: false,
-        };
-        for ir in (0..m).step_by(S::TILE_ROWS) {
-            let tile = Tile {
-                row: ir,
-                col: 0,
-                rows: S::TILE_ROWS.min(m - ir),
-                cols: n,
-                depth: pc,
-            };
-            tile_checked(s, c, tile, kc, a, strips, accumulate || pc > 0);
+    let nr = 16 * S::TILE_VECS;
+    let height = m.div_ceil(m.div_ceil(S::TILE_ROWS));
+    let depth = (IN_PLACE_BLOCK / n).clamp(16, KC_IN_PLACE) / 16 * 16;
+    for pc in (0..k).step_by(depth) {
+        let kc = depth.min(k - pc);
+        let next_block = b.data.as_ptr().wrapping_add((pc + kc) * b.row_stride);
+        for jr in (0..n).step_by(nr) {
+            for ir in (0..m).step_by(height) {
+                let ahead = if ir > 0 || pc + kc >= k {
+                    Ahead::Nothing
+                } else {
+                    Ahead::Lines(next_block.wrapping_add(jr * kc))
+                };
+                let strip = BPanel {
+                    data: &b.data[pc * b.row_stride + jr..],
+                    ld: b.row_stride,
+                    step: nr,
+                    packed: false,
+                    ahead,
+                };
+                let tile = Tile {
+                    row: ir,
+                    col: jr,
+                    rows: height.min(m - ir),
+                    cols: nr.min(n - jr),
+                    depth: pc,
+                };
+                tile_checked(s, c, tile, kc, a, strip, accumulate || pc > 0);
+            }
         }
     }
 }
@@ -205,6 +229,7 @@ fn gemm_weight_rows<S: Simd>(
                     ld: ldw,
                     step: 0,
                     packed: false,
+                    ahead: Ahead::Nothing,
                 };
                 weight_tile_checked(s, c, tile, kc, w, &at[..kc * TOKENS]);
             }
@@ -446,6 +471,7 @@ fn multiply_block<S: Simd>(
             ld: nr,
             step: nr * kc,
             packed: true,
+            ahead: Ahead::NextStrip,
         };
         for ir in (0..m).step_by(S::TILE_ROWS) {
             let tile = Tile {
@@ -582,6 +608,22 @@ struct BPanel<'a> {
     step: usize,
     /// A zero-padded packed panel: every row holds NR readable floats.
     packed: bool,
+    /// What the tile asks the cache for while it runs.
+    ahead: Ahead,
+}
+
+/// Lines a tile prefetches into L2, one per depth step and vector (hints:
+/// never read, so any address will do).
+#[derive(Debug, Clone, Copy)]
+enum Ahead {
+    /// The same rows of the next strip or panel (`step` on).
+    NextStrip,
+    /// Consecutive lines from here, NR floats per depth step: a stretch of
+    /// the next depth block of a B read in place, in address order (the order
+    /// DRAM streams fastest).
+    Lines(*const f32),
+    /// Nothing.
+    Nothing,
 }
 
 impl BPanel<'_> {
@@ -678,14 +720,37 @@ unsafe fn tile_rows<S: Simd, const R: usize, const NV: usize>(
             }
         }
         let b_strip = b.data.as_ptr().wrapping_add(strip * b.step);
+        let ahead = match b.ahead {
+            Ahead::NextStrip => Some((b_strip.wrapping_add(b.step), b.ld)),
+            Ahead::Lines(first) => Some((first.wrapping_add(strip * kc * nr), nr)),
+            Ahead::Nothing => None,
+        };
         let a_step = a.col_stride;
         // SAFETY: BPanel::fits and Tile::fits (the caller's contract) cover
         // every read of depth_loop: kc rows of this strip, R rows of A.
         unsafe {
             if b.packed {
-                depth_loop::<S, R, NV, true>(s, &mut acc, rows, a_step, b_strip, b.ld, kc, real);
+                depth_loop::<S, R, NV, true>(
+                    s,
+                    &mut acc,
+                    rows,
+                    a_step,
+                    (b_strip, b.ld),
+                    ahead,
+                    kc,
+                    real,
+                );
             } else {
-                depth_loop::<S, R, NV, false>(s, &mut acc, rows, a_step, b_strip, b.ld, kc, real);
+                depth_loop::<S, R, NV, false>(
+                    s,
+                    &mut acc,
+                    rows,
+                    a_step,
+                    (b_strip, b.ld),
+                    ahead,
+                    kc,
+                    real,
+                );
             }
         }
         for (r, acc_r) in acc.iter().enumerate() {
@@ -715,18 +780,18 @@ unsafe fn depth_loop<S: Simd, const R: usize, const NV: usize, const PACKED: boo
     acc: &mut [[S::V; NV]; R],
     rows: [*const f32; R],
     a_step: usize,
-    b: *const f32,
-    ld: usize,
+    (b, ld): (*const f32, usize),
+    ahead: Option<(*const f32, usize)>,
     kc: usize,
     real: [usize; NV],
 ) {
     let mut b_row = b;
     for p in 0..kc {
-        // Fetch the same row of what the next call reads: the next panel,
-        // or B read in place one depth block further down.
-        let ahead = b_row.wrapping_add(kc * ld);
-        for j in 0..NV {
-            s.prefetch(ahead.wrapping_add(16 * j));
+        if let Some((first, stride)) = ahead {
+            let line = first.wrapping_add(p * stride);
+            for j in 0..NV {
+                s.prefetch(line.wrapping_add(16 * j));
+            }
         }
         // SAFETY: p < kc, so B's row p and A[row, p] are readable (the
         // caller's contract).

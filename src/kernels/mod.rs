@@ -428,7 +428,8 @@ mod tests {
     fn matmul_matches_naive_for_all_transposes_and_edge_sizes() {
         // Sizes straddle the tile (8 × 32) and depth-block (128) edges, and both
         // sides of the swap to Cᵀ = Bᵀ·Aᵀ (taken when B is transposed and m ≤ min(n, 256));
-        // 16 rows fill a weight-rows tile (all 16 lanes of Aᵀ packed).
+        // 16 rows fill a weight-rows tile (all 16 lanes of Aᵀ packed); a wide B
+        // read in place comes in depth blocks of 16 and row tiles of 5 + 5.
         let shapes = [
             (1, 5, 3),
             (7, 13, 5),
@@ -437,6 +438,7 @@ mod tests {
             (150, 70, 600),
             (2, 300, 40),
             (16, 300, 17),
+            (10, 100, 1030),
         ];
         for kernel in kernels() {
             for &(m, k, n) in &shapes {
@@ -473,6 +475,7 @@ mod tests {
             (150, 70, 600),
             (16, 300, 17),
             (3, 600, 100),
+            (10, 100, 1030),
         ] {
             let a = data(m * k, 3);
             let b = data(k * n, 4);
