@@ -387,6 +387,16 @@ pub struct TrainConfig {
     /// from it and `moe train` seeds its window sampler with it (a trainer
     /// given a ready model only records it, in the checkpoint's state).
     pub seed: u64,
+    /// Residual dropout rate p in [0, 1): the probability that an element of
+    /// the attention or MoE sublayer's output is dropped before the residual
+    /// add while training (contract extension, [`crate::dropout`]); 0 (the
+    /// default, left out of saved settings) is the contract's model exactly.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub dropout: f64,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 impl Default for TrainConfig {
@@ -403,6 +413,7 @@ impl Default for TrainConfig {
             grad_clip: 1.0,
             aux_loss_alpha: 0.01,
             seed: 42,
+            dropout: 0.0,
         }
     }
 }
@@ -437,6 +448,7 @@ impl TrainConfig {
             ("weight_decay", self.weight_decay),
             ("grad_clip", self.grad_clip),
             ("aux_loss_alpha", self.aux_loss_alpha),
+            ("dropout", self.dropout),
         ];
         for (name, value) in finite {
             if !value.is_finite() {
@@ -459,6 +471,9 @@ impl TrainConfig {
         }
         if self.eps <= 0.0 {
             return bad(format!("eps = {} must be > 0", self.eps));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return bad(format!("dropout = {} must be in [0, 1)", self.dropout));
         }
         if self.weight_decay < 0.0 || self.aux_loss_alpha < 0.0 {
             return bad("weight_decay and aux_loss_alpha must be ≥ 0".into());

@@ -29,6 +29,7 @@ pub mod budget;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod dropout;
 pub mod error;
 pub mod eval;
 pub mod hf;

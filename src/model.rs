@@ -10,6 +10,7 @@
 
 use crate::attention::{Attention, AttnActs, AttnDims, AttnScratch, KvCache, KvSource};
 use crate::config::ModelConfig;
+use crate::dropout::{Dropout, Mask, Site};
 use crate::error::{MoeError, Result};
 use crate::kernels::{self, Buffer, Stream, Write};
 use crate::layers::{Embedding, Linear, PackedWeights, Param, RmsNorm, Rope, Shape, Weights};
@@ -75,6 +76,8 @@ struct BackwardScratch {
     dx: Vec<f32>,
     /// dL/d(a norm's output) [T, h].
     dxn: Vec<f32>,
+    /// dL/d(a sublayer's output) through a dropout mask [T, h].
+    dbranch: Vec<f32>,
     /// The attention backward's scratch.
     attn: AttnScratch,
     /// The MoE backward's scratch.
@@ -90,6 +93,10 @@ struct Workspace {
     ids: Vec<u32>,
     /// The residual stream [T, h]; after the last layer, the final hidden state.
     x: Vec<f32>,
+    /// A sublayer's output before its dropout mask [T, h].
+    branch: Vec<f32>,
+    /// The dropout of the last training forward, for its backward.
+    dropout: Option<Dropout>,
     /// One entry per layer when training; inference reuses entry 0.
     layers: Vec<LayerActs>,
     /// Entries of `layers` the last forward filled, one per layer (1 for inference).
@@ -112,6 +119,7 @@ impl Workspace {
         self.shape = shape;
         self.kept_layers = n_acts;
         self.x.resize(tokens * h, 0.0);
+        self.branch.resize(tokens * h, 0.0);
         if self.layers.len() < n_acts {
             self.layers.resize_with(n_acts, LayerActs::default);
         }
@@ -130,6 +138,7 @@ impl Workspace {
         b.dlogits.resize(tokens * config.vocab_size, 0.0);
         b.dx.resize(tokens * h, 0.0);
         b.dxn.resize(tokens * h, 0.0);
+        b.dbranch.resize(tokens * h, 0.0);
         b.attn.plan(self.shape, AttnDims::new(config));
         b.moe.plan(tokens, MoeDims::new(config));
     }
@@ -174,22 +183,38 @@ impl<'a> DecoderLayer<'a> {
         }
     }
 
-    /// Forward; `x` [T, h] is the residual stream, updated in place.
-    fn forward(&self, x: &mut [f32], acts: &mut LayerActs, shape: Shape, kv: KvSource<'_>) {
+    /// Forward; `x` [T, h] is the residual stream, updated in place. With
+    /// `drop` (training with dropout), each sublayer's output goes through its
+    /// mask, by way of the scratch `branch` [T, h].
+    fn forward(
+        &self,
+        x: &mut [f32],
+        acts: &mut LayerActs,
+        shape: Shape,
+        kv: KvSource<'_>,
+        drop: Option<(LayerMasks, &mut [f32])>,
+    ) {
         let tokens = shape.tokens();
+        let (masks, branch) = drop.unzip();
+        let mut branch = branch;
         acts.x_in[..x.len()].copy_from_slice(x);
         let xn = &mut acts.attn.xn[..x.len()];
         self.attn_norm.forward(xn, &mut acts.attn_rms[..tokens], x);
-        self.attn.forward(x, &mut acts.attn, shape, kv);
+        let attn = masks.map(|m| m.attention).zip(branch.as_deref_mut());
+        add_output(x, attn, |out| {
+            self.attn.forward(out, &mut acts.attn, shape, kv)
+        });
         acts.x_mid[..x.len()].copy_from_slice(x);
         let xn = &mut acts.moe.xn[..x.len()];
         self.moe_norm.forward(xn, &mut acts.moe_rms[..tokens], x);
-        self.moe.forward(x, &mut acts.moe);
+        let moe = masks.map(|m| m.moe).zip(branch);
+        add_output(x, moe, |out| self.moe.forward(out, &mut acts.moe));
     }
 
     /// Backward. `back.dx` [T, h] holds dL/d(layer output) on entry and
     /// dL/d(layer input) on exit; the layer's weight gradients go to `grads`,
     /// counted as one subtotal.
+    #[allow(clippy::too_many_arguments)]
     fn backward(
         &self,
         acts: &LayerActs,
@@ -197,21 +222,68 @@ impl<'a> DecoderLayer<'a> {
         grads: &mut Grads<'_>,
         shape: Shape,
         aux_alpha: f32,
+        masks: Option<LayerMasks>,
     ) {
         let (tokens, n) = (shape.tokens(), shape.tokens() * self.hidden);
         let (dx, dxn) = (&mut back.dx[..n], &mut back.dxn[..n]);
+        let dbranch = &mut back.dbranch[..n];
         grads.subtotal(|grads| {
-            // x_out = x_mid + MoE(RMSNorm_moe(x_mid))
+            // x_out = x_mid + m_moe ⊙ MoE(RMSNorm_moe(x_mid))
+            let dout = output_grad(dx, masks.map(|m| m.moe), dbranch);
             self.moe
-                .backward(dxn, dx, &acts.moe, &mut back.moe, grads, aux_alpha);
+                .backward(dxn, dout, &acts.moe, &mut back.moe, grads, aux_alpha);
             let (x_mid, moe_rms) = (&acts.x_mid[..n], &acts.moe_rms[..tokens]);
             self.moe_norm.backward(dx, dxn, x_mid, moe_rms, grads);
-            // x_mid = x_in + Attn(RMSNorm_attn(x_in))
+            // x_mid = x_in + m_attn ⊙ Attn(RMSNorm_attn(x_in))
+            let dout = output_grad(dx, masks.map(|m| m.attention), dbranch);
             self.attn
-                .backward(dxn, dx, &acts.attn, &mut back.attn, grads, shape);
+                .backward(dxn, dout, &acts.attn, &mut back.attn, grads, shape);
             let (x_in, attn_rms) = (&acts.x_in[..n], &acts.attn_rms[..tokens]);
             self.attn_norm.backward(dx, dxn, x_in, attn_rms, grads);
         });
+    }
+}
+
+/// The dropout masks of one decoder layer's two sublayer outputs.
+#[derive(Debug, Clone, Copy)]
+struct LayerMasks {
+    attention: Mask,
+    moe: Mask,
+}
+
+impl LayerMasks {
+    /// Layer `l`'s masks under `dropout`.
+    fn of(dropout: Dropout, l: usize) -> Self {
+        LayerMasks {
+            attention: dropout.mask(l, Site::Attention),
+            moe: dropout.mask(l, Site::Moe),
+        }
+    }
+}
+
+/// x += the output that `sublayer` adds into the buffer it is given: into x
+/// itself, or with a dropout mask into `branch` first (zeroed), then
+///   x ← x + m ⊙ branch
+fn add_output(x: &mut [f32], drop: Option<(Mask, &mut [f32])>, sublayer: impl FnOnce(&mut [f32])) {
+    match drop {
+        None => sublayer(x),
+        Some((mask, branch)) => {
+            let branch = &mut branch[..x.len()];
+            branch.fill(0.0);
+            sublayer(branch);
+            mask.add_dropped(x, branch);
+        }
+    }
+}
+
+/// dL/d(a sublayer's output) from dL/dx: dx itself, or m ⊙ dx in `dbranch`.
+fn output_grad<'b>(dx: &'b [f32], mask: Option<Mask>, dbranch: &'b mut [f32]) -> &'b [f32] {
+    match mask {
+        None => dx,
+        Some(mask) => {
+            mask.apply(dbranch, dx);
+            dbranch
+        }
     }
 }
 
@@ -312,6 +384,8 @@ pub struct Model {
     packed: PackedWeights,
     rope: Rope,
     ws: Workspace,
+    /// The dropout of the gradient passes ([`Model::set_dropout`]).
+    dropout: Option<Dropout>,
 }
 
 impl Model {
@@ -358,7 +432,21 @@ impl Model {
             packed: PackedWeights::default(),
             rope,
             ws: Workspace::default(),
+            dropout: None,
         }
+    }
+
+    /// The residual dropout of the next gradient passes
+    /// ([`Model::loss_and_grads`], [`Model::loss_and_factored_grads`]; see
+    /// [`crate::dropout`]); `None` (the default) or p = 0 drops nothing.
+    /// Inference and [`Model::losses`] never drop.
+    pub fn set_dropout(&mut self, dropout: Option<Dropout>) {
+        self.dropout = dropout.filter(|d| d.p > 0.0);
+    }
+
+    /// The dropout of the gradient passes (`None` when nothing is dropped).
+    pub fn dropout(&self) -> Option<Dropout> {
+        self.dropout
     }
 
     /// The model's configuration.
@@ -513,7 +601,7 @@ impl Model {
         aux_alpha: f32,
         mut grads: Grads<'_>,
     ) -> Result<(Losses, f32)> {
-        let losses = self.losses(batch, aux_alpha)?;
+        let losses = self.losses_with_dropout(batch, aux_alpha, self.dropout)?;
         if !losses.total().is_finite() {
             return Err(MoeError::NonFiniteValue { what: "loss" });
         }
@@ -524,6 +612,17 @@ impl Model {
     /// The losses of `batch` (a forward that keeps activations; `dL/dlogits`
     /// is left in the workspace for the backward of [`Model::loss_and_grads`]).
     pub fn losses(&mut self, batch: &Batch, aux_alpha: f32) -> Result<Losses> {
+        self.losses_with_dropout(batch, aux_alpha, None)
+    }
+
+    /// [`Model::losses`] of a training forward with `dropout` on the sublayer
+    /// outputs: the loss a gradient pass under that dropout differentiates.
+    pub fn losses_with_dropout(
+        &mut self,
+        batch: &Batch,
+        aux_alpha: f32,
+        dropout: Option<Dropout>,
+    ) -> Result<Losses> {
         let seq = self.check_ids(&batch.ids, batch.batch_size, true)?;
         check_range(&batch.targets, self.config.vocab_size, "target")?;
         if batch.targets.len() != batch.ids.len() {
@@ -537,6 +636,7 @@ impl Model {
             batch: batch.batch_size,
             seq,
         };
+        self.ws.dropout = dropout.filter(|d| d.p > 0.0);
         self.run_forward(&batch.ids, shape, Pass::Train);
         self.ws.plan_backward(&self.config);
         let vocab = self.config.vocab_size;
@@ -624,9 +724,11 @@ impl Model {
         let h = view.config.hidden_dim;
         let x = &mut ws.x[..shape.tokens() * h];
         view.embed.forward(x, ids);
+        let dropout = ws.dropout.filter(|_| train);
         for l in 0..n_layers {
             let acts = &mut ws.layers[if train { l } else { 0 }];
-            view.layer(l).forward(x, acts, shape, pass.kv(l));
+            let drop = dropout.map(|d| (LayerMasks::of(d, l), &mut ws.branch[..]));
+            view.layer(l).forward(x, acts, shape, pass.kv(l), drop);
         }
         // Decoding needs the logits of the last position only.
         let first = match pass {
@@ -659,7 +761,9 @@ impl Model {
         let (x, final_rms) = (&ws.x[..tokens * h], &ws.final_rms[..tokens]);
         view.final_norm.backward(dx, dxn, x, final_rms, grads);
         for (l, acts) in ws.layers[..view.config.n_layers].iter().enumerate().rev() {
-            view.layer(l).backward(acts, back, grads, shape, aux_alpha);
+            let masks = ws.dropout.map(|d| LayerMasks::of(d, l));
+            view.layer(l)
+                .backward(acts, back, grads, shape, aux_alpha, masks);
         }
         view.embed.backward(&back.dx[..tokens * h], &ws.ids, grads);
     }

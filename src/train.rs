@@ -2,6 +2,7 @@
 
 use crate::batch::Batch;
 use crate::config::{ModelConfig, TrainConfig};
+use crate::dropout::Dropout;
 use crate::error::{MoeError, Result};
 use crate::kernels::{Buffer, Stream};
 use crate::model::{Losses, Model};
@@ -119,6 +120,12 @@ impl Trainer {
         let bound = OuterGrads::bound(self.model.layout(), batch.tokens(), config.top_k);
         self.factored
             .reserve(bound, self.model.layout().tensors.len());
+        // A fresh dropout mask each step, a function of (seed, step) alone.
+        self.model.set_dropout(Some(Dropout {
+            p: self.config.dropout as f32,
+            seed: self.config.seed,
+            step: t,
+        }));
         let (losses, grad_norm) = self
             .model
             .loss_and_factored_grads(batch, alpha, &mut self.grads, &mut self.factored)

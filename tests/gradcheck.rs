@@ -29,6 +29,7 @@
 pub mod common;
 
 use common::{Lcg, gqa_config, random_batch};
+use rosetta_moe::dropout::Dropout;
 use rosetta_moe::{Batch, Model, ModelConfig};
 
 const TOLERANCE: f64 = 2e-2;
@@ -67,7 +68,11 @@ fn shifted_loss(
 ) -> Option<f64> {
     let orig = model.params()[idx];
     model.params_mut()[idx] = orig + delta;
-    let aux = model.losses(batch, alpha).unwrap().aux;
+    let dropout = model.dropout();
+    let aux = model
+        .losses_with_dropout(batch, alpha, dropout)
+        .unwrap()
+        .aux;
     let loss = cross_entropy_f64(model, batch) + f64::from(aux);
     let same = all_routes(model) == routes;
     model.params_mut()[idx] = orig;
@@ -163,6 +168,23 @@ fn every_tensor_of_tiny_matches_finite_differences() {
     let config = ModelConfig::tiny();
     let mut model = Model::new(config.clone(), 3).unwrap();
     let batch = random_batch(&config, 2, 6, 11);
+    let report = check(&mut model, &batch, 0.01, 5);
+    assert_eq!(report.len(), model.layout().tensors.len());
+}
+
+#[test]
+fn every_tensor_of_tiny_matches_finite_differences_with_dropout() {
+    // The masks are fixed by (seed, step), so the loss is a smooth function
+    // of the weights and its derivative is the masked backward's.
+    let config = ModelConfig::tiny();
+    let mut model = Model::new(config.clone(), 3).unwrap();
+    let batch = random_batch(&config, 2, 6, 11);
+    let dropout = Dropout {
+        p: 0.3,
+        seed: 5,
+        step: 2,
+    };
+    model.set_dropout(Some(dropout));
     let report = check(&mut model, &batch, 0.01, 5);
     assert_eq!(report.len(), model.layout().tensors.len());
 }

@@ -4,6 +4,7 @@ pub mod common;
 
 use common::random_batch;
 use rosetta_moe::checkpoint::{self, load_model, load_training, save_model, save_training};
+use rosetta_moe::dropout::Dropout;
 use rosetta_moe::train::{CONVERGENCE_STEPS, convergence_setup};
 use rosetta_moe::{Model, ModelConfig, TrainConfig, Trainer};
 
@@ -105,15 +106,64 @@ fn model_checkpoint_round_trips_exactly() {
 
 #[test]
 fn resuming_from_a_checkpoint_is_bit_identical_to_never_stopping() {
+    resume_matches_straight_run(TrainConfig::default());
+}
+
+#[test]
+fn a_run_with_dropout_resumes_bit_identically_and_differs_from_one_without() {
+    let with = resume_matches_straight_run(TrainConfig {
+        dropout: 0.2,
+        ..TrainConfig::default()
+    });
+    let without = resume_matches_straight_run(TrainConfig::default());
+    assert_ne!(with, without, "dropout 0.2 changed nothing");
+    // p = 0 is the contract's model, to the bit.
+    let zero = resume_matches_straight_run(TrainConfig {
+        dropout: 0.0,
+        ..TrainConfig::default()
+    });
+    assert_eq!(zero, without);
+}
+
+#[test]
+fn dropout_applies_to_gradient_passes_only() {
+    let config = ModelConfig::tiny();
+    let batch = random_batch(&config, 2, 8, 3);
+    let mut model = Model::new(config.clone(), 4).unwrap();
+    let plain = model.losses(&batch, 0.01).unwrap();
+    let dropout = Dropout {
+        p: 0.5,
+        seed: 1,
+        step: 1,
+    };
+    model.set_dropout(Some(dropout));
+    assert_eq!(
+        model.losses(&batch, 0.01).unwrap(),
+        plain,
+        "evaluation dropped"
+    );
+    let mut grads = vec![0.0; model.params().len()];
+    let (trained, _) = model.loss_and_grads(&batch, 0.01, &mut grads).unwrap();
+    assert_ne!(trained, plain, "the gradient pass did not drop");
+    let same = model
+        .losses_with_dropout(&batch, 0.01, Some(dropout))
+        .unwrap();
+    assert_eq!(same, trained, "the masks are a function of (seed, step)");
+    let logits = model.forward(&batch.ids, 2).unwrap().to_vec();
+    model.set_dropout(None);
+    assert_eq!(
+        model.forward(&batch.ids, 2).unwrap(),
+        &logits[..],
+        "inference dropped"
+    );
+}
+
+/// Trains 20 steps straight and 10 + save + load + 10 under `train`;
+/// asserts that both end with the same bits and returns the weights' bits.
+fn resume_matches_straight_run(train: TrainConfig) -> Vec<u32> {
     let config = ModelConfig::tiny();
     let batches: Vec<_> = (0..20).map(|i| random_batch(&config, 2, 8, i)).collect();
-    let fresh = || {
-        Trainer::new(
-            Model::new(config.clone(), 9).unwrap(),
-            TrainConfig::default(),
-        )
-        .unwrap()
-    };
+    let fresh = || Trainer::new(Model::new(config.clone(), 9).unwrap(), train.clone()).unwrap();
 
     let mut straight = fresh();
     for b in &batches {
@@ -141,6 +191,7 @@ fn resuming_from_a_checkpoint_is_bit_identical_to_never_stopping() {
     assert_eq!(bits(&resumed.optimizer().m), bits(&straight.optimizer().m));
     assert_eq!(bits(&resumed.optimizer().v), bits(&straight.optimizer().v));
     assert!(dir.path().join(checkpoint::STATE_FILE).exists());
+    bits(straight.model().params())
 }
 
 #[test]

@@ -64,6 +64,9 @@ pub struct Recipe {
     /// Load-balancing loss weight α.
     #[serde(default)]
     pub aux_alpha: Option<f64>,
+    /// Residual dropout rate (see `moe train --dropout`).
+    #[serde(default)]
+    pub dropout: Option<f64>,
 }
 
 impl Recipe {

@@ -145,6 +145,10 @@ struct HyperFlags {
     /// Weight α of the load-balancing loss [default: 0.01].
     #[arg(long, conflicts_with = "resume")]
     aux_alpha: Option<f64>,
+    /// Residual dropout rate p in [0, 1) on the attention and MoE outputs
+    /// while training (a contract extension; 0 is the contract's model) [default: 0].
+    #[arg(long, conflicts_with = "resume")]
+    dropout: Option<f64>,
 }
 
 impl HyperFlags {
@@ -158,6 +162,7 @@ impl HyperFlags {
             beta2: self.beta2.unwrap_or(train.beta2),
             eps: self.adam_eps.unwrap_or(train.eps),
             aux_loss_alpha: self.aux_alpha.unwrap_or(train.aux_loss_alpha),
+            dropout: self.dropout.unwrap_or(train.dropout),
             ..train
         }
     }
@@ -269,6 +274,7 @@ fn with_recipe(mut args: Args) -> Result<Args> {
     hyper.grad_clip = hyper.grad_clip.or(recipe.grad_clip);
     hyper.beta2 = hyper.beta2.or(recipe.beta2);
     hyper.aux_alpha = hyper.aux_alpha.or(recipe.aux_alpha);
+    hyper.dropout = hyper.dropout.or(recipe.dropout);
     args.chosen = Some((name, recipe));
     Ok(args)
 }
