@@ -1472,7 +1472,7 @@ fn the_main_job_takes_the_default_recipe_and_every_flag_wins_over_a_recipe() {
     assert_eq!(state(&f.path("plain"))["train"]["lr"], 1e-3);
     // A recipe file of one's own; unknown keys and steps beside time are errors.
     let model: serde_json::Value = serde_json::from_slice(&file(&f.path("config.json"))).unwrap();
-    let mine = serde_json::json!({"about": "test", "model": model, "steps": 3, "batch": 2, "seq": 16, "lr": 0.005, "weight_decay": 0.3});
+    let mine = serde_json::json!({"about": "test", "model": model, "steps": 3, "batch": 2, "seq": 16, "lr": 0.005, "weight_decay": 0.3, "dropout": 0.1});
     std::fs::write(f.path("recipe.json"), mine.to_string()).unwrap();
     let (data, recipe_file, own) = (f.s("text.txt"), f.s("recipe.json"), f.s("own"));
     let out = moe(&[
@@ -1490,12 +1490,13 @@ fn the_main_job_takes_the_default_recipe_and_every_flag_wins_over_a_recipe() {
     assert_eq!(
         (
             s["train"]["lr"].as_f64(),
-            s["train"]["weight_decay"].as_f64()
+            s["train"]["weight_decay"].as_f64(),
+            s["train"]["dropout"].as_f64()
         ),
-        (Some(0.005), Some(0.3))
+        (Some(0.005), Some(0.3), Some(0.1))
     );
     for (key, value, says) in [
-        ("dropout", serde_json::json!(0.1), "unknown field"),
+        ("label_smoothing", serde_json::json!(0.1), "unknown field"),
         ("time", serde_json::json!("1m"), "not both"),
     ] {
         let mut bad = mine.clone();
