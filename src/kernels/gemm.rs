@@ -725,32 +725,14 @@ unsafe fn tile_rows<S: Simd, const R: usize, const NV: usize>(
             Ahead::Lines(first) => Some((first.wrapping_add(strip * kc * nr), nr)),
             Ahead::Nothing => None,
         };
-        let a_step = a.col_stride;
+        let (a_step, b_rows) = (a.col_stride, (b_strip, b.ld));
         // SAFETY: BPanel::fits and Tile::fits (the caller's contract) cover
         // every read of depth_loop: kc rows of this strip, R rows of A.
         unsafe {
             if b.packed {
-                depth_loop::<S, R, NV, true>(
-                    s,
-                    &mut acc,
-                    rows,
-                    a_step,
-                    (b_strip, b.ld),
-                    ahead,
-                    kc,
-                    real,
-                );
+                depth_loop::<S, R, NV, true>(s, &mut acc, rows, a_step, b_rows, ahead, kc, real);
             } else {
-                depth_loop::<S, R, NV, false>(
-                    s,
-                    &mut acc,
-                    rows,
-                    a_step,
-                    (b_strip, b.ld),
-                    ahead,
-                    kc,
-                    real,
-                );
+                depth_loop::<S, R, NV, false>(s, &mut acc, rows, a_step, b_rows, ahead, kc, real);
             }
         }
         for (r, acc_r) in acc.iter().enumerate() {
