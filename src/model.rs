@@ -439,9 +439,17 @@ impl Model {
     /// The residual dropout of the next gradient passes
     /// ([`Model::loss_and_grads`], [`Model::loss_and_factored_grads`]; see
     /// [`crate::dropout`]); `None` (the default) or p = 0 drops nothing.
-    /// Inference and [`Model::losses`] never drop.
-    pub fn set_dropout(&mut self, dropout: Option<Dropout>) {
+    /// Inference and [`Model::losses`] never drop. A rate outside [0, 1) is
+    /// refused (and the setting left as it was).
+    pub fn set_dropout(&mut self, dropout: Option<Dropout>) -> Result<()> {
+        if let Some(d) = dropout.filter(|d| !(0.0..1.0).contains(&d.p)) {
+            return Err(MoeError::InvalidTraining(format!(
+                "dropout = {} must be in [0, 1)",
+                d.p
+            )));
+        }
         self.dropout = dropout.filter(|d| d.p > 0.0);
+        Ok(())
     }
 
     /// The dropout of the gradient passes (`None` when nothing is dropped).

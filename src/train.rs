@@ -125,7 +125,7 @@ impl Trainer {
             p: self.config.dropout as f32,
             seed: self.config.seed,
             step: t,
-        }));
+        }))?;
         let (losses, grad_norm) = self
             .model
             .loss_and_factored_grads(batch, alpha, &mut self.grads, &mut self.factored)

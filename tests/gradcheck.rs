@@ -184,7 +184,7 @@ fn every_tensor_of_tiny_matches_finite_differences_with_dropout() {
         seed: 5,
         step: 2,
     };
-    model.set_dropout(Some(dropout));
+    model.set_dropout(Some(dropout)).unwrap();
     let report = check(&mut model, &batch, 0.01, 5);
     assert_eq!(report.len(), model.layout().tensors.len());
 }

@@ -136,7 +136,11 @@ fn dropout_applies_to_gradient_passes_only() {
         seed: 1,
         step: 1,
     };
-    model.set_dropout(Some(dropout));
+    for bad in [1.0, -0.1, f32::NAN] {
+        let refused = model.set_dropout(Some(Dropout { p: bad, ..dropout }));
+        assert!(refused.is_err(), "dropout {bad} accepted");
+    }
+    model.set_dropout(Some(dropout)).unwrap();
     assert_eq!(
         model.losses(&batch, 0.01).unwrap(),
         plain,
@@ -150,7 +154,7 @@ fn dropout_applies_to_gradient_passes_only() {
         .unwrap();
     assert_eq!(same, trained, "the masks are a function of (seed, step)");
     let logits = model.forward(&batch.ids, 2).unwrap().to_vec();
-    model.set_dropout(None);
+    model.set_dropout(None).unwrap();
     assert_eq!(
         model.forward(&batch.ids, 2).unwrap(),
         &logits[..],
