@@ -150,8 +150,14 @@ def render(_args):
         "of evenly spaced windows.",
         "",
     ]
-    if load("15min", "summary.json"):
-        lines += ["The torch.compile peer ran for the 90-second recipe only.", ""]
+    missing = [n for n in RECIPES if load(n, "summary.json") and not load(n, "peer.json")]
+    if missing:
+        lines += [f"The torch.compile peer has not run for: {', '.join(missing)}.", ""]
+    if load("15min", "peer.json"):
+        lines += ["The peer trains with the recipe's residual dropout as torch's `F.dropout` on the",
+                  "same two outputs (the same rate, its own masks) and its own window sampler",
+                  "(bench/peers/time_to_quality.py lists every difference); its figure is",
+                  "`moe eval` of its weights, the same command that scores ours.", ""]
     lines += ["Each recipe ran on two cores of the machine in its row (sessions run on",
               "different hosts; `moe --version` names the SIMD level).", ""]
     lines += ["| recipe | command | steps | training s | trainer's val bits/byte | **`moe eval` val bits/byte** | target | met | torch.compile, same recipe and time | machine |",
@@ -187,6 +193,13 @@ def limits():
     evals = summary["evaluations"]
     best = min(evals, key=lambda e: e["val_bits_per_byte"])
     first, last = evals[0], evals[-1]
+    recipe = json.loads((ROOT / "configs" / "shakespeare-15min.json").read_text())
+    peer_run = load("15min", "peer.json")
+    split = (f"{peer_run['tokens']['train']:,} tokens at vocabulary {recipe['model']['vocab_size']}, "
+             f"seen {summary['steps'] * recipe['batch'] * recipe['seq'] / peer_run['tokens']['train']:.0f} "
+             "times in fifteen minutes" if peer_run else
+             f"a few hundred thousand tokens at vocabulary {recipe['model']['vocab_size']}, seen "
+             "dozens of times in fifteen minutes")
     return [
         "## What limits the fifteen-minute run", "",
         f"Over-fitting, not speed. Its validation figure is lowest at {best['seconds']:.0f} s "
@@ -194,11 +207,11 @@ def limits():
         f"evaluation) and climbs after it, to {last['val_bits_per_byte']:.4f} at the end, while "
         f"the loss on training windows keeps falling ({first['train_loss']:.3f} → "
         f"{last['train_loss']:.3f} nats/token; validation {best['val_loss']:.3f} at best, "
-        f"{last['val_loss']:.3f} at the end). The training split is about 310,000 tokens at this "
-        "vocabulary, seen dozens of times in fifteen minutes. AdamW's weight decay alone did not "
-        "hold the model back (sweep s15m in [sweeps.md](sweeps.md): 3.12 bits/byte at the end); "
-        "residual dropout (`--dropout`, a contract extension, sweep s15m-dropout) delays and "
-        "flattens the climb but does not stop it.", ""]
+        f"{last['val_loss']:.3f} at the end). The training split is {split}. "
+        "AdamW's weight decay alone did not hold the model back (sweep s15m in "
+        "[sweeps.md](sweeps.md): 3.12 bits/byte at the end); residual dropout (`--dropout`, a "
+        "contract extension, sweep s15m-dropout) delays and flattens the climb but does not stop "
+        "it, and a smaller vocabulary (sweep s15m-vocab) lowers the plateau.", ""]
 
 
 def readme_block(rows):

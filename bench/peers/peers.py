@@ -213,11 +213,17 @@ class NumPyPeer:
 
 # ---------------------------------------------------------------- PyTorch
 
-def torch_forward(torch, p, config, ids, cos, sin, causal, balance, dense):
+def torch_forward(torch, p, config, ids, cos, sin, causal, balance, dense, dropout=0.0):
     """Logits [B, S, V] of ids [B, S] and, when `balance`, Σ_l Σ_e f_e·P_e
     (else 0); cos, sin [1, S, 1, d/2]; causal [S, S] bool. `dense` runs every
-    expert on every token (static shapes, E/k× the expert work)."""
+    expert on every token (static shapes, E/k× the expert work). `dropout` > 0
+    is the contract's residual dropout (src/dropout.rs: each sublayer output
+    kept with probability 1 − p, scaled by 1/(1 − p)), with torch's own masks."""
     F = torch.nn.functional
+
+    def branch(y):
+        return F.dropout(y, dropout) if dropout > 0 else y
+
     B, S = ids.shape
     h, H, Hkv, d = config["hidden_dim"], config["n_heads"], config["n_kv_heads"], config["head_dim"]
     E, k = config["n_experts"], config["top_k"]
@@ -240,7 +246,8 @@ def torch_forward(torch, p, config, ids, cos, sin, causal, balance, dense):
         kk, v = kk.repeat_interleave(H // Hkv, dim=2), v.repeat_interleave(H // Hkv, dim=2)
         scores = torch.einsum("bshd,bthd->bhst", q, kk) / math.sqrt(d)
         att = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
-        x = x + torch.einsum("bhst,bthd->bshd", att, v).reshape(B, S, H * d) @ w("attn.o_proj").T
+        x = x + branch(torch.einsum("bhst,bthd->bshd", att, v).reshape(B, S, H * d)
+                       @ w("attn.o_proj").T)
         xn = norm(x, w("moe_norm")).reshape(B * S, h)
         probs = torch.softmax(xn @ w("moe.router").T, dim=-1)
         top, chosen = torch.topk(probs, k, dim=-1)
@@ -255,7 +262,7 @@ def torch_forward(torch, p, config, ids, cos, sin, causal, balance, dense):
             for e in range(E):
                 rows, slot = torch.nonzero(chosen == e, as_tuple=True)
                 out = out.index_add(0, rows, gates[rows, slot][:, None] * expert(e, xn[rows]))
-        x = x + out.view(B, S, h)
+        x = x + branch(out.view(B, S, h))
         if balance:
             # Routed share f_e by one-hot counts (static shape: no graph break).
             f = F.one_hot(chosen, E).sum((0, 1)).to(xn.dtype) / (B * S * k)
@@ -263,9 +270,9 @@ def torch_forward(torch, p, config, ids, cos, sin, causal, balance, dense):
     return norm(x, p["final_norm.weight"]) @ p["lm_head.weight"].T, balances
 
 
-def torch_loss(torch, p, config, ids, targets, cos, sin, causal, dense):
-    """(CE + α·E·Σ_l Σ_e f_e·P_e, logits) — CONTRACT §4."""
-    logits, balances = torch_forward(torch, p, config, ids, cos, sin, causal, True, dense)
+def torch_loss(torch, p, config, ids, targets, cos, sin, causal, dense, dropout=0.0):
+    """(CE + α·E·Σ_l Σ_e f_e·P_e, logits) — CONTRACT §4 (§6's dropout when > 0)."""
+    logits, balances = torch_forward(torch, p, config, ids, cos, sin, causal, True, dense, dropout)
     ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
     return ce + TRAIN["aux_loss_alpha"] * config["n_experts"] * balances, logits
 
@@ -290,8 +297,8 @@ class TorchPeer:
             lambda p, ids, cos, sin, causal: torch_forward(torch, p, config, ids, cos, sin, causal,
                                                            False, dense)[0])
         self.loss = self.compile(
-            lambda p, ids, targets, cos, sin, causal: torch_loss(torch, p, config, ids, targets,
-                                                                 cos, sin, causal, dense))
+            lambda p, ids, targets, cos, sin, causal, dropout=0.0: torch_loss(
+                torch, p, config, ids, targets, cos, sin, causal, dense, dropout))
         if what == "train":
             matrices = [t for t in self.p.values() if t.ndim == 2]
             vectors = [t for t in self.p.values() if t.ndim != 2]

@@ -19,7 +19,9 @@ optimizer, schedule and initial weights:
     (the recipe's β2, weight decay, clipping and α, at peers.py's constant
     lr 1e-3) must give our loss within 1e-5 (relative) and our updated
     weights (peers.check_step).
-  * training: loss = CE + α·E·Σ_l Σ_e f_e·P_e (peers.torch_loss), backward,
+  * training: loss = CE + α·E·Σ_l Σ_e f_e·P_e (peers.torch_loss; with the
+    recipe's residual dropout, torch's F.dropout on each attention and MoE
+    output before it joins the residual — the same rate, other masks), backward,
     clip_grad_norm_, AdamW(fused=True) with betas (0.9, β2), eps 1e-8,
     decay on 2-D weights only (CONTRACT §6); batches of `batch` random
     windows of seq + 1 tokens of the training split; learning rate: linear
@@ -66,9 +68,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
 from sweep import cpu_model  # noqa: E402  (standard library only)
 RECIPE_KEYS = {"about", "model", "steps", "time", "batch", "seq", "lr", "warmup",
-               "min_lr_ratio", "weight_decay", "grad_clip", "beta2", "aux_alpha"}
+               "min_lr_ratio", "weight_decay", "grad_clip", "beta2", "aux_alpha", "dropout"}
 RECIPE_DEFAULTS = {"warmup": 100, "min_lr_ratio": 0.1, "weight_decay": 0.1, "grad_clip": 1.0,
-                   "beta2": 0.95, "aux_alpha": 0.01}
+                   "beta2": 0.95, "aux_alpha": 0.01, "dropout": 0.0}
 TRAIN_FRACTION = 0.9  # src/data.rs
 WARMUP_STEPS = 3  # untimed steps on the throwaway copy (the proof step included)
 UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "sec": 1, "secs": 1,
@@ -277,7 +279,7 @@ def main():
         epilog="The module docstring (head of this file) lists what differs from `moe train`.")
     ap.add_argument("--recipe", required=True, metavar="FILE",
                     help="recipe JSON (configs/*.json keys: model, batch, seq, lr, warmup, "
-                         "min_lr_ratio, weight_decay, grad_clip, beta2, aux_alpha, steps|time)")
+                         "min_lr_ratio, weight_decay, grad_clip, beta2, aux_alpha, dropout, steps|time)")
     ap.add_argument("--time", metavar="SECONDS",
                     help="wall-clock training budget, seconds or a duration like 90s, 15m "
                          "[default: the recipe's time]")
@@ -429,7 +431,8 @@ def main():
         for group in opt.param_groups:
             group["lr"] = lr
         opt.zero_grad(set_to_none=True)
-        loss = peer.loss(p, torch.from_numpy(x), torch.from_numpy(y), cos, sin, causal)[0]
+        loss = peer.loss(p, torch.from_numpy(x), torch.from_numpy(y), cos, sin, causal,
+                         recipe["dropout"])[0]
         loss.backward()
         if recipe["grad_clip"] > 0:
             torch.nn.utils.clip_grad_norm_(p.values(), recipe["grad_clip"])
