@@ -206,7 +206,11 @@ fn every_backward_and_extension_row_links_to_a_derivation_that_exists() {
         .lines()
         .filter(|l| l.starts_with("| B") || l.starts_with("| X"))
         .collect();
-    assert!(rows.len() >= 14, "{} backward and extension rows", rows.len());
+    assert!(
+        rows.len() >= 14,
+        "{} backward and extension rows",
+        rows.len()
+    );
     for row in rows {
         let (_, rest) = row
             .split_once("(derivations.md#")
