@@ -193,13 +193,16 @@ def limits():
     evals = summary["evaluations"]
     best = min(evals, key=lambda e: e["val_bits_per_byte"])
     first, last = evals[0], evals[-1]
-    recipe = json.loads((ROOT / "configs" / "shakespeare-15min.json").read_text())
-    peer_run = load("15min", "peer.json")
-    split = (f"{peer_run['tokens']['train']:,} tokens at vocabulary {recipe['model']['vocab_size']}, "
-             f"seen {summary['steps'] * recipe['batch'] * recipe['seq'] / peer_run['tokens']['train']:.0f} "
-             "times in fifteen minutes" if peer_run else
-             f"a few hundred thousand tokens at vocabulary {recipe['model']['vocab_size']}, seen "
-             "dozens of times in fifteen minutes")
+    peer_run = load("15min", "peer.json")  # the recipe as run, and the split's token count
+    split = "a few hundred thousand tokens, seen dozens of times in fifteen minutes"
+    if peer_run:
+        recipe, train = peer_run["recipe"], peer_run["tokens"]["train"]
+        passes = summary["steps"] * recipe["batch"] * recipe["seq"] / train
+        split = (f"{train:,} tokens at vocabulary {recipe['model']['vocab_size']}, seen "
+                 f"{passes:.0f} times in fifteen minutes")
+    s15m = [json.loads(line) for line in
+            (ROOT / "docs" / "training" / "sweeps" / "s15m.jsonl").read_text().splitlines() if line]
+    decay_only = min(r["summary"]["val_bits_per_byte"] for r in s15m)
     return [
         "## What limits the fifteen-minute run", "",
         f"Over-fitting, not speed. Its validation figure is lowest at {best['seconds']:.0f} s "
@@ -209,7 +212,7 @@ def limits():
         f"{last['train_loss']:.3f} nats/token; validation {best['val_loss']:.3f} at best, "
         f"{last['val_loss']:.3f} at the end). The training split is {split}. "
         "AdamW's weight decay alone did not hold the model back (sweep s15m in "
-        "[sweeps.md](sweeps.md): 3.12 bits/byte at the end); residual dropout (`--dropout`, a "
+        f"[sweeps.md](sweeps.md): {decay_only:.2f} bits/byte at the end at best); residual dropout (`--dropout`, a "
         "contract extension, sweep s15m-dropout) delays and flattens the climb but does not stop "
         "it, and a smaller vocabulary (sweep s15m-vocab) lowers the plateau.", ""]
 
