@@ -86,6 +86,12 @@ const KC_IN_PLACE: usize = 128;
 /// (`examples/cold_weights`, dX on the small model's expert shapes) 64 KB
 /// blocks were slower for W [256, 1024] and 256 KB ones for a cold W [2048, 256].
 const IN_PLACE_BLOCK: usize = 32768;
+/// A row stride of W (in floats) at which every row of W starts in the same
+/// L1 set (4 KB apart or a multiple): the eight rows a paired tile reads at
+/// once would then evict each other, so such weights keep the one-row tile
+/// (`examples/cold_weights` on a Zen 3, x·Wᵀ for 8 tokens: on W [256, 1024]
+/// paired took 1.1–1.3× as long; on W [2048, 256] 0.6–0.7× cold, the same hot).
+const ALIASED_ROWS: usize = 1024;
 /// Tokens per [`Path::WeightRows`] tile: one 16-lane vector. One block of
 /// 16 tokens streams W once; more blocks would stream it again each
 /// (`examples/gemm_compare`: 32 × 1024 × 256 took twice as long that way).
@@ -199,6 +205,9 @@ fn gemm_b_in_place<S: Simd>(s: S, c: &mut MatMut<'_>, a: Mat<'_>, b: Mat<'_>, ac
 /// [`Path::WeightRows`]: C [m, n] (+)= A [m, k] · Wᵀ, B = Wᵀ a view of W [n, k]
 /// with contiguous rows. For each block of 16 tokens and each depth block:
 ///   Aᵀ block → [kc][16];  for each 16 rows of W:  Cᵀ tile (+)= W rows · Aᵀ block
+/// A block of at most 8 tokens, on a level with [`Simd::PAIRED_WEIGHT_ROWS`],
+/// fills the lanes with two rows of W instead (a tile of 32 rows; see
+/// [`WeightTile::paired`]).
 #[inline(always)]
 fn gemm_weight_rows<S: Simd>(
     s: S,
@@ -213,16 +222,26 @@ fn gemm_weight_rows<S: Simd>(
     let at = &mut scratch[..KC * TOKENS];
     for t0 in (0..m).step_by(TOKENS) {
         let tokens = TOKENS.min(m - t0);
+        let paired =
+            S::PAIRED_WEIGHT_ROWS && tokens <= TOKENS / 2 && !ldw.is_multiple_of(ALIASED_ROWS);
+        let width = if paired { 2 * TOKENS } else { TOKENS };
         for pc in (0..k).step_by(KC) {
             let kc = KC.min(k - pc);
-            pack_a_transposed(s, &mut at[..kc * TOKENS], a, t0, tokens, pc);
-            for j0 in (0..n).step_by(TOKENS) {
+            let at = &mut at[..kc * TOKENS];
+            pack_a_transposed(s, at, a, t0, tokens, pc);
+            if paired {
+                // Lanes 8..16 repeat lanes 0..8: the tokens again, for the second row of W.
+                at.chunks_exact_mut(TOKENS)
+                    .for_each(|lanes| lanes.copy_within(..TOKENS / 2, TOKENS / 2));
+            }
+            for j0 in (0..n).step_by(width) {
                 let tile = WeightTile {
                     token: t0,
                     tokens,
                     col: j0,
-                    cols: TOKENS.min(n - j0),
+                    cols: width.min(n - j0),
                     add: accumulate || pc > 0,
+                    paired,
                 };
                 let w = BPanel {
                     data: &b.data[j0 * ldw + pc..],
@@ -231,7 +250,7 @@ fn gemm_weight_rows<S: Simd>(
                     packed: false,
                     ahead: Ahead::Nothing,
                 };
-                weight_tile_checked(s, c, tile, kc, w, &at[..kc * TOKENS]);
+                weight_tile_checked(s, c, tile, kc, w, at);
             }
         }
     }
@@ -265,19 +284,38 @@ fn pack_a_transposed<S: Simd>(
     }
 }
 
-/// One [`Path::WeightRows`] tile: C[token.., col..] for up to 16 tokens and 16 columns.
+/// One [`Path::WeightRows`] tile: C[token.., col..] for up to 16 tokens and
+/// 16 columns, or (paired) up to 8 tokens and 32 columns.
 #[derive(Debug, Clone, Copy)]
 struct WeightTile {
     /// First row of C (token).
     token: usize,
-    /// Real tokens, ≤ 16.
+    /// Real tokens, ≤ 16 (≤ 8 when paired).
     tokens: usize,
     /// First column of C (row of W).
     col: usize,
-    /// Real columns, ≤ 16.
+    /// Real columns, ≤ 16 (≤ 32 when paired).
     cols: usize,
     /// Continue from C's values instead of starting from zero.
     add: bool,
+    /// Vector i holds row col + i of W in lanes 0..8 and row col + 16 + i in
+    /// lanes 8..16 (each over the ≤ 8 tokens), instead of row col + i over
+    /// 16 tokens.
+    paired: bool,
+}
+
+impl WeightTile {
+    /// Where lane `lane` of the tile's vectors, transposed, belongs in C:
+    /// (token offset, first column offset, real columns), if anywhere.
+    fn lane_place(&self, lane: usize) -> Option<(usize, usize, usize)> {
+        let (token, first) = if self.paired {
+            (lane % (TOKENS / 2), TOKENS * (lane / (TOKENS / 2)))
+        } else {
+            (lane, 0)
+        };
+        (token < self.tokens && first < self.cols)
+            .then(|| (token, first, (self.cols - first).min(TOKENS)))
+    }
 }
 
 /// A [`WeightTile`], after checking every bound the kernel relies on.
@@ -290,9 +328,14 @@ fn weight_tile_checked<S: Simd>(
     w: BPanel<'_>,
     at: &[f32],
 ) {
+    let (most_tokens, most_cols) = if tile.paired {
+        (TOKENS / 2, 2 * TOKENS)
+    } else {
+        (TOKENS, TOKENS)
+    };
     assert!(
-        (1..=TOKENS).contains(&tile.tokens)
-            && (1..=TOKENS).contains(&tile.cols)
+        (1..=most_tokens).contains(&tile.tokens)
+            && (1..=most_cols).contains(&tile.cols)
             && tile.token + tile.tokens <= c.rows
             && tile.col + tile.cols <= c.cols
             && at.len() >= kc * TOKENS
@@ -303,24 +346,26 @@ fn weight_tile_checked<S: Simd>(
     // SAFETY: the tile lies inside C, W's `cols` rows of `kc` depth inside
     // `w.data`, and Aᵀ holds kc·16 floats (all asserted just above).
     unsafe {
-        match S::WEIGHT_ROWS {
-            4 => weight_tile::<S, 4>(s, c, ldc, tile, kc, w, at),
-            _ => weight_tile::<S, 8>(s, c, ldc, tile, kc, w, at),
+        match (S::WEIGHT_ROWS, tile.paired) {
+            (4, false) => weight_tile::<S, 4, false>(s, c, ldc, tile, kc, w, at),
+            (4, true) => weight_tile::<S, 4, true>(s, c, ldc, tile, kc, w, at),
+            (_, false) => weight_tile::<S, 8, false>(s, c, ldc, tile, kc, w, at),
+            (_, true) => weight_tile::<S, 8, true>(s, c, ldc, tile, kc, w, at),
         }
     }
 }
 
 /// Cᵀ tile = W[col.., depth block] · Aᵀ block, accumulated in 16 vectors
-/// (one per row of W, lanes = tokens, G rows at a time in registers), then
-/// transposed to C's rows:
-///   acc_r = C[:, col + r]ᵀ (or 0);  for p: acc_r ← fma(W[col + r, p], Aᵀ[p, :], acc_r)
+/// (lanes = tokens; one row of W per vector, or two when `PAIRED`; G vectors
+/// at a time in registers), then transposed to C's rows:
+///   acc_i = C[:, col + i]ᵀ (or 0);  for p: acc_i ← fma(W[col + i, p], Aᵀ[p, :], acc_i)
 /// — the packed path's products in its order (fma(a, w, c) = fma(w, a, c) exactly).
 ///
 /// # Safety
 /// The bounds of [`weight_tile_checked`] hold; `c` is valid for reads and
 /// writes of C's rows at stride `ldc`.
 #[inline(always)]
-unsafe fn weight_tile<S: Simd, const G: usize>(
+unsafe fn weight_tile<S: Simd, const G: usize, const PAIRED: bool>(
     s: S,
     c: *mut f32,
     ldc: usize,
@@ -329,55 +374,76 @@ unsafe fn weight_tile<S: Simd, const G: usize>(
     w: BPanel<'_>,
     at: &[f32],
 ) {
-    // Rows past `cols` repeat the last real row: read in bounds, never stored.
-    let rows: [*const f32; TOKENS] = array_of(
-        #[inline(always)]
-        |r| w.data[r.min(tile.cols - 1) * w.ld..].as_ptr(),
-    );
-    let out = |t: usize| c.wrapping_add((tile.token + t) * ldc + tile.col);
+    // Row r of the tile: W[col + r] (lanes 0..8, or all 16) and, when
+    // paired, W[col + 16 + r] (lanes 8..16). Rows past `cols` repeat the
+    // last real row: read in bounds, never stored.
+    let rows_from = |first: usize| -> [*const f32; TOKENS] {
+        array_of(
+            #[inline(always)]
+            |r| w.data[(first + r).min(tile.cols - 1) * w.ld..].as_ptr(),
+        )
+    };
+    let (lo, hi) = (rows_from(0), rows_from(if PAIRED { TOKENS } else { 0 }));
+    let place = |lane: usize| {
+        tile.lane_place(lane).map(|(t, first, cols)| {
+            let out = c.wrapping_add((tile.token + t) * ldc + tile.col + first);
+            (out, cols)
+        })
+    };
     let mut acc = [s.zero(); TOKENS];
     if tile.add {
-        // SAFETY: token rows and columns col..col+cols lie inside C (caller's contract).
-        let by_token = array_of(
+        let by_lane = array_of(
             #[inline(always)]
-            |t| {
-                if t < tile.tokens {
-                    unsafe { load_cols(s, out(t), tile.cols) }
-                } else {
-                    s.zero()
-                }
+            |lane| match place(lane) {
+                // SAFETY: that token's row and columns lie inside C (caller's contract).
+                Some((out, cols)) => unsafe { load_cols(s, out, cols) },
+                None => s.zero(),
             },
         );
-        acc = s.transpose(by_token);
+        acc = s.transpose(by_lane);
     }
-    // The next tile reads the next 16 rows of W over the same depths: kc cache
-    // lines, one fetched per depth step (row p mod 16, line p / 16), so they
+    // The next tile reads the next 16 (paired: 32) rows of W over the same
+    // depths: kc cache lines per 16 rows, one fetched per depth step (row
+    // p mod 16, line p / 16) by each of the first one or two groups, so they
     // arrive while this tile computes (into L2: requests into L1 would wait
     // for its few miss buffers, which this tile's own loads need).
-    let next_rows = w.data.as_ptr().wrapping_add(TOKENS * w.ld);
+    let height = if PAIRED { 2 * TOKENS } else { TOKENS };
+    let next_rows = w.data.as_ptr().wrapping_add(height * w.ld);
     for (group, acc) in acc.chunks_exact_mut(G).enumerate() {
-        let rows: [*const f32; G] = array_of(
+        let first = G * group;
+        let lo: [*const f32; G] = array_of(
             #[inline(always)]
-            |r| rows[G * group + r],
+            |r| lo[first + r],
+        );
+        let hi: [*const f32; G] = array_of(
+            #[inline(always)]
+            |r| hi[first + r],
         );
         for p in 0..kc {
-            if group == 0 {
-                s.prefetch(next_rows.wrapping_add((p % 16) * w.ld + (p / 16) * 16));
+            if group < height / TOKENS {
+                let line = (TOKENS * group + p % 16) * w.ld + (p / 16) * 16;
+                s.prefetch(next_rows.wrapping_add(line));
             }
             // SAFETY: p < kc: Aᵀ row p is inside `at`, and W[row, p] inside
             // `w.data` for every (clamped) row (caller's contract).
             unsafe {
                 let a = s.load(at.as_ptr().add(p * TOKENS));
-                for (row, acc_r) in rows.iter().zip(acc.iter_mut()) {
-                    *acc_r = s.mul_add(s.splat(*row.add(p)), a, *acc_r);
+                for ((lo, hi), acc_r) in lo.iter().zip(&hi).zip(acc.iter_mut()) {
+                    let w = if PAIRED {
+                        s.splat_halves(*lo.add(p), *hi.add(p))
+                    } else {
+                        s.splat(*lo.add(p))
+                    };
+                    *acc_r = s.mul_add(w, a, *acc_r);
                 }
             }
         }
     }
-    let by_token = s.transpose(acc);
-    for (t, &v) in by_token.iter().enumerate().take(tile.tokens) {
-        // SAFETY: row token + t and columns col..col+cols lie inside C.
-        unsafe { store_cols(s, out(t), tile.cols, v) };
+    for (lane, &v) in s.transpose(acc).iter().enumerate() {
+        if let Some((out, cols)) = place(lane) {
+            // SAFETY: that token's row and columns lie inside C.
+            unsafe { store_cols(s, out, cols, v) };
+        }
     }
 }
 

@@ -468,7 +468,9 @@ mod tests {
     fn matmul_gives_the_same_bits_at_every_level() {
         // Every element is one fused multiply-add chain over the whole depth in
         // index order, whatever the tile shape (8 × 32 on AVX-512, 6 × 16 on
-        // AVX2 and NEON, 4 × 16 scalar), path or depth blocking.
+        // AVX2 and NEON, 4 × 16 scalar), path or depth blocking — and AVX2's
+        // paired weight-rows tile (≤ 8 tokens, two rows of W per vector:
+        // 7x13x5 and 3x600x100 with B = Wᵀ) against scalar's one-row tile.
         for &(m, k, n) in &[
             (7, 13, 5),
             (13, 300, 33),

@@ -57,6 +57,7 @@ impl Simd for Avx2 {
     const TILE_ROWS: usize = 6;
     const TILE_VECS: usize = 1;
     const WEIGHT_ROWS: usize = 4;
+    const PAIRED_WEIGHT_ROWS: bool = true;
     const FMA_CHAINS: usize = 6;
 
     #[inline(always)]
@@ -66,6 +67,10 @@ impl Simd for Avx2 {
     #[inline(always)]
     fn splat(self, x: f32) -> V {
         unsafe { [_mm256_set1_ps(x); 2] }
+    }
+    #[inline(always)]
+    fn splat_halves(self, lo: f32, hi: f32) -> V {
+        unsafe { [_mm256_set1_ps(lo), _mm256_set1_ps(hi)] }
     }
     #[inline(always)]
     unsafe fn load(self, p: *const f32) -> V {

@@ -272,6 +272,10 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     const TILE_VECS: usize;
     /// Rows of W a weight-rows tile keeps in registers at a time.
     const WEIGHT_ROWS: usize;
+    /// A weight-rows tile of at most 8 tokens holds two rows of W per
+    /// vector ([`Simd::splat_halves`]) instead of leaving half its lanes
+    /// empty: on for the levels where that was measured faster.
+    const PAIRED_WEIGHT_ROWS: bool;
     /// Independent multiply-add chains that keep this level's units busy.
     const FMA_CHAINS: usize;
 
@@ -279,6 +283,8 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     fn zero(self) -> Self::V;
     /// All lanes x.
     fn splat(self, x: f32) -> Self::V;
+    /// Lanes 0..8 lo, lanes 8..16 hi.
+    fn splat_halves(self, lo: f32, hi: f32) -> Self::V;
     /// Lanes p[0..16].
     ///
     /// # Safety

@@ -51,6 +51,8 @@ impl Simd for Neon {
     const TILE_ROWS: usize = 6;
     const TILE_VECS: usize = 1;
     const WEIGHT_ROWS: usize = 4;
+    // Not yet timed on an ARM CPU (only run under emulation): kept off.
+    const PAIRED_WEIGHT_ROWS: bool = false;
     const FMA_CHAINS: usize = 6;
 
     #[inline(always)]
@@ -60,6 +62,17 @@ impl Simd for Neon {
     #[inline(always)]
     fn splat(self, x: f32) -> V {
         unsafe { [vdupq_n_f32(x); 4] }
+    }
+    #[inline(always)]
+    fn splat_halves(self, lo: f32, hi: f32) -> V {
+        unsafe {
+            [
+                vdupq_n_f32(lo),
+                vdupq_n_f32(lo),
+                vdupq_n_f32(hi),
+                vdupq_n_f32(hi),
+            ]
+        }
     }
     #[inline(always)]
     unsafe fn load(self, p: *const f32) -> V {

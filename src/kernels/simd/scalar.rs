@@ -28,6 +28,9 @@ impl Simd for Scalar {
     const TILE_ROWS: usize = 4;
     const TILE_VECS: usize = 1;
     const WEIGHT_ROWS: usize = 4;
+    // Off: the reference every level is compared with bit for bit keeps the
+    // one-row tile, so the paired tile of AVX2 is checked against it.
+    const PAIRED_WEIGHT_ROWS: bool = false;
     const FMA_CHAINS: usize = 2;
 
     #[inline(always)]
@@ -37,6 +40,10 @@ impl Simd for Scalar {
     #[inline(always)]
     fn splat(self, x: f32) -> V {
         [x; 16]
+    }
+    #[inline(always)]
+    fn splat_halves(self, lo: f32, hi: f32) -> V {
+        array_of(|i| if i < 8 { lo } else { hi })
     }
     #[inline(always)]
     unsafe fn load(self, p: *const f32) -> V {
