@@ -459,6 +459,20 @@ mod tests {
         (s.reduce_add(rows[3]).to_bits(), bits(sums), bits(column0))
     }
 
+    fn halves_of<S: Simd>(s: S) -> [u32; 16] {
+        let mut out = [0.0; 16];
+        store_at(s, &mut out, 0, s.splat_halves(1.5, -2.25));
+        bits(out)
+    }
+
+    #[test]
+    fn splat_halves_puts_lo_in_lanes_0_to_8_and_hi_in_8_to_16_at_every_level() {
+        let want = bits(std::array::from_fn(|i| if i < 8 { 1.5 } else { -2.25 }));
+        for token in Token::all() {
+            assert_eq!(simd_call!(token, halves_of()), want, "{}", token.level());
+        }
+    }
+
     #[test]
     fn every_level_computes_the_same_bits() {
         for seed in [1, 2, 3] {
