@@ -2,17 +2,26 @@
 //!
 //! A BLIS-style blocked GEMM, written once over the SIMD vocabulary
 //! ([`Simd`]) and compiled for every level. B is packed into panels of `NR`
-//! columns (zero-padded at the edge), then a register-tiled micro-kernel
-//! computes each `MR × NR` tile of C over a block of `KC` depth. A is not
-//! packed: the micro-kernel broadcasts its elements one at a time, and a
-//! scalar load costs the same from any stride.
+//! columns (zero-padded at the edge), A into panels of `MR` rows, `MC` rows
+//! at a time, then a register-tiled micro-kernel computes each `MR × NR`
+//! tile of C over a block of `KC` depth:
 //!
 //! ```text
 //! for each block of NC columns (jc), each block of KC depth (pc):
 //!     pack B[pc.., jc..]                      → panels [n/NR][KC][NR]
-//!     for each NR panel (jr), each MR rows (ir):
-//!         C[ir.., jr..] (+)= A[ir.., pc..] · B_panel
+//!     for each block of MC rows (ic):
+//!         pack A[ic.., pc..]                  → panels [MC/MR] of MR × KC
+//!         for each NR panel (jr), each MR rows (ir):
+//!             C[ir.., jr..] (+)= A_panel · B_panel
 //! ```
+//!
+//! The B panel stays in L1 while the row panels of the A block, in L2,
+//! stream past it. Unpacked, A's rows would come from wherever A lies, once
+//! per B panel — and the rows of an A read as a transpose (dW = dyᵀ·x) lie
+//! a weight's width apart, 4 KB for the small model's experts, so every
+//! depth step of a tile fell in the same L1 set. A row-major A of at most
+//! MC rows is read in place: it stays in cache by itself, and copying it
+//! cost more than it saved ([`a_panels`]).
 //!
 //! **One order of arithmetic, whatever the tiling.** Every element of C is
 //! one chain of fused multiply-adds over the whole depth, in depth order:
@@ -40,8 +49,11 @@ pub(super) const MR_MAX: usize = 8;
 const NR_PAD: usize = 32;
 /// Depth of one packed block: a `KC × NR` B panel is 16–32 KB.
 const KC: usize = 256;
-/// Columns of one packed B block (`KC × NC` floats = 512 KB, in L2).
+/// Columns of one packed B block (`KC × NC` floats = 512 KB).
 const NC: usize = 512;
+/// Rows of one packed A block (`MC × KC` floats = 144 KB, in L2 beside the
+/// B panels passing through; a multiple of every level's MR).
+const MC: usize = 144;
 
 /// The tile of a level: (MR rows, NR columns).
 pub(super) fn tile_shape(token: Token) -> (usize, usize) {
@@ -52,8 +64,9 @@ pub(super) fn tile_shape(token: Token) -> (usize, usize) {
 }
 
 thread_local! {
-    /// This thread's packing buffer: packed B ([`Path::PackB`], NC·KC) or
-    /// the Aᵀ block of [`Path::WeightRows`] (KC·TOKENS). Taken out for each
+    /// This thread's packing buffer: packed B then packed A
+    /// ([`Path::PackB`], NC·KC + MC·KC), or the Aᵀ block of
+    /// [`Path::WeightRows`] (KC·TOKENS). Taken out for each
     /// product and put back (the kernels run outside `LocalKey`'s closures,
     /// which would be compiled without their instruction set).
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
@@ -120,11 +133,17 @@ pub(super) fn gemm(
     token: Token,
     path: Path,
 ) {
+    with_scratch(|scratch| simd_call!(token, gemm_at(c, a, b, accumulate, path, scratch)));
+}
+
+/// Runs `f` on this thread's packing buffer, allocated at its largest size
+/// on the thread's first product.
+fn with_scratch(f: impl FnOnce(&mut [f32])) {
     let mut scratch = SCRATCH.take();
     if scratch.is_empty() {
-        scratch.resize((NC * KC).max(KC * TOKENS), 0.0);
+        scratch.resize(((NC + MC) * KC).max(KC * TOKENS), 0.0);
     }
-    simd_call!(token, gemm_at(c, a, b, accumulate, path, &mut scratch));
+    f(&mut scratch);
     SCRATCH.set(scratch);
 }
 
@@ -144,14 +163,14 @@ fn gemm_at<S: Simd>(
         Path::PackB => {}
     }
     let (n, k) = (c.cols, a.cols);
-    let packed_b = &mut scratch[..NC * KC];
+    let (packed_b, packed_a) = scratch.split_at_mut(NC * KC);
     for jc in (0..n).step_by(NC) {
         let nc = NC.min(n - jc);
         for pc in (0..k).step_by(KC) {
             let kc = KC.min(k - pc);
             pack_b(s, packed_b, b, (pc, kc), (jc, nc));
             let block = Block { jc, nc, pc, kc };
-            multiply_block(s, &mut c, a, packed_b, block, accumulate);
+            multiply_block(s, &mut c, a, packed_a, packed_b, block, accumulate);
         }
     }
 }
@@ -194,9 +213,9 @@ fn gemm_b_in_place<S: Simd>(s: S, c: &mut MatMut<'_>, a: Mat<'_>, b: Mat<'_>, ac
                     col: jr,
                     rows: height.min(m - ir),
                     cols: nr.min(n - jr),
-                    depth: pc,
                 };
-                tile_checked(s, c, tile, kc, a, strip, accumulate || pc > 0);
+                let a_tile = a.row_block(ir, tile.rows).col_block(pc, kc);
+                tile_checked(s, c, tile, kc, a_tile, strip, accumulate || pc > 0);
             }
         }
     }
@@ -484,7 +503,7 @@ pub(super) fn gemm_prepacked(
     accumulate: bool,
     token: Token,
 ) {
-    simd_call!(token, gemm_prepacked_at(c, a, packed, accumulate))
+    with_scratch(|scratch| simd_call!(token, gemm_prepacked_at(c, a, packed, accumulate, scratch)));
 }
 
 #[inline(always)]
@@ -494,6 +513,7 @@ fn gemm_prepacked_at<S: Simd>(
     a: Mat<'_>,
     (packed, n_packed, first_col): (&[f32], usize, usize),
     accumulate: bool,
+    scratch: &mut [f32],
 ) {
     let (n, k, nr) = (c.cols, a.cols, 16 * S::TILE_VECS);
     assert!(first_col % nr == 0 && first_col + n <= n_packed);
@@ -505,7 +525,7 @@ fn gemm_prepacked_at<S: Simd>(
             let start = pc * n_pad + (first_col + jc) * kc;
             let panels = &packed[start..start + nc.div_ceil(nr) * nr * kc];
             let block = Block { jc, nc, pc, kc };
-            multiply_block(s, &mut c, a, panels, block, accumulate);
+            multiply_block(s, &mut c, a, scratch, panels, block, accumulate);
         }
     }
 }
@@ -519,36 +539,118 @@ struct Block {
     kc: usize,
 }
 
-/// Every tile of one block: C[:, jc..jc+nc] (+)= A[:, pc..pc+kc] · panels.
+/// Every tile of one block: C[:, jc..jc+nc] (+)= A[:, pc..pc+kc] · panels,
+/// MC rows at a time, each block of A in panels ([`a_panels`]) first.
 #[inline(always)]
 fn multiply_block<S: Simd>(
     s: S,
     c: &mut MatMut<'_>,
     a: Mat<'_>,
+    packed_a: &mut [f32],
     panels: &[f32],
     block: Block,
     accumulate: bool,
 ) {
     let Block { jc, nc, pc, kc } = block;
-    let (m, nr) = (c.rows, 16 * S::TILE_VECS);
-    for jr in (0..nc).step_by(nr) {
-        let b = BPanel {
-            data: &panels[jr * kc..(jr + nr) * kc],
-            ld: nr,
-            step: nr * kc,
-            packed: true,
-            ahead: Ahead::NextStrip,
-        };
-        for ir in (0..m).step_by(S::TILE_ROWS) {
-            let tile = Tile {
-                row: ir,
-                col: jc + jr,
-                rows: S::TILE_ROWS.min(m - ir),
-                cols: nr.min(nc - jr),
-                depth: pc,
+    let (m, mr, nr) = (c.rows, S::TILE_ROWS, 16 * S::TILE_VECS);
+    for ic in (0..m).step_by(MC) {
+        let mc = MC.min(m - ic);
+        let block_a = a.row_block(ic, mc).col_block(pc, kc);
+        let a_panels = a_panels(packed_a, block_a, mr, m <= MC);
+        for jr in (0..nc).step_by(nr) {
+            let b = BPanel {
+                data: &panels[jr * kc..(jr + nr) * kc],
+                ld: nr,
+                step: nr * kc,
+                packed: true,
+                ahead: Ahead::NextStrip,
             };
-            tile_checked(s, c, tile, kc, a, b, accumulate || pc > 0);
+            for (q, ir) in (0..mc).step_by(mr).enumerate() {
+                let tile = Tile {
+                    row: ic + ir,
+                    col: jc + jr,
+                    rows: mr.min(mc - ir),
+                    cols: nr.min(nc - jr),
+                };
+                let a_tile = a_panels.panel(q, tile.rows);
+                tile_checked(s, c, tile, kc, a_tile, b, accumulate || pc > 0);
+            }
         }
+    }
+}
+
+/// A block of A as the micro-kernel reads it: panel q holds rows q·MR.. of
+/// the block, its element (r, p) at `data[q·step + r·row_stride + p·col_stride]`.
+#[derive(Debug, Clone, Copy)]
+struct APanels<'a> {
+    data: &'a [f32],
+    step: usize,
+    row_stride: usize,
+    col_stride: usize,
+    kc: usize,
+}
+
+impl<'a> APanels<'a> {
+    /// The first `rows` rows of panel q, as a view over the block's depth.
+    fn panel(&self, q: usize, rows: usize) -> Mat<'a> {
+        Mat {
+            data: &self.data[(q * self.step).min(self.data.len())..],
+            rows,
+            cols: self.kc,
+            row_stride: self.row_stride,
+            col_stride: self.col_stride,
+        }
+    }
+}
+
+/// Block `a` [mc, kc] in panels of `mr` rows: read in place when its rows
+/// are contiguous and it is A's only block (it then stays in cache from
+/// one B panel to the next by itself), otherwise copied into `out` as
+/// contiguous panels — each keeping A's own orientation, so that the copy
+/// runs along whichever of A's axes is contiguous: rows of a row-major A
+/// ([mr][kc]), columns of a transposed view ([kc][mr]). On a Zen 3
+/// (`examples/gemm_compare`, fastest of 3 runs each): copying made the
+/// small model's products of 32–64 rows 1–10 % slower; for 2,048 rows,
+/// and for A = dyᵀ, copying made them up to 1.2× faster.
+fn a_panels<'o>(out: &'o mut [f32], a: Mat<'o>, mr: usize, only_block: bool) -> APanels<'o> {
+    let (mc, kc) = (a.rows, a.cols);
+    let by_rows = a.col_stride == 1;
+    if by_rows && only_block {
+        return APanels {
+            data: a.data,
+            step: mr * a.row_stride,
+            row_stride: a.row_stride,
+            col_stride: 1,
+            kc,
+        };
+    }
+    let size = mr * kc;
+    for (q, panel) in out[..mc.div_ceil(mr) * size]
+        .chunks_exact_mut(size)
+        .enumerate()
+    {
+        let (first, rows) = (q * mr, mr.min(mc - q * mr));
+        if by_rows {
+            for (r, dst) in panel.chunks_exact_mut(kc).take(rows).enumerate() {
+                let start = (first + r) * a.row_stride;
+                dst.copy_from_slice(&a.data[start..start + kc]);
+            }
+        } else {
+            for (p, dst) in panel.chunks_exact_mut(mr).enumerate() {
+                let start = first * a.row_stride + p * a.col_stride;
+                for (r, d) in dst[..rows].iter_mut().enumerate() {
+                    *d = a.data[start + r * a.row_stride];
+                }
+            }
+        }
+    }
+    let (row_stride, col_stride) = if by_rows { (kc, 1) } else { (1, mr) };
+    APanels {
+        data: out,
+        step: size,
+        row_stride,
+        col_stride,
+        kc,
     }
 }
 
@@ -563,18 +665,17 @@ struct Tile {
     rows: usize,
     /// Real columns (≤ NR, or more for B read in place: strip by strip).
     cols: usize,
-    /// First column of A (the depth block's start).
-    depth: usize,
 }
 
 impl Tile {
-    /// True when the tile lies inside C [rows, cols] and its A rows over `kc` depth inside `a`.
+    /// True when the tile lies inside C [rows, cols] and `a` (the tile's
+    /// rows of A from the depth block's start) holds its rows over `kc` depth.
     fn fits(&self, rows: usize, cols: usize, a: Mat<'_>, kc: usize) -> bool {
         (1..=MR_MAX).contains(&self.rows)
             && self.row + self.rows <= rows
             && self.col + self.cols <= cols
-            && self.row + self.rows <= a.rows
-            && self.depth + kc <= a.cols
+            && self.rows <= a.rows
+            && kc <= a.cols
     }
 }
 
@@ -734,15 +835,16 @@ fn tile_checked<S: Simd>(
             }
         };
     }
-    // SAFETY: the tile's rows and columns lie inside C, its rows and depth
-    // inside A, and its kc rows of `tile.cols` columns inside B (asserted just
+    // SAFETY: the tile's rows and columns lie inside C, its rows over kc
+    // depth inside `a`, and its kc rows of `tile.cols` columns inside B (asserted just
     // above; the views were bounds-checked on construction).
     unsafe { rows!(1 2 3 4 5 6 7 8) }
 }
 
 /// The micro-kernel: the tile's R × (16·NV) accumulators in R·NV vectors,
 /// strip by strip of B:
-///   acc ← C tile (when adding) or 0;  for p: acc[r] ← fma(A[row r, depth + p], B[p, strip], acc[r])
+///   acc ← C tile (when adding) or 0;  for p: acc[r] ← fma(a[r, p], B[p, strip], acc[r])
+/// (`a`: the tile's rows of A from the depth block's start.)
 /// A zero-padded packed panel is read whole and B read in place through lane
 /// masks of the strip's real columns ([`depth_loop`]): the same tile either way.
 ///
@@ -765,7 +867,7 @@ unsafe fn tile_rows<S: Simd, const R: usize, const NV: usize>(
     let nr = 16 * NV;
     let rows: [*const f32; R] = array_of(
         #[inline(always)]
-        |r| a.data[(tile.row + r) * a.row_stride + tile.depth * a.col_stride..].as_ptr(),
+        |r| a.data[r * a.row_stride..].as_ptr(),
     );
     for (strip, first) in (0..tile.cols).step_by(nr).enumerate() {
         // Real columns of each of the strip's vectors.

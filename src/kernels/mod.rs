@@ -426,7 +426,8 @@ mod tests {
 
     #[test]
     fn matmul_matches_naive_for_all_transposes_and_edge_sizes() {
-        // Sizes straddle the tile (8 × 32) and depth-block (128) edges, and both
+        // Sizes straddle the tile (8 × 32), depth-block (128, 256) and
+        // A-block (144 rows: 301 = 144 + 144 + 13) edges, and both
         // sides of the swap to Cᵀ = Bᵀ·Aᵀ (taken when B is transposed and m ≤ min(n, 256));
         // 16 rows fill a weight-rows tile (all 16 lanes of Aᵀ packed); a wide B
         // read in place comes in depth blocks of 16 and row tiles of 5 + 5.
@@ -439,6 +440,7 @@ mod tests {
             (2, 300, 40),
             (16, 300, 17),
             (10, 100, 1030),
+            (301, 290, 70),
         ];
         for kernel in kernels() {
             for &(m, k, n) in &shapes {
@@ -478,6 +480,7 @@ mod tests {
             (16, 300, 17),
             (3, 600, 100),
             (10, 100, 1030),
+            (301, 290, 70),
         ] {
             let a = data(m * k, 3);
             let b = data(k * n, 4);
