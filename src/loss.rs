@@ -3,19 +3,21 @@
 use crate::kernels;
 
 /// Cross-entropy over T positions, and its gradient in the same pass.
-/// logits [T, V], targets [T] → dlogits [T, V] (overwritten); returns L_ce.
+/// logits [T, V], targets [T] → dlogits [T, V] (overwritten), each
+/// position's loss into `row_losses` [T]; returns L_ce.
 ///   lse_t = log Σ_v exp(z_tv)   (max-subtracted)
-///   L_ce = (1/T) Σ_t (lse_t − z_{t,y_t})
+///   L_ce = (1/T) Σ_t (lse_t − z_{t,y_t})   (summed in f64, in order of t)
 ///   dL/dz_tv = (softmax(z_t)_v − [v = y_t]) / T
-pub fn cross_entropy(dlogits: &mut [f32], logits: &[f32], targets: &[u32], vocab: usize) -> f32 {
+/// The rows run on the intra-op threads; the sum, in position order, does not.
+pub fn cross_entropy(
+    dlogits: &mut [f32],
+    row_losses: &mut [f32],
+    logits: &[f32],
+    targets: &[u32],
+) -> f32 {
     let inv_t = 1.0 / targets.len() as f32;
-    let rows = dlogits
-        .chunks_exact_mut(vocab)
-        .zip(logits.chunks_exact(vocab));
-    let total: f64 = rows
-        .zip(targets)
-        .map(|((dz, z), &y)| f64::from(kernels::cross_entropy_row(dz, z, y as usize, inv_t)))
-        .sum();
+    kernels::cross_entropy_rows(dlogits, row_losses, logits, targets, inv_t);
+    let total: f64 = row_losses.iter().map(|&l| f64::from(l)).sum();
     (total / targets.len() as f64) as f32
 }
 
@@ -26,8 +28,9 @@ mod tests {
     #[test]
     fn uniform_logits_give_log_v_and_a_centred_gradient() {
         let logits = vec![0.5f32; 2 * 4];
-        let mut d = vec![0.0; 8];
-        let loss = cross_entropy(&mut d, &logits, &[1, 3], 4);
+        let (mut d, mut rows) = (vec![0.0; 8], vec![0.0; 2]);
+        let loss = cross_entropy(&mut d, &mut rows, &logits, &[1, 3]);
+        assert!(rows.iter().all(|&l| (l - 4f32.ln()).abs() < 1e-6));
         assert!((loss - 4f32.ln()).abs() < 1e-6);
         assert!((d[1] - (0.25 - 1.0) / 2.0).abs() < 1e-7);
         assert!((d[0] - 0.125).abs() < 1e-7);

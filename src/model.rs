@@ -72,6 +72,8 @@ impl LayerActs {
 struct BackwardScratch {
     /// dL/dlogits of the LM head [T, V].
     dlogits: Vec<f32>,
+    /// Each position's cross-entropy [T], summed in order.
+    row_losses: Vec<f32>,
     /// dL/d(residual stream) [T, h].
     dx: Vec<f32>,
     /// dL/d(a norm's output) [T, h].
@@ -136,6 +138,7 @@ impl Workspace {
         let (tokens, h) = (self.shape.tokens(), config.hidden_dim);
         let b = &mut self.back;
         b.dlogits.resize(tokens * config.vocab_size, 0.0);
+        b.row_losses.resize(tokens, 0.0);
         b.dx.resize(tokens * h, 0.0);
         b.dxn.resize(tokens * h, 0.0);
         b.dbranch.resize(tokens * h, 0.0);
@@ -650,11 +653,12 @@ impl Model {
         let vocab = self.config.vocab_size;
         let tokens = batch.tokens();
         // L_ce = mean_t −log softmax(logits_t)[target_t]; dL/dlogits kept for backward.
+        let back = &mut self.ws.back;
         let ce = loss::cross_entropy(
-            &mut self.ws.back.dlogits[..tokens * vocab],
+            &mut back.dlogits[..tokens * vocab],
+            &mut back.row_losses[..tokens],
             &self.ws.logits[..tokens * vocab],
             &batch.targets,
-            vocab,
         );
         // L_aux = Σ_layers α·E·Σ_e f_e·P_e
         let experts = self.config.n_experts as f32;

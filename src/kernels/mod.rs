@@ -29,7 +29,7 @@ pub use threads::{MAX_THREADS, set_threads, threads};
 pub use update::{TensorGrad, TensorStep, adamw_tensors};
 
 pub use vector::{
-    AdamWStep, adamw, add_assign, axpy, cross_entropy_row, dot, rmsnorm, rmsnorm_backward,
+    AdamWStep, adamw, add_assign, axpy, cross_entropy_rows, dot, rmsnorm, rmsnorm_backward,
     scaled_softmax_in_place, sigmoid, softmax_in_place, sum_of_squares, swiglu_backward,
     swiglu_forward,
 };

@@ -6,8 +6,14 @@
 //! and one SIMD version in `lanes`, written once over the 16-lane vocabulary
 //! of [`super::simd`] and run at this process's level. The public functions
 //! below check their arguments and dispatch; they are the only way in.
+//!
+//! The kernels over many independent rows (SwiGLU, RMSNorm forward,
+//! cross-entropy) split them into pieces for the intra-op threads
+//! ([`by_rows`]); a row's arithmetic never depends on the split, so the
+//! bits do not either.
 
 use super::simd::{self, simd_call};
+use super::threads;
 
 /// Calls `lanes::$name(simd, args)` at this process's SIMD level.
 macro_rules! dispatch {
@@ -65,19 +71,53 @@ pub fn sigmoid(z: f32) -> f32 {
     1.0 / (1.0 + (-z).exp())
 }
 
-/// One row of cross-entropy and its gradient, in one pass over the logits:
-///   lse = log Σ_v exp(z_v);  returns lse − z_y
-///   dz_v = scale·(softmax(z)_v − [v = y])
-pub fn cross_entropy_row(dz: &mut [f32], z: &[f32], target: usize, scale: f32) -> f32 {
-    assert!(dz.len() == z.len() && target < z.len());
-    dispatch!(cross_entropy_row(dz, z, target, scale))
+/// Floats a piece of a row-wise kernel reads at least, when the rows are
+/// split over the intra-op threads (64 KB: tens of microseconds of work,
+/// against about one for handing a piece over).
+const PIECE_FLOATS: usize = 1 << 14;
+
+/// Rows per piece of a row-wise kernel whose rows are `width` floats wide.
+fn by_rows(width: usize) -> usize {
+    (PIECE_FLOATS / width.max(1)).max(1)
+}
+
+/// Cross-entropy and its gradient on every row of z [T, V] (V = z.len() / T),
+/// in one pass over each row's logits:
+///   lse_t = log Σ_v exp(z_tv);  losses[t] = lse_t − z_{t,y_t}
+///   dz_tv = scale·(softmax(z_t)_v − [v = y_t])
+pub fn cross_entropy_rows(
+    dz: &mut [f32],
+    losses: &mut [f32],
+    z: &[f32],
+    targets: &[u32],
+    scale: f32,
+) {
+    let t = targets.len();
+    assert!(t > 0 && losses.len() == t && dz.len() == z.len() && z.len().is_multiple_of(t));
+    let vocab = z.len() / t;
+    assert!(vocab > 0 && targets.iter().all(|&y| (y as usize) < vocab));
+    let rows = by_rows(vocab);
+    let pieces = dz
+        .chunks_mut(rows * vocab)
+        .zip(losses.chunks_mut(rows))
+        .zip(z.chunks(rows * vocab).zip(targets.chunks(rows)));
+    threads::for_each_claimed(pieces, &|((dz, losses), (z, targets))| {
+        let rows = dz.chunks_exact_mut(vocab).zip(z.chunks_exact(vocab));
+        for ((loss, (dz, z)), &y) in losses.iter_mut().zip(rows).zip(targets) {
+            *loss = dispatch!(cross_entropy_row(dz, z, y as usize, scale));
+        }
+    });
 }
 
 /// SwiGLU forward for rows of [gate | up] (each 2F wide) → act (F wide):
 ///   act = silu(g) ⊙ u,  silu(g) = g·σ(g)
 pub fn swiglu_forward(act: &mut [f32], gate_up: &[f32], f: usize) {
     assert!(f > 0 && act.len().is_multiple_of(f) && gate_up.len() == 2 * act.len());
-    dispatch!(swiglu_forward(act, gate_up, f))
+    let rows = by_rows(2 * f);
+    let pieces = act.chunks_mut(rows * f).zip(gate_up.chunks(rows * 2 * f));
+    threads::for_each_claimed(pieces, &|(act, gate_up)| {
+        dispatch!(swiglu_forward(act, gate_up, f))
+    });
 }
 
 /// SwiGLU backward, row by row → dgate_up [n, 2F] (overwritten):
@@ -89,7 +129,13 @@ pub fn swiglu_backward(dgate_up: &mut [f32], dact: &[f32], gate_up: &[f32], f: u
             && gate_up.len() == 2 * dact.len()
             && dgate_up.len() == gate_up.len()
     );
-    dispatch!(swiglu_backward(dgate_up, dact, gate_up, f))
+    let rows = by_rows(3 * f);
+    let pieces = dgate_up
+        .chunks_mut(rows * 2 * f)
+        .zip(dact.chunks(rows * f).zip(gate_up.chunks(rows * 2 * f)));
+    threads::for_each_claimed(pieces, &|(dgate_up, (dact, gate_up))| {
+        dispatch!(swiglu_backward(dgate_up, dact, gate_up, f))
+    });
 }
 
 /// RMSNorm of the rows of x [T, h] (h = γ.len()):
@@ -97,7 +143,14 @@ pub fn swiglu_backward(dgate_up: &mut [f32], dact: &[f32], gate_up: &[f32], f: u
 pub fn rmsnorm(y: &mut [f32], inv_rms: &mut [f32], x: &[f32], gamma: &[f32], eps: f32) {
     let h = gamma.len();
     assert!(h > 0 && y.len() == x.len() && x.len() == inv_rms.len() * h);
-    dispatch!(rmsnorm(y, inv_rms, x, gamma, eps))
+    let rows = by_rows(h);
+    let pieces = y
+        .chunks_mut(rows * h)
+        .zip(inv_rms.chunks_mut(rows))
+        .zip(x.chunks(rows * h));
+    threads::for_each_claimed(pieces, &|((y, inv_rms), x)| {
+        dispatch!(rmsnorm(y, inv_rms, x, gamma, eps))
+    });
 }
 
 /// RMSNorm backward over the rows of x [T, h], with x̂ = x·r and g = γ ⊙ dy:
@@ -676,8 +729,9 @@ mod tests {
             reference::scaled_softmax_in_place(&mut b, 0.25);
             close(&a, &b, 1e-6, "softmax");
             let target = n / 2;
-            let (mut da, mut db) = (vec![0.0; n], vec![0.0; n]);
-            let la = cross_entropy_row(&mut da, &z, target, 0.5);
+            let (mut da, mut db, mut la) = (vec![0.0; n], vec![0.0; n], [0.0]);
+            cross_entropy_rows(&mut da, &mut la, &z, &[target as u32], 0.5);
+            let la = la[0];
             let lb = reference::cross_entropy_row(&mut db, &z, target, 0.5);
             assert!((la - lb).abs() <= 1e-5 * lb.abs().max(1.0), "{la} vs {lb}");
             close(&da, &db, 1e-6, "dlogits");
@@ -742,6 +796,46 @@ mod tests {
                 want,
                 "{what}: {} differs from scalar",
                 token.level()
+            );
+        }
+    }
+
+    #[test]
+    fn row_kernels_split_over_threads_give_the_bits_of_one_call() {
+        // Enough rows for several pieces of each kernel, the last one short.
+        super::super::set_threads(2);
+        let (f, rows) = (300, 61);
+        let gu = data(rows * 2 * f, 4, 6.0);
+        let da = data(rows * f, 5, 1.0);
+        let t = simd::active();
+        let (mut act, mut want) = (vec![0.0; rows * f], vec![0.0; rows * f]);
+        swiglu_forward(&mut act, &gu, f);
+        simd_call!(t, lanes::swiglu_forward(&mut want, &gu, f));
+        assert_eq!(bits(&act), bits(&want), "swiglu forward");
+        let (mut d, mut want) = (vec![0.0; rows * 2 * f], vec![0.0; rows * 2 * f]);
+        swiglu_backward(&mut d, &da, &gu, f);
+        simd_call!(t, lanes::swiglu_backward(&mut want, &da, &gu, f));
+        assert_eq!(bits(&d), bits(&want), "swiglu backward");
+        let gamma = data(f, 6, 1.0);
+        let (mut y, mut r) = (vec![0.0; rows * f], vec![0.0; rows]);
+        let (mut y1, mut r1) = (vec![0.0; rows * f], vec![0.0; rows]);
+        rmsnorm(&mut y, &mut r, &da, &gamma, 1e-6);
+        simd_call!(t, lanes::rmsnorm(&mut y1, &mut r1, &da, &gamma, 1e-6));
+        assert_eq!((bits(&y), bits(&r)), (bits(&y1), bits(&r1)), "rmsnorm");
+        let targets: Vec<u32> = (0..rows as u32).map(|i| i * 7 % (2 * f as u32)).collect();
+        let (mut dz, mut losses) = (vec![0.0; gu.len()], vec![0.0; rows]);
+        cross_entropy_rows(&mut dz, &mut losses, &gu, &targets, 0.5);
+        for (i, row) in gu.chunks_exact(2 * f).enumerate() {
+            let mut want = vec![0.0; 2 * f];
+            let loss = simd_call!(
+                t,
+                lanes::cross_entropy_row(&mut want, row, targets[i] as usize, 0.5)
+            );
+            assert_eq!(losses[i].to_bits(), loss.to_bits(), "cross-entropy row {i}");
+            assert_eq!(
+                bits(&dz[i * 2 * f..(i + 1) * 2 * f]),
+                bits(&want),
+                "dz row {i}"
             );
         }
     }
