@@ -324,7 +324,10 @@ const PARALLEL_MIN_WORK: usize = 1 << 17;
 /// split C's columns with B's, or B's packed panels, so each thread streams
 /// its own share of the weight — split by rows, every thread would read all
 /// of it (the small model's forward on two threads took 0.87× the time with
-/// wide products cut by columns). Narrower products split C's rows (with
+/// wide products cut by columns). Products with at least as many rows as
+/// columns (thousands of tokens) split rows all the same: then each thread
+/// packs B whole but only its own rows of A, the larger operand.
+/// Narrower products split C's rows (with
 /// A's) in whole MR-row tiles when there are at least two tiles per thread,
 /// and otherwise — few tokens on a narrow weight — columns again. (Four
 /// column pieces per thread, to let a slowed thread take fewer, were slower:
@@ -345,7 +348,7 @@ fn by_blocks(
     let (mr, nr) = gemm::tile_shape(token);
     let tiles = c.rows.div_ceil(mr);
     let (wide, tall) = (c.cols >= 4 * nr * threads, tiles / 2 >= threads);
-    if wide || (!tall && c.cols >= 2 * nr) {
+    if (wide && !(tall && c.rows >= c.cols)) || (!tall && c.cols >= 2 * nr) {
         let (cols, size) = (c.cols, c.cols.div_ceil(threads).next_multiple_of(nr));
         threads::for_each_claimed(pieces(c, cols, size, MatMut::split_cols), &|(c, first)| {
             product(c, a, first)
