@@ -159,19 +159,24 @@ fn main() {
         rosetta_moe::kernels::simd_level(),
     );
     use Layout::{Dw, Dx, Forward};
-    bench("64^3", Forward, (64, 64, 64));
-    bench("tiny qkv/o", Forward, (64, 64, 96));
-    bench("tiny expert gate|up (32 tok)", Forward, (32, 64, 512));
-    bench("tiny expert down (32 tok)", Forward, (32, 256, 64));
-    bench("64x64x256", Forward, (64, 64, 256));
-    bench("64x256x64", Forward, (64, 256, 64));
-    bench("tiny lm head 64x64x1000", Forward, (64, 64, 1000));
-    bench("small qkv", Forward, (64, 256, 384));
-    bench("small o", Forward, (64, 256, 256));
-    bench("small expert gate|up", Forward, (32, 256, 2048));
-    bench("small expert down", Forward, (32, 1024, 256));
-    bench("small lm head", Forward, (64, 256, 1000));
-    bench("big 256^3", Forward, (256, 256, 256));
+    // The tiny and small models' y = x·Wᵀ at 32–64 tokens, and a cube.
+    for (name, shape) in [
+        ("64^3", (64, 64, 64)),
+        ("tiny qkv/o", (64, 64, 96)),
+        ("tiny expert gate|up (32 tok)", (32, 64, 512)),
+        ("tiny expert down (32 tok)", (32, 256, 64)),
+        ("64x64x256", (64, 64, 256)),
+        ("64x256x64", (64, 256, 64)),
+        ("tiny lm head 64x64x1000", (64, 64, 1000)),
+        ("small qkv", (64, 256, 384)),
+        ("small o", (64, 256, 256)),
+        ("small expert gate|up", (32, 256, 2048)),
+        ("small expert down", (32, 1024, 256)),
+        ("small lm head", (64, 256, 1000)),
+        ("big 256^3", (256, 256, 256)),
+    ] {
+        bench(name, Forward, shape);
+    }
     // train_large_batch (B 16 × S 256 = 4,096 tokens, 2,048 rows per
     // expert on average): an expert's gate|up (W [1024, 256]) and down
     // (W [256, 1024]) in the three layouts of its training step.
