@@ -40,7 +40,7 @@
 
 use std::cell::RefCell;
 
-use super::simd::{Simd, Token, array_of, load_at, simd_call};
+use super::simd::{Simd, Token, array_of, load_at, simd_call, store_at};
 use super::{Mat, MatMut};
 
 /// Most rows of C in one micro-kernel tile, at any level.
@@ -556,7 +556,7 @@ fn multiply_block<S: Simd>(
     for ic in (0..m).step_by(MC) {
         let mc = MC.min(m - ic);
         let block_a = a.row_block(ic, mc).col_block(pc, kc);
-        let a_panels = a_panels(packed_a, block_a, mr, m <= MC);
+        let a_panels = a_panels(s, packed_a, block_a, m <= MC);
         for jr in (0..nc).step_by(nr) {
             let b = BPanel {
                 data: &panels[jr * kc..(jr + nr) * kc],
@@ -612,8 +612,9 @@ impl<'a> APanels<'a> {
 /// (`examples/gemm_compare`, fastest of 3 runs each): copying made the
 /// small model's products of 32–64 rows 1–10 % slower; for 2,048 rows,
 /// and for A = dyᵀ, copying made them up to 1.2× faster.
-fn a_panels<'o>(out: &'o mut [f32], a: Mat<'o>, mr: usize, only_block: bool) -> APanels<'o> {
-    let (mc, kc) = (a.rows, a.cols);
+#[inline(always)]
+fn a_panels<'o, S: Simd>(s: S, out: &'o mut [f32], a: Mat<'o>, only_block: bool) -> APanels<'o> {
+    let (mc, kc, mr) = (a.rows, a.cols, S::TILE_ROWS);
     let by_rows = a.col_stride == 1;
     if by_rows && only_block {
         return APanels {
@@ -625,23 +626,24 @@ fn a_panels<'o>(out: &'o mut [f32], a: Mat<'o>, mr: usize, only_block: bool) -> 
         };
     }
     let size = mr * kc;
-    for (q, panel) in out[..mc.div_ceil(mr) * size]
-        .chunks_exact_mut(size)
-        .enumerate()
-    {
-        let (first, rows) = (q * mr, mr.min(mc - q * mr));
-        if by_rows {
-            for (r, dst) in panel.chunks_exact_mut(kc).take(rows).enumerate() {
-                let start = (first + r) * a.row_stride;
+    let out = &mut out[..mc.div_ceil(mr) * size];
+    if by_rows {
+        for (q, panel) in out.chunks_exact_mut(size).enumerate() {
+            for (r, dst) in panel
+                .chunks_exact_mut(kc)
+                .take(mr.min(mc - q * mr))
+                .enumerate()
+            {
+                let start = (q * mr + r) * a.row_stride;
                 dst.copy_from_slice(&a.data[start..start + kc]);
             }
-        } else {
-            for (p, dst) in panel.chunks_exact_mut(mr).enumerate() {
-                let start = first * a.row_stride + p * a.col_stride;
-                for (r, d) in dst[..rows].iter_mut().enumerate() {
-                    *d = a.data[start + r * a.row_stride];
-                }
-            }
+        }
+    } else {
+        match mr {
+            8 => columns_to_panels::<S, 8>(s, out, a),
+            6 => columns_to_panels::<S, 6>(s, out, a),
+            4 => columns_to_panels::<S, 4>(s, out, a),
+            _ => unreachable!("every level's tile has 4, 6 or 8 rows"),
         }
     }
     let (row_stride, col_stride) = if by_rows { (kc, 1) } else { (1, mr) };
@@ -651,6 +653,43 @@ fn a_panels<'o>(out: &'o mut [f32], a: Mat<'o>, mr: usize, only_block: bool) -> 
         row_stride,
         col_stride,
         kc,
+    }
+}
+
+/// Columns of A that [`columns_to_panels`] asks the cache for ahead of the one it copies.
+const COLUMNS_AHEAD: usize = 4;
+
+/// A transposed view `a` [mc, kc] (its columns contiguous) into panels of
+/// `MR` rows, each laid out [kc][MR]:
+///   out[q·MR·kc + p·MR + r] = A[q·MR + r, p]
+/// Depth by depth, so A's memory is read in address order, one contiguous
+/// column of `mc` floats at a time; the panel-by-panel order read `MR`
+/// floats from each of kc columns a whole column stride apart (4 KB for
+/// the small model's dW = dyᵀ·x, all in one L1 set): `perf` put a fifth
+/// of such a product's samples in that copy on a Zen 4. Rows past `mc` in
+/// the last panel are left as they are: no tile reads them.
+#[inline(always)]
+fn columns_to_panels<S: Simd, const MR: usize>(s: S, out: &mut [f32], a: Mat<'_>) {
+    let (mc, kc) = (a.rows, a.cols);
+    let full = mc / MR;
+    for p in 0..kc {
+        let ahead = a
+            .data
+            .as_ptr()
+            .wrapping_add((p + COLUMNS_AHEAD) * a.col_stride);
+        for line in (0..mc).step_by(16) {
+            s.prefetch(ahead.wrapping_add(line));
+        }
+        let column = &a.data[p * a.col_stride..p * a.col_stride + mc];
+        for q in 0..full {
+            let at = q * MR * kc + p * MR;
+            out[at..at + MR].copy_from_slice(&column[q * MR..q * MR + MR]);
+        }
+        let rest = mc - full * MR;
+        if rest > 0 {
+            let at = full * MR * kc + p * MR;
+            out[at..at + rest].copy_from_slice(&column[full * MR..]);
+        }
     }
 }
 
@@ -697,11 +736,16 @@ fn pack_b<S: Simd>(
         let j0 = jc + q * nr;
         let width = nr.min(jc + nc - j0);
         if b.col_stride == 1 {
-            // Rows of B are contiguous: copy NR-wide row pieces.
+            // Rows of B are contiguous: NR-wide row pieces, vector by
+            // vector (zeros past `width`). As slice copies of a width only
+            // known at run time each was a call to memmove: a tenth of the
+            // `perf` samples of dW = dyᵀ·x [256, 2048]·[2048, 1024] on a Zen 4.
             for (p, dst) in panel.chunks_exact_mut(nr).enumerate() {
                 let start = (pc + p) * b.row_stride + j0;
-                dst[..width].copy_from_slice(&b.data[start..start + width]);
-                dst[width..].fill(0.0);
+                let row = &b.data[start..start + width];
+                for j in (0..nr).step_by(16) {
+                    store_at(s, dst, j, load_at(s, row, j));
+                }
             }
         } else if b.row_stride == 1 {
             // Columns of B are contiguous (B = Wᵀ): register transposes.
@@ -758,7 +802,7 @@ fn pack_transposed<S: Simd>(
             );
             for (i, v) in s.transpose(rows).into_iter().enumerate().take(depth) {
                 let at = (p0 + i) * ld + block * 16;
-                super::simd::store_at(s, &mut panel[at..at + 16], 0, v);
+                store_at(s, &mut panel[at..at + 16], 0, v);
             }
         }
     }
