@@ -639,12 +639,7 @@ fn a_panels<'o, S: Simd>(s: S, out: &'o mut [f32], a: Mat<'o>, only_block: bool)
             }
         }
     } else {
-        match mr {
-            8 => columns_to_panels::<S, 8>(s, out, a),
-            6 => columns_to_panels::<S, 6>(s, out, a),
-            4 => columns_to_panels::<S, 4>(s, out, a),
-            _ => unreachable!("every level's tile has 4, 6 or 8 rows"),
-        }
+        columns_to_panels(s, out, a);
     }
     let (row_stride, col_stride) = if by_rows { (kc, 1) } else { (1, mr) };
     APanels {
@@ -660,7 +655,7 @@ fn a_panels<'o, S: Simd>(s: S, out: &'o mut [f32], a: Mat<'o>, only_block: bool)
 const COLUMNS_AHEAD: usize = 4;
 
 /// A transposed view `a` [mc, kc] (its columns contiguous) into panels of
-/// `MR` rows, each laid out [kc][MR]:
+/// MR = `S::TILE_ROWS` rows, each laid out [kc][MR]:
 ///   out[q·MR·kc + p·MR + r] = A[q·MR + r, p]
 /// Depth by depth, so A's memory is read in address order, one contiguous
 /// column of `mc` floats at a time; the panel-by-panel order read `MR`
@@ -669,9 +664,9 @@ const COLUMNS_AHEAD: usize = 4;
 /// of such a product's samples in that copy on a Zen 4. Rows past `mc` in
 /// the last panel are left as they are: no tile reads them.
 #[inline(always)]
-fn columns_to_panels<S: Simd, const MR: usize>(s: S, out: &mut [f32], a: Mat<'_>) {
-    let (mc, kc) = (a.rows, a.cols);
-    let full = mc / MR;
+fn columns_to_panels<S: Simd>(s: S, out: &mut [f32], a: Mat<'_>) {
+    let (mc, kc, mr) = (a.rows, a.cols, S::TILE_ROWS);
+    let full = mc / mr;
     for p in 0..kc {
         let ahead = a
             .data
@@ -681,14 +676,15 @@ fn columns_to_panels<S: Simd, const MR: usize>(s: S, out: &mut [f32], a: Mat<'_>
             s.prefetch(ahead.wrapping_add(line));
         }
         let column = &a.data[p * a.col_stride..p * a.col_stride + mc];
+        // Whole panels copy MR floats, a constant of the level (no memmove call).
         for q in 0..full {
-            let at = q * MR * kc + p * MR;
-            out[at..at + MR].copy_from_slice(&column[q * MR..q * MR + MR]);
+            let at = q * mr * kc + p * mr;
+            out[at..at + mr].copy_from_slice(&column[q * mr..q * mr + mr]);
         }
-        let rest = mc - full * MR;
+        let rest = mc - full * mr;
         if rest > 0 {
-            let at = full * MR * kc + p * MR;
-            out[at..at + rest].copy_from_slice(&column[full * MR..]);
+            let at = full * mr * kc + p * mr;
+            out[at..at + rest].copy_from_slice(&column[full * mr..]);
         }
     }
 }
