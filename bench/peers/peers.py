@@ -63,6 +63,13 @@ for var, value in ISA_CAPS.get(ISA_CAP, {}).items():
     os.environ[var] = value
 if ISA_CAP in ISA_CAPS:
     os.environ["XLA_FLAGS"] += f" --xla_cpu_max_isa={ISA_CAP.upper()}"
+# Inductor's on-disk cache does not key its compiled kernels on the cap: a
+# capped run that found an uncapped run's kernels failed calling them
+# ("requires 4 args", on a Zen 4). Each cap keeps its own cache.
+os.environ.setdefault(
+    "TORCHINDUCTOR_CACHE_DIR",
+    os.path.join(os.environ.get("TMPDIR", "/tmp"), f"torchinductor-peers-{ISA_CAP or 'native'}"),
+)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
