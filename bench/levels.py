@@ -63,7 +63,21 @@ def render(out, found, rounds):
                 f"from the JSON files beside it — not edited by hand. CPU: {meta['cpu_model']}; "
                 f"{rounds} interleaved rounds, medians over rounds; one thread.\n\n"
                 "| scenario | level | median | FMA peak of the level, GFLOP/s | % of peak | % of floor |\n"
-                "|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+                "|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n" + ratios(out, found, rounds))
+
+
+def ratios(out, found, rounds):
+    """Tiny train step ÷ tiny forward per level: each round's own ratio (the
+    two ran minutes apart at most, in the same round), and their median."""
+    def median_ns(lv, sc, r):
+        run = json.load(open(f"{out}/{lv}-{sc}-{r}.json"))
+        return next(s for s in run["scenarios"] if s["id"] == sc)["median_ns"]
+    rows = []
+    for lv in found:
+        per_round = [median_ns(lv, "mem_train_step", r) / median_ns(lv, "dispatch_warm", r) for r in range(rounds)]
+        rows.append(f"| {lv} | {' · '.join(f'{x:.2f}' for x in per_round)} | {statistics.median(per_round):.2f} |")
+    return ("Tiny train step (`mem_train_step`) ÷ tiny forward (`dispatch_warm`), round by round:\n\n"
+            "| level | each round | median |\n|---|---|---|\n" + "\n".join(rows) + "\n")
 
 
 if __name__ == "__main__":
