@@ -177,6 +177,19 @@ fn main() {
     ] {
         bench(name, Forward, shape);
     }
+    // The small model's training step at B 2 × S 8 (16 tokens; an expert
+    // gets about 8 of them): an expert's forward and dX on so few rows, where
+    // the AVX2 tile (6 × 16) needs two or three row tiles per strip of B and
+    // the AVX-512 one (8 × 32) one or two.
+    for (name, t, out, inp) in [
+        ("small-step gate|up", 8, 2048, 256),
+        ("small-step gate|up", 16, 2048, 256),
+        ("small-step down", 8, 256, 1024),
+        ("small-step down", 16, 256, 1024),
+    ] {
+        bench(name, Forward, (t, inp, out));
+        bench(name, Dx, (t, out, inp));
+    }
     // train_large_batch (B 16 × S 256 = 4,096 tokens, 2,048 rows per
     // expert on average): an expert's gate|up (W [1024, 256]) and down
     // (W [256, 1024]) in the three layouts of its training step.
