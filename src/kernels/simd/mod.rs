@@ -159,11 +159,25 @@ pub fn simd_level() -> SimdLevel {
 
 /// This CPU's model name, as the kernel reports it ("unknown" where it does not).
 pub fn cpu_model() -> String {
-    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    info.lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split_once(':'))
-        .map_or_else(|| "unknown".into(), |(_, v)| v.trim().to_string())
+    cpu_model_from(&std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default())
+}
+
+/// The first processor's model name in a `/proc/cpuinfo` text, with its
+/// family and model numbers when given: a VM may call CPUs of different
+/// generations alike ("AMD EPYC" for Zen 3 and Zen 4).
+fn cpu_model_from(info: &str) -> String {
+    let first = info.split("\n\n").next().unwrap_or_default();
+    let field = |key: &str| {
+        first.lines().find_map(|line| {
+            let (k, v) = line.split_once(':')?;
+            (k.trim() == key).then(|| v.trim())
+        })
+    };
+    let name = field("model name").unwrap_or("unknown");
+    match (field("cpu family"), field("model")) {
+        (Some(family), Some(model)) => format!("{name} (family {family}, model {model})"),
+        _ => name.to_string(),
+    }
 }
 
 /// One line for `moe --version` and the reports: the level in use (or why
@@ -422,6 +436,16 @@ pub(crate) fn lane_sums<S: Simd>(s: S, v: [S::V; 16]) -> S::V {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cpu_model_names_family_and_model_of_the_first_processor() {
+        let info = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n\
+                    model\t\t: 17\nmodel name\t: AMD EPYC\n\n\
+                    processor\t: 1\ncpu family\t: 99\nmodel\t\t: 1\nmodel name\t: other\n";
+        assert_eq!(cpu_model_from(info), "AMD EPYC (family 25, model 17)");
+        assert_eq!(cpu_model_from("model name\t: Neoverse\n"), "Neoverse");
+        assert_eq!(cpu_model_from(""), "unknown");
+    }
 
     fn values(seed: u32) -> [f32; 16] {
         std::array::from_fn(|i| {
