@@ -428,18 +428,13 @@ mod lanes {
 
     /// Σ x² in f64: 16 partial sums, then the same tree as `reduce_add`.
     #[inline(always)]
-    pub fn sum_of_squares<S: Simd>(_s: S, x: &[f32]) -> f64 {
-        let mut acc = [0.0f64; 16];
-        let chunks = x.chunks_exact(16);
-        let tail = chunks.remainder();
-        for chunk in chunks {
-            for (a, &v) in acc.iter_mut().zip(chunk) {
-                *a += f64::from(v) * f64::from(v);
-            }
+    pub fn sum_of_squares<S: Simd>(s: S, x: &[f32]) -> f64 {
+        // The tail's missing lanes load as +0, and acc + 0² = acc exactly.
+        let mut acc = s.zero_f64();
+        for i in (0..x.len()).step_by(16) {
+            acc = s.add_squares_f64(acc, load_at(s, x, i));
         }
-        for (a, &v) in acc.iter_mut().zip(tail) {
-            *a += f64::from(v) * f64::from(v);
-        }
+        let mut acc = s.lanes_f64(acc);
         for half in [8, 4, 2, 1] {
             for i in 0..half {
                 acc[i] += acc[i + half];

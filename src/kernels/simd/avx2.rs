@@ -54,6 +54,7 @@ fn both(a: V, b: V, f: impl Fn(__m256, __m256) -> __m256) -> V {
 // intrinsics can run; pointer contracts are the callers', as the trait states.
 impl Simd for Avx2 {
     type V = V;
+    type D = [__m256d; 4];
     const TILE_ROWS: usize = 6;
     const TILE_VECS: usize = 1;
     const WEIGHT_ROWS: usize = 4;
@@ -63,6 +64,34 @@ impl Simd for Avx2 {
     #[inline(always)]
     fn zero(self) -> V {
         unsafe { [_mm256_setzero_ps(); 2] }
+    }
+    #[inline(always)]
+    fn zero_f64(self) -> [__m256d; 4] {
+        unsafe { [_mm256_setzero_pd(); 4] }
+    }
+    #[inline(always)]
+    fn add_squares_f64(self, acc: [__m256d; 4], x: V) -> [__m256d; 4] {
+        array_of(
+            #[inline(always)]
+            |i| unsafe {
+                let half = if i % 2 == 0 {
+                    _mm256_castps256_ps128(x[i / 2])
+                } else {
+                    _mm256_extractf128_ps::<1>(x[i / 2])
+                };
+                let w = _mm256_cvtps_pd(half);
+                _mm256_fmadd_pd(w, w, acc[i])
+            },
+        )
+    }
+    #[inline(always)]
+    fn lanes_f64(self, acc: [__m256d; 4]) -> [f64; 16] {
+        let mut out = [0.0; 16];
+        for (i, &a) in acc.iter().enumerate() {
+            // SAFETY: out has room for the 4 × 4 doubles stored.
+            unsafe { _mm256_storeu_pd(out.as_mut_ptr().add(4 * i), a) }
+        }
+        out
     }
     #[inline(always)]
     fn splat(self, x: f32) -> V {

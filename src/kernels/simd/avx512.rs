@@ -42,6 +42,7 @@ fn first(n: usize) -> __mmask16 {
 // states.
 impl Simd for Avx512 {
     type V = __m512;
+    type D = [__m512d; 2];
     const TILE_ROWS: usize = 8;
     const TILE_VECS: usize = 2;
     const WEIGHT_ROWS: usize = 8;
@@ -52,6 +53,33 @@ impl Simd for Avx512 {
     #[inline(always)]
     fn zero(self) -> __m512 {
         unsafe { _mm512_setzero_ps() }
+    }
+    #[inline(always)]
+    fn zero_f64(self) -> [__m512d; 2] {
+        unsafe { [_mm512_setzero_pd(); 2] }
+    }
+    #[inline(always)]
+    fn add_squares_f64(self, acc: [__m512d; 2], x: __m512) -> [__m512d; 2] {
+        unsafe {
+            let lo = _mm512_cvtps_pd(_mm512_castps512_ps256(x));
+            let hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
+                _mm512_castps_pd(x),
+            )));
+            [
+                _mm512_fmadd_pd(lo, lo, acc[0]),
+                _mm512_fmadd_pd(hi, hi, acc[1]),
+            ]
+        }
+    }
+    #[inline(always)]
+    fn lanes_f64(self, acc: [__m512d; 2]) -> [f64; 16] {
+        let mut out = [0.0; 16];
+        // SAFETY: out has room for the 2 × 8 doubles stored.
+        unsafe {
+            _mm512_storeu_pd(out.as_mut_ptr(), acc[0]);
+            _mm512_storeu_pd(out.as_mut_ptr().add(8), acc[1]);
+        }
+        out
     }
     #[inline(always)]
     fn splat(self, x: f32) -> __m512 {

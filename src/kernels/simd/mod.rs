@@ -279,6 +279,8 @@ pub(crate) fn array_of<T: Copy, const N: usize>(mut f: impl FnMut(usize) -> T) -
 pub(crate) trait Simd: Copy + Send + Sync + 'static {
     /// Sixteen f32 lanes.
     type V: Copy;
+    /// Sixteen f64 lanes, for sums kept in double precision.
+    type D: Copy;
 
     /// Rows of C in one matrix-multiply micro-kernel tile.
     const TILE_ROWS: usize;
@@ -295,6 +297,13 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
 
     /// All lanes zero.
     fn zero(self) -> Self::V;
+    /// All f64 lanes zero.
+    fn zero_f64(self) -> Self::D;
+    /// acc_i + x_i² in f64: x_i² of an f32 is exact in f64 (48 bits), so
+    /// only the sum rounds — fused or not, every level gets the same bits.
+    fn add_squares_f64(self, acc: Self::D, x: Self::V) -> Self::D;
+    /// The sixteen f64 lanes, lane i at index i.
+    fn lanes_f64(self, acc: Self::D) -> [f64; 16];
     /// All lanes x.
     fn splat(self, x: f32) -> Self::V;
     /// Lanes 0..8 lo, lanes 8..16 hi.

@@ -48,6 +48,7 @@ fn pairs(a: V, b: V, f: impl Fn(float32x4_t, float32x4_t) -> float32x4_t) -> V {
 // run; pointer contracts are the callers', as the trait states.
 impl Simd for Neon {
     type V = V;
+    type D = [float64x2_t; 8];
     const TILE_ROWS: usize = 6;
     const TILE_VECS: usize = 1;
     const WEIGHT_ROWS: usize = 4;
@@ -58,6 +59,33 @@ impl Simd for Neon {
     #[inline(always)]
     fn zero(self) -> V {
         unsafe { [vdupq_n_f32(0.0); 4] }
+    }
+    #[inline(always)]
+    fn zero_f64(self) -> [float64x2_t; 8] {
+        unsafe { [vdupq_n_f64(0.0); 8] }
+    }
+    #[inline(always)]
+    fn add_squares_f64(self, acc: [float64x2_t; 8], x: V) -> [float64x2_t; 8] {
+        array_of(
+            #[inline(always)]
+            |i| unsafe {
+                let w = if i % 2 == 0 {
+                    vcvt_f64_f32(vget_low_f32(x[i / 2]))
+                } else {
+                    vcvt_high_f64_f32(x[i / 2])
+                };
+                vfmaq_f64(acc[i], w, w)
+            },
+        )
+    }
+    #[inline(always)]
+    fn lanes_f64(self, acc: [float64x2_t; 8]) -> [f64; 16] {
+        let mut out = [0.0; 16];
+        for (i, &a) in acc.iter().enumerate() {
+            // SAFETY: out has room for the 8 × 2 doubles stored.
+            unsafe { vst1q_f64(out.as_mut_ptr().add(2 * i), a) }
+        }
+        out
     }
     #[inline(always)]
     fn splat(self, x: f32) -> V {

@@ -25,6 +25,7 @@ fn zip(a: V, b: V, f: impl Fn(f32, f32) -> f32) -> V {
 
 impl Simd for Scalar {
     type V = V;
+    type D = [f64; 16];
     const TILE_ROWS: usize = 4;
     const TILE_VECS: usize = 1;
     const WEIGHT_ROWS: usize = 4;
@@ -36,6 +37,21 @@ impl Simd for Scalar {
     #[inline(always)]
     fn zero(self) -> V {
         [0.0; 16]
+    }
+    #[inline(always)]
+    fn zero_f64(self) -> [f64; 16] {
+        [0.0; 16]
+    }
+    #[inline(always)]
+    fn add_squares_f64(self, acc: [f64; 16], x: V) -> [f64; 16] {
+        array_of(
+            #[inline(always)]
+            |i| acc[i] + f64::from(x[i]) * f64::from(x[i]),
+        )
+    }
+    #[inline(always)]
+    fn lanes_f64(self, acc: [f64; 16]) -> [f64; 16] {
+        acc
     }
     #[inline(always)]
     fn splat(self, x: f32) -> V {
