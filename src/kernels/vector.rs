@@ -382,7 +382,9 @@ pub mod reference {
 /// end with [`Simd::reduce_add`]'s tree.
 mod lanes {
     use super::AdamWStep;
-    use crate::kernels::simd::{Simd, array_of, exp, lane_sums, load_at, sigmoid, store_at};
+    use crate::kernels::simd::{
+        Lanes, Simd, array_of, exp, for_each_vector, lane_sums, load_at, sigmoid, store_at,
+    };
 
     /// Σ a_i·b_i: 64 partial sums (four vectors) while 64 elements remain,
     /// then the first vector takes the rest; ((s0 + s1) + (s2 + s3)) is reduced.
@@ -392,8 +394,8 @@ mod lanes {
         let mut i = 0;
         while i + 64 <= a.len() {
             for (k, acc) in acc.iter_mut().enumerate() {
-                let j = i + 16 * k;
-                *acc = s.mul_add(load_at(s, a, j), load_at(s, b, j), *acc);
+                let (j, at) = (i + 16 * k, Lanes::Whole);
+                *acc = s.mul_add(at.load(s, a, j), at.load(s, b, j), *acc);
             }
             i += 64;
         }
@@ -404,26 +406,66 @@ mod lanes {
         s.reduce_add(s.add(s.add(acc[0], acc[1]), s.add(acc[2], acc[3])))
     }
 
-    /// Sixteen accumulators, one per dot: each step loads eight vectors for
-    /// sixteen multiply-adds; the 16 lane sums come out of one transpose.
+    /// The sixteen dots a_r·b_c, each kept as 16 lane sums in element order
+    /// and reduced by one transpose at the end. The block is taken
+    /// [`Simd::GRAM_SIDE`]² dots per pass over the rows, as many sums as stay
+    /// in registers beside the rows' vectors (AVX-512: all 16 in one pass;
+    /// AVX2 and NEON, whose 16-lane vector is 2 or 4 registers: four passes of
+    /// 2 × 2). A dot's lanes see the same products in the same order either way.
     #[inline(always)]
     pub fn dots_4x4<S: Simd>(s: S, a: [&[f32]; 4], b: [&[f32]; 4]) -> [f32; 16] {
-        let mut acc = [s.zero(); 16];
-        for i in (0..a[0].len()).step_by(16) {
-            let bv: [S::V; 4] = array_of(
+        let acc: [S::V; 16] = if S::GRAM_SIDE == 4 {
+            let g = dot_block(s, a, b);
+            array_of(
                 #[inline(always)]
-                |c| load_at(s, b[c], i),
+                |k| g[k / 4][k % 4],
+            )
+        } else {
+            let g: [[[S::V; 2]; 2]; 4] = array_of(
+                #[inline(always)]
+                |q| dot_block(s, rows_pair(a, q / 2), rows_pair(b, q % 2)),
             );
-            for (r, row) in a.iter().enumerate() {
-                let av = load_at(s, row, i);
-                for (c, &bv) in bv.iter().enumerate() {
-                    acc[4 * r + c] = s.mul_add(av, bv, acc[4 * r + c]);
-                }
-            }
-        }
+            array_of(
+                #[inline(always)]
+                |k| {
+                    let (r, c) = (k / 4, k % 4);
+                    g[2 * (r / 2) + c / 2][r % 2][c % 2]
+                },
+            )
+        };
         let mut out = [0.0f32; 16];
         store_at(s, &mut out, 0, lane_sums(s, acc));
         out
+    }
+
+    /// Rows 2h and 2h + 1 of four.
+    #[inline(always)]
+    fn rows_pair(x: [&[f32]; 4], h: usize) -> [&[f32]; 2] {
+        [x[2 * h], x[2 * h + 1]]
+    }
+
+    /// The N × N dots a_r·b_c as lane sums: each step loads 2N vectors for
+    /// N² multiply-adds.
+    #[inline(always)]
+    fn dot_block<S: Simd, const N: usize>(s: S, a: [&[f32]; N], b: [&[f32]; N]) -> [[S::V; N]; N] {
+        let mut acc = [[s.zero(); N]; N];
+        for_each_vector(
+            a[0].len(),
+            #[inline(always)]
+            |i, at| {
+                let bv: [S::V; N] = array_of(
+                    #[inline(always)]
+                    |c| at.load(s, b[c], i),
+                );
+                for (row, acc) in a.iter().zip(acc.iter_mut()) {
+                    let av = at.load(s, row, i);
+                    for (acc, &bv) in acc.iter_mut().zip(&bv) {
+                        *acc = s.mul_add(av, bv, *acc);
+                    }
+                }
+            },
+        );
+        acc
     }
 
     /// Σ x² in f64: 16 partial sums, then the same tree as `reduce_add`.
@@ -431,9 +473,11 @@ mod lanes {
     pub fn sum_of_squares<S: Simd>(s: S, x: &[f32]) -> f64 {
         // The tail's missing lanes load as +0, and acc + 0² = acc exactly.
         let mut acc = s.zero_f64();
-        for i in (0..x.len()).step_by(16) {
-            acc = s.add_squares_f64(acc, load_at(s, x, i));
-        }
+        for_each_vector(
+            x.len(),
+            #[inline(always)]
+            |i, at| acc = s.add_squares_f64(acc, at.load(s, x, i)),
+        );
         let mut acc = s.lanes_f64(acc);
         for half in [8, 4, 2, 1] {
             for i in 0..half {
@@ -446,9 +490,11 @@ mod lanes {
     #[inline(always)]
     pub fn axpy<S: Simd>(s: S, y: &mut [f32], alpha: f32, x: &[f32]) {
         let a = s.splat(alpha);
-        for i in (0..y.len()).step_by(16) {
-            store_at(s, y, i, s.mul_add(a, load_at(s, x, i), load_at(s, y, i)));
-        }
+        for_each_vector(
+            y.len(),
+            #[inline(always)]
+            |i, at| at.store(s, y, i, s.mul_add(a, at.load(s, x, i), at.load(s, y, i))),
+        );
     }
 
     /// Largest value of `x` (exact, so any order).
@@ -469,9 +515,11 @@ mod lanes {
     #[inline(always)]
     fn scale<S: Simd>(s: S, x: &mut [f32], c: f32) {
         let c = s.splat(c);
-        for i in (0..x.len()).step_by(16) {
-            store_at(s, x, i, s.mul(load_at(s, x, i), c));
-        }
+        for_each_vector(
+            x.len(),
+            #[inline(always)]
+            |i, at| at.store(s, x, i, s.mul(at.load(s, x, i), c)),
+        );
     }
 
     /// out_i ← f(x_i) for every element (x = `out` itself when `x` is None),
@@ -484,17 +532,20 @@ mod lanes {
         f: impl Fn(S::V) -> S::V,
     ) -> f32 {
         let mut sum = s.zero();
-        for i in (0..out.len()).step_by(16) {
-            let e = f(load_at(s, x.unwrap_or(&*out), i));
-            store_at(s, out, i, e);
-            // A short last chunk is read back: its lanes past the end are 0.
-            let e = if i + 16 <= out.len() {
-                e
-            } else {
-                load_at(s, out, i)
-            };
-            sum = s.add(sum, e);
-        }
+        for_each_vector(
+            out.len(),
+            #[inline(always)]
+            |i, at| {
+                let e = f(at.load(s, x.unwrap_or(&*out), i));
+                at.store(s, out, i, e);
+                // A short last chunk is read back: its lanes past the end are 0.
+                let e = match at {
+                    Lanes::Whole => e,
+                    Lanes::Tail => load_at(s, out, i),
+                };
+                sum = s.add(sum, e);
+            },
+        );
         s.reduce_add(sum)
     }
 
@@ -537,11 +588,15 @@ mod lanes {
     pub fn swiglu_forward<S: Simd>(s: S, act: &mut [f32], gate_up: &[f32], f: usize) {
         for (a, gu) in act.chunks_exact_mut(f).zip(gate_up.chunks_exact(2 * f)) {
             let (g, u) = gu.split_at(f);
-            for i in (0..f).step_by(16) {
-                let gv = load_at(s, g, i);
-                let silu = s.mul(gv, sigmoid(s, gv));
-                store_at(s, a, i, s.mul(silu, load_at(s, u, i)));
-            }
+            for_each_vector(
+                f,
+                #[inline(always)]
+                |i, at| {
+                    let gv = at.load(s, g, i);
+                    let silu = s.mul(gv, sigmoid(s, gv));
+                    at.store(s, a, i, s.mul(silu, at.load(s, u, i)));
+                },
+            );
         }
     }
 
@@ -558,14 +613,18 @@ mod lanes {
         for ((dgu, da), gu) in rows.zip(gate_up.chunks_exact(2 * f)) {
             let (dg, du) = dgu.split_at_mut(f);
             let (g, u) = gu.split_at(f);
-            for i in (0..f).step_by(16) {
-                let (gv, uv, dav) = (load_at(s, g, i), load_at(s, u, i), load_at(s, da, i));
-                let sg = sigmoid(s, gv);
-                store_at(s, du, i, s.mul(dav, s.mul(gv, sg)));
-                // σ(1 + g(1 − σ))
-                let dsilu = s.mul(sg, s.mul_add(gv, s.sub(one, sg), one));
-                store_at(s, dg, i, s.mul(s.mul(dav, uv), dsilu));
-            }
+            for_each_vector(
+                f,
+                #[inline(always)]
+                |i, at| {
+                    let (gv, uv, dav) = (at.load(s, g, i), at.load(s, u, i), at.load(s, da, i));
+                    let sg = sigmoid(s, gv);
+                    at.store(s, du, i, s.mul(dav, s.mul(gv, sg)));
+                    // σ(1 + g(1 − σ))
+                    let dsilu = s.mul(sg, s.mul_add(gv, s.sub(one, sg), one));
+                    at.store(s, dg, i, s.mul(s.mul(dav, uv), dsilu));
+                },
+            );
         }
     }
 
@@ -595,10 +654,14 @@ mod lanes {
             store_at(s, inv_rms, 0, r);
             for ((y, x), &r) in y.chunks_exact_mut(h).zip(x.chunks_exact(h)).zip(&*inv_rms) {
                 let rv = s.splat(r);
-                for i in (0..h).step_by(16) {
-                    let v = s.mul(load_at(s, gamma, i), s.mul(load_at(s, x, i), rv));
-                    store_at(s, y, i, v);
-                }
+                for_each_vector(
+                    h,
+                    #[inline(always)]
+                    |i, at| {
+                        let v = s.mul(at.load(s, gamma, i), s.mul(at.load(s, x, i), rv));
+                        at.store(s, y, i, v);
+                    },
+                );
             }
         }
     }
@@ -621,19 +684,27 @@ mod lanes {
         for (((dx, dy), x), &r) in rows.zip(inv_rms) {
             let rv = s.splat(r);
             let mut acc = s.zero();
-            for i in (0..h).step_by(16) {
-                let xhat = s.mul(load_at(s, x, i), rv);
-                let dyv = load_at(s, dy, i);
-                store_at(s, dgamma, i, s.mul_add(dyv, xhat, load_at(s, dgamma, i)));
-                acc = s.mul_add(s.mul(load_at(s, gamma, i), dyv), xhat, acc);
-            }
+            for_each_vector(
+                h,
+                #[inline(always)]
+                |i, at| {
+                    let xhat = s.mul(at.load(s, x, i), rv);
+                    let dyv = at.load(s, dy, i);
+                    at.store(s, dgamma, i, s.mul_add(dyv, xhat, at.load(s, dgamma, i)));
+                    acc = s.mul_add(s.mul(at.load(s, gamma, i), dyv), xhat, acc);
+                },
+            );
             let c = s.splat(s.reduce_add(acc) / h as f32);
-            for i in (0..h).step_by(16) {
-                let g = s.mul(load_at(s, gamma, i), load_at(s, dy, i));
-                let xhat = s.mul(load_at(s, x, i), rv);
-                let d = s.mul(rv, s.neg_mul_add(xhat, c, g));
-                store_at(s, dx, i, s.add(load_at(s, dx, i), d));
-            }
+            for_each_vector(
+                h,
+                #[inline(always)]
+                |i, at| {
+                    let g = s.mul(at.load(s, gamma, i), at.load(s, dy, i));
+                    let xhat = s.mul(at.load(s, x, i), rv);
+                    let d = s.mul(rv, s.neg_mul_add(xhat, c, g));
+                    at.store(s, dx, i, s.add(at.load(s, dx, i), d));
+                },
+            );
         }
     }
 
@@ -651,18 +722,22 @@ mod lanes {
         let (inv_bias1, inv_bias2) = (s.splat(st.inv_bias1), s.splat(st.inv_bias2));
         let (lr, eps) = (s.splat(st.lr), s.splat(st.eps));
         let (decay, gs) = (s.splat(st.decay), s.splat(st.grad_scale));
-        for i in (0..p.len()).step_by(16) {
-            let gv = s.mul(load_at(s, g, i), gs);
-            let mv = s.add(s.mul(b1, load_at(s, m, i)), s.mul(c1, gv));
-            let vv = s.add(s.mul(b2, load_at(s, v, i)), s.mul(s.mul(c2, gv), gv));
-            store_at(s, m, i, mv);
-            store_at(s, v, i, vv);
-            let pv = load_at(s, p, i);
-            let w = s.sub(pv, s.mul(decay, pv));
-            let denom = s.add(s.sqrt(s.mul(vv, inv_bias2)), eps);
-            let update = s.div(s.mul(lr, s.mul(mv, inv_bias1)), denom);
-            store_at(s, p, i, s.sub(w, update));
-        }
+        for_each_vector(
+            p.len(),
+            #[inline(always)]
+            |i, at| {
+                let gv = s.mul(at.load(s, g, i), gs);
+                let mv = s.add(s.mul(b1, at.load(s, m, i)), s.mul(c1, gv));
+                let vv = s.add(s.mul(b2, at.load(s, v, i)), s.mul(s.mul(c2, gv), gv));
+                at.store(s, m, i, mv);
+                at.store(s, v, i, vv);
+                let pv = at.load(s, p, i);
+                let w = s.sub(pv, s.mul(decay, pv));
+                let denom = s.add(s.sqrt(s.mul(vv, inv_bias2)), eps);
+                let update = s.div(s.mul(lr, s.mul(mv, inv_bias1)), denom);
+                at.store(s, p, i, s.sub(w, update));
+            },
+        );
     }
 }
 

@@ -60,6 +60,8 @@ impl Simd for Avx2 {
     const WEIGHT_ROWS: usize = 4;
     const PAIRED_WEIGHT_ROWS: bool = true;
     const FMA_CHAINS: usize = 6;
+    // 16 sums would be 32 ymm registers: four 2 × 2 passes (8 ymm each).
+    const GRAM_SIDE: usize = 2;
 
     #[inline(always)]
     fn zero(self) -> V {

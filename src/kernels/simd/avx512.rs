@@ -49,6 +49,8 @@ impl Simd for Avx512 {
     // Unmeasured on AVX-512 (a blend per multiply-add): kept off.
     const PAIRED_WEIGHT_ROWS: bool = false;
     const FMA_CHAINS: usize = 12;
+    // 16 sums are 16 of the 32 zmm registers.
+    const GRAM_SIDE: usize = 4;
 
     #[inline(always)]
     fn zero(self) -> __m512 {

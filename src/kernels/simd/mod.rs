@@ -294,6 +294,9 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     const PAIRED_WEIGHT_ROWS: bool;
     /// Independent multiply-add chains that keep this level's units busy.
     const FMA_CHAINS: usize;
+    /// Side of the block of dots [`super::vector::dots_4x4`] keeps in
+    /// registers at once: 4 (all sixteen) or 2.
+    const GRAM_SIDE: usize;
 
     /// All lanes zero.
     fn zero(self) -> Self::V;
@@ -363,6 +366,60 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     /// Asks for the cache line at `p` to be brought into L2 (a hint: it
     /// never faults, whatever `p` is).
     fn prefetch(self, p: *const f32);
+}
+
+/// Where a kernel's loop stands: [`Lanes::Whole`] while 16 lanes remain
+/// (plain loads and stores, one bounds test each, which the compiler can
+/// fold), [`Lanes::Tail`] at the last, partial vector ([`load_at`]'s and
+/// [`store_at`]'s tests per lane count). At AVX2 `load_at`'s tests in every
+/// step cost a compare and a jump per register.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Lanes {
+    /// x[i..i + 16] lies inside x.
+    Whole,
+    /// Fewer than 16 lanes may remain.
+    Tail,
+}
+
+impl Lanes {
+    /// 16 lanes of `x[i..]`, zeros past its end.
+    #[inline(always)]
+    pub(crate) fn load<S: Simd>(self, s: S, x: &[f32], i: usize) -> S::V {
+        match self {
+            Lanes::Whole => {
+                let x = &x[i..i + 16];
+                // SAFETY: `x` holds 16 floats.
+                unsafe { s.load(x.as_ptr()) }
+            }
+            Lanes::Tail => load_at(s, x, i),
+        }
+    }
+
+    /// Writes the lanes of `v` that fall inside `x[i..]`.
+    #[inline(always)]
+    pub(crate) fn store<S: Simd>(self, s: S, x: &mut [f32], i: usize, v: S::V) {
+        match self {
+            Lanes::Whole => {
+                let x = &mut x[i..i + 16];
+                // SAFETY: `x` holds 16 floats.
+                unsafe { s.store(x.as_mut_ptr(), v) }
+            }
+            Lanes::Tail => store_at(s, x, i, v),
+        }
+    }
+}
+
+/// `step(i, lanes)` for i = 0, 16, 32, … below `len`: [`Lanes::Whole`]
+/// while 16 lanes remain, then [`Lanes::Tail`] once for the rest.
+#[inline(always)]
+pub(crate) fn for_each_vector(len: usize, mut step: impl FnMut(usize, Lanes)) {
+    let whole = len / 16 * 16;
+    for i in (0..whole).step_by(16) {
+        step(i, Lanes::Whole);
+    }
+    if whole < len {
+        step(whole, Lanes::Tail);
+    }
 }
 
 /// 16 lanes of `x[i..]`, zeros past its end.

@@ -55,6 +55,8 @@ impl Simd for Neon {
     // Not yet timed on an ARM CPU (only run under emulation): kept off.
     const PAIRED_WEIGHT_ROWS: bool = false;
     const FMA_CHAINS: usize = 6;
+    // 16 sums would be 64 q registers: four 2 × 2 passes (16 q each).
+    const GRAM_SIDE: usize = 2;
 
     #[inline(always)]
     fn zero(self) -> V {

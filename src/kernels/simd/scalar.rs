@@ -33,6 +33,8 @@ impl Simd for Scalar {
     // one-row tile, so the paired tile of AVX2 is checked against it.
     const PAIRED_WEIGHT_ROWS: bool = false;
     const FMA_CHAINS: usize = 2;
+    // As AVX2 and NEON, so the emulation runs their order of passes.
+    const GRAM_SIDE: usize = 2;
 
     #[inline(always)]
     fn zero(self) -> V {
