@@ -383,7 +383,7 @@ pub mod reference {
 mod lanes {
     use super::AdamWStep;
     use crate::kernels::simd::{
-        Lanes, Simd, array_of, exp, for_each_vector, lane_sums, load_at, sigmoid, store_at,
+        Lanes, Simd, array_of, exp, for_each_vector, load_at, sigmoid, store_at,
     };
 
     /// Σ a_i·b_i: 64 partial sums (four vectors) while 64 elements remain,
@@ -407,7 +407,9 @@ mod lanes {
     }
 
     /// The sixteen dots a_r·b_c, each kept as 16 lane sums in element order
-    /// and reduced by one transpose at the end. The block is taken
+    /// and reduced by [`Simd::reduce_add`]'s tree at the end (on 64-float rows the
+    /// 16 reductions took 0.70× (AVX-512) and 0.83× (AVX2) the time of one
+    /// 16 × 16 transpose and the same tree across its vectors). The block is taken
     /// [`Simd::GRAM_SIDE`]² dots per pass over the rows, as many sums as stay
     /// in registers beside the rows' vectors (AVX-512: all 16 in one pass;
     /// AVX2 and NEON, whose 16-lane vector is 2 or 4 registers: four passes of
@@ -433,9 +435,10 @@ mod lanes {
                 },
             )
         };
-        let mut out = [0.0f32; 16];
-        store_at(s, &mut out, 0, lane_sums(s, acc));
-        out
+        array_of(
+            #[inline(always)]
+            |k| s.reduce_add(acc[k]),
+        )
     }
 
     /// Rows 2h and 2h + 1 of four.
