@@ -416,35 +416,40 @@ mod lanes {
     /// 2 × 2). A dot's lanes see the same products in the same order either way.
     #[inline(always)]
     pub fn dots_4x4<S: Simd>(s: S, a: [&[f32]; 4], b: [&[f32]; 4]) -> [f32; 16] {
-        let acc: [S::V; 16] = if S::GRAM_SIDE == 4 {
-            let g = dot_block(s, a, b);
-            array_of(
-                #[inline(always)]
-                |k| g[k / 4][k % 4],
-            )
+        let mut out = [0.0f32; 16];
+        if S::GRAM_SIDE == 4 {
+            dots_into::<S, 4>(s, &mut out, (a, 0), (b, 0));
         } else {
-            let g: [[[S::V; 2]; 2]; 4] = array_of(
-                #[inline(always)]
-                |q| dot_block(s, rows_pair(a, q / 2), rows_pair(b, q % 2)),
-            );
-            array_of(
-                #[inline(always)]
-                |k| {
-                    let (r, c) = (k / 4, k % 4);
-                    g[2 * (r / 2) + c / 2][r % 2][c % 2]
-                },
-            )
-        };
-        array_of(
-            #[inline(always)]
-            |k| s.reduce_add(acc[k]),
-        )
+            for (r0, c0) in [(0, 0), (0, 2), (2, 0), (2, 2)] {
+                dots_into::<S, 2>(s, &mut out, (a, r0), (b, c0));
+            }
+        }
+        out
     }
 
-    /// Rows 2h and 2h + 1 of four.
+    /// out[4·(r0 + r) + c0 + c] = a_{r0+r}·b_{c0+c} for r, c < N.
     #[inline(always)]
-    fn rows_pair(x: [&[f32]; 4], h: usize) -> [&[f32]; 2] {
-        [x[2 * h], x[2 * h + 1]]
+    fn dots_into<S: Simd, const N: usize>(
+        s: S,
+        out: &mut [f32; 16],
+        (a, r0): ([&[f32]; 4], usize),
+        (b, c0): ([&[f32]; 4], usize),
+    ) {
+        let sums = dot_block(s, rows_from::<N>(a, r0), rows_from::<N>(b, c0));
+        for (r, sums) in sums.iter().enumerate() {
+            for (c, &v) in sums.iter().enumerate() {
+                out[4 * (r0 + r) + c0 + c] = s.reduce_add(v);
+            }
+        }
+    }
+
+    /// Rows first .. first + N of four.
+    #[inline(always)]
+    fn rows_from<const N: usize>(x: [&[f32]; 4], first: usize) -> [&[f32]; N] {
+        array_of(
+            #[inline(always)]
+            |k| x[first + k],
+        )
     }
 
     /// The N × N dots a_r·b_c as lane sums: each step loads 2N vectors for
