@@ -177,11 +177,15 @@ fn main() {
     ] {
         bench(name, Forward, shape);
     }
-    // The small model's training step at B 2 × S 8 (16 tokens; an expert
-    // gets about 8 of them): an expert's forward and dX on so few rows, where
-    // the AVX2 tile (6 × 16) needs two or three row tiles per strip of B and
-    // the AVX-512 one (8 × 32) one or two.
+    // The tiny and small models' training steps at B 2 × S 8 (16 tokens; an
+    // expert gets about 8 of them): an expert's forward and dX on so few rows,
+    // where the AVX2 tile (6 × 16) needs two or three row tiles per strip of B
+    // and the AVX-512 one (8 × 32) one or two.
     for (name, t, out, inp) in [
+        ("tiny-step gate|up", 8, 512, 64),
+        ("tiny-step gate|up", 16, 512, 64),
+        ("tiny-step down", 8, 64, 256),
+        ("tiny-step down", 16, 64, 256),
         ("small-step gate|up", 8, 2048, 256),
         ("small-step gate|up", 16, 2048, 256),
         ("small-step down", 8, 256, 1024),

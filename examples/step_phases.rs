@@ -1,6 +1,6 @@
-//! Where the small model's training step (B 2 × S 8, one core) spends its
-//! time, phase by phase, and what the AdamW pass does to the products that
-//! follow it:
+//! Where a preset's training step (B 2 × S 8, one core; the small model
+//! unless a preset is named) spends its time, phase by phase, and what the
+//! AdamW pass does to the products that follow it:
 //!
 //!   step                     Trainer::train_step (forward, backward, AdamW)
 //!   forward + backward, cold after a pass that streams p, g, m, v of the
@@ -9,6 +9,7 @@
 //!   forward, cold / warm     Model::losses alone, likewise
 //!
 //!     cargo run --release --example step_phases > docs/perf/step-phases.txt
+//!     cargo run --release --example step_phases tiny
 
 use std::time::Instant;
 
@@ -33,11 +34,15 @@ fn median_ms(n: usize, mut before: impl FnMut(), mut run: impl FnMut()) -> f64 {
 }
 
 fn main() -> rosetta_moe::error::Result<()> {
-    let config = ModelConfig::small();
+    let preset = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "small".to_string());
+    let config = ModelConfig::preset(&preset)?;
     let mut trainer = Trainer::from_seed(config.clone(), TrainConfig::default())?;
     let (batch, seq) = (2, 8);
-    let ids: Vec<u32> = (0..batch * seq).map(|i| (i % 1000) as u32).collect();
-    let targets = ids.iter().map(|i| (i + 1) % 1000).collect();
+    let vocab = config.vocab_size as u32;
+    let ids: Vec<u32> = (0..batch * seq).map(|i| i as u32 % vocab).collect();
+    let targets = ids.iter().map(|i| (i + 1) % vocab).collect();
     let batch = Batch::new(ids, targets, batch)?;
     for _ in 0..5 {
         trainer.train_step(&batch)?;
@@ -84,13 +89,15 @@ fn main() -> rosetta_moe::error::Result<()> {
         results.push([step_ms, stream_ms, cold, warm, forward_cold, forward_warm]);
     }
     println!(
-        "# cargo run --release --example step_phases (small model, B 2 × S 8, one core;\n\
-         # medians of {rounds} runs each, three rounds; ms)"
+        "# cargo run --release --example step_phases {preset} ({preset} model, B 2 × S 8, one core;\n\
+         # {} at SIMD {}; medians of {rounds} runs each, three rounds; ms)",
+        kernels::cpu_model(),
+        kernels::simd_level()
     );
     println!("round  step  adamw-shaped-pass  fwd+bwd-cold  fwd+bwd-warm  fwd-cold  fwd-warm");
     for (i, r) in results.iter().enumerate() {
         println!(
-            "{:5} {:6.2} {:18.2} {:13.2} {:13.2} {:9.2} {:9.2}",
+            "{:5} {:6.3} {:18.3} {:13.3} {:13.3} {:9.3} {:9.3}",
             i + 1,
             r[0],
             r[1],
