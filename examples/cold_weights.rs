@@ -6,22 +6,11 @@
 //!
 //!     cargo run --release --example cold_weights > docs/perf/cold-weights.txt
 
-use std::time::Instant;
+#[path = "common/mod.rs"]
+mod common;
 
+use common::median_per_call;
 use rosetta_moe::kernels::{Mat, MatMut, Write, matmul, sum_of_squares};
-
-/// Median seconds per call of `run(copy)` over every copy, of 5 sweeps.
-fn median_per_call(copies: usize, mut run: impl FnMut(usize)) -> f64 {
-    let mut times: Vec<f64> = (0..5)
-        .map(|_| {
-            let start = Instant::now();
-            (0..copies).for_each(&mut run);
-            start.elapsed().as_secs_f64() / copies as f64
-        })
-        .collect();
-    times.sort_by(f64::total_cmp);
-    times[2]
-}
 
 fn main() {
     println!("# cargo run --release --example cold_weights (one core; medians of 5 sweeps)");
@@ -40,15 +29,15 @@ fn main() {
         let dy: Vec<f32> = (0..t * out).map(|i| (i % 3) as f32 * 0.1).collect();
         let (mut y, mut dx) = (vec![0.0; t * out], vec![0.0; t * inp]);
         for (what, pick) in [("cold", 1usize), ("hot ", 0)] {
-            let forward = median_per_call(copies, |c| {
+            let forward = median_per_call(5, copies, |c| {
                 let (y, x) = (MatMut::new(&mut y, t, out), Mat::new(&x, t, inp));
                 matmul(y, x, Mat::new(w(c * pick), out, inp).t(), Write::Overwrite)
             });
-            let backward = median_per_call(copies, |c| {
+            let backward = median_per_call(5, copies, |c| {
                 let (dx, dy) = (MatMut::new(&mut dx, t, inp), Mat::new(&dy, t, out));
                 matmul(dx, dy, Mat::new(w(c * pick), out, inp), Write::Overwrite)
             });
-            let read = median_per_call(copies, |c| sink += sum_of_squares(w(c * pick)));
+            let read = median_per_call(5, copies, |c| sink += sum_of_squares(w(c * pick)));
             let gbs = |s: f64| 4.0 * size as f64 / s / 1e9;
             let gflops = |s: f64| 2.0 * (t * size) as f64 / s / 1e9;
             println!(

@@ -7,22 +7,11 @@
 //!
 //!     MOE_SIMD=LEVEL taskset -c 1 cargo run --release --example forward_residency
 
-use std::time::Instant;
+#[path = "common/mod.rs"]
+mod common;
 
+use common::median_per_call;
 use rosetta_moe::kernels::{Mat, MatMut, Write, matmul, sum_of_squares};
-
-/// Median seconds per call of `run(copy)` over every copy, of 9 sweeps.
-fn median_per_call(copies: usize, mut run: impl FnMut(usize)) -> f64 {
-    let mut times: Vec<f64> = (0..9)
-        .map(|_| {
-            let start = Instant::now();
-            (0..copies).for_each(&mut run);
-            start.elapsed().as_secs_f64() / copies as f64
-        })
-        .collect();
-    times.sort_by(f64::total_cmp);
-    times[4]
-}
 
 fn main() {
     println!(
@@ -39,7 +28,7 @@ fn main() {
             let copies = (bytes / (4 * size)).max(1);
             let w: Vec<f32> = (0..copies * size).map(|i| (i % 7) as f32 * 0.1).collect();
             let wt = w.clone();
-            let rows = median_per_call(copies, |c| {
+            let rows = median_per_call(9, copies, |c| {
                 let (y, x) = (MatMut::new(&mut y, t, out), Mat::new(&x, t, inp));
                 matmul(
                     y,
@@ -48,7 +37,7 @@ fn main() {
                     Write::Overwrite,
                 )
             });
-            let in_place = median_per_call(copies, |c| {
+            let in_place = median_per_call(9, copies, |c| {
                 let (y, x) = (MatMut::new(&mut y, t, out), Mat::new(&x, t, inp));
                 matmul(
                     y,
@@ -57,7 +46,7 @@ fn main() {
                     Write::Overwrite,
                 )
             });
-            let read = median_per_call(copies, |c| {
+            let read = median_per_call(9, copies, |c| {
                 sink += sum_of_squares(&w[c * size..(c + 1) * size])
             });
             let gbs = |s: f64| 4.0 * size as f64 / s / 1e9;
