@@ -2,7 +2,8 @@
 //! by the two kernels that can compute it, with W hot, in L3 (one of 4 MB
 //! of copies) or in DRAM (one of 256 MB): the weight-rows tile on W as
 //! stored, and the B-in-place tile on a transposed copy Wᵀ [in, out]
-//! (what a training forward would read if it kept such a copy). Beside
+//! (what a training forward would read if it kept such a copy; here the
+//! copy holds W's own values read as [in, out], which times the same). Beside
 //! them, a plain sequential read of the same W (Σ w²).
 //!
 //!     MOE_SIMD=LEVEL taskset -c 1 cargo run --release --example forward_residency
